@@ -1,0 +1,4 @@
+"""Shared foundation: errors, types, config, bundle manifest, policy interface, wire protocol.
+
+Imports nothing else from tether.
+"""

@@ -1,0 +1,150 @@
+"""TOML config into frozen dataclasses, validated at start.
+
+Components declare their config as frozen dataclasses (fields with defaults, validation
+in ``__post_init__`` raising :class:`ConfigError`). :func:`from_mapping` builds one from
+a parsed TOML table, rejecting unknown keys and wrong types with the dotted key path in
+the message; :func:`load_config` does the same from a file. Environment variables and
+CLI flags are read only at entry points, which pass overrides to :func:`with_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tether.core.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a :class:`ConfigError`."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(cls: type[T], path: str | Path, table: str | None = None) -> T:
+    """Load ``cls`` from a TOML file (optionally from one top-level table of it)."""
+    data = load_toml(path)
+    if table is not None:
+        data = data.get(table, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: [{table}] must be a table")
+    return from_mapping(cls, data, where=table or "")
+
+
+def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; errors name the offending dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key {_join(where, unknown[0])!r}; "
+                          f"valid keys: {sorted(known)}")
+    kwargs = {name: _coerce(hints[name], value, _join(where, name))
+              for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def with_overrides(config: T, **overrides: Any) -> T:
+    """Return ``config`` with the non-None overrides applied (CLI flags win over TOML)."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if not changes:
+        return config
+    data = {k: v for k, v in changes.items()}
+    hints = typing.get_type_hints(type(config))
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r}")
+        data[key] = _coerce(hints[key], value, key)
+    return dataclasses.replace(config, **data)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {value!r} is not one of {[m.value for m in tp]}") from exc
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -1,0 +1,70 @@
+"""The policy interface the edge agent talks to (implementations live in ``tether.policies``).
+
+A policy is pure: no IO, no clocks of its own. The edge calls :meth:`Policy.decide`
+before each request with what it knows now, and :meth:`Policy.observe` with what it
+measured afterwards (and with each PING/PONG RTT sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from tether.core.types import Action
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """What the edge knows when a request arrives."""
+
+    now: float                          # monotonic seconds
+    deadline_seconds: float | None = None
+    cloud_available: bool = True        # connected and handshake done
+    cloud_queue_seconds: float = 0.0    # last queue delay the cloud reported
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One measurement from the edge: a finished request, or an RTT sample (PING/PONG).
+
+    For a finished offloaded request, ``network_seconds`` is send-to-reply time minus the
+    cloud's reported queue/decode/compute time, and ``bytes_sent``/``bytes_received`` are the
+    bytes that went on the socket, so ``bytes_sent / network_seconds`` (minus RTT) is a
+    throughput sample.
+    """
+
+    now: float
+    rtt_seconds: float | None = None
+    action: Action | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    network_seconds: float = 0.0
+    cloud_queue_seconds: float = 0.0
+    total_seconds: float = 0.0
+    ok: bool = True                     # False: timeout, busy, error, disconnected
+    exited: bool = False                # answered by an early exit
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Chooses an action per request. Implementations must be fast (well under 1 ms)."""
+
+    name: str
+
+    def decide(self, ctx: DecisionContext) -> Action: ...
+
+    def observe(self, obs: Observation) -> None: ...
+
+
+class FixedPolicy:
+    """Always the same action (the edge's default: a fixed split from config)."""
+
+    def __init__(self, action: Action, name: str = "fixed") -> None:
+        self.action = action
+        self.name = name
+
+    def decide(self, ctx: DecisionContext) -> Action:
+        return self.action
+
+    def observe(self, obs: Observation) -> None:
+        return None
