@@ -13,6 +13,13 @@ from tether.core.errors import TetherError
 #: One literal mapping: area -> module whose ``add_parsers`` registers its sub-commands.
 COMMAND_MODULES: dict[str, str] = {
     "partition": "tether.commands.partition",
+    "testbed": "tether.commands.testbed",
+    "demo": "tether.commands.demo",
+    "edge": "tether.commands.edge",
+    "cloud": "tether.commands.cloud",
+    "simulate": "tether.commands.simulate",
+    "llm": "tether.commands.llm",
+    "codec": "tether.commands.codec",
 }
 
 

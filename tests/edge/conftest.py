@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+import pytest
+
+from .bundles import shared_bundle
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    return shared_bundle(tmp_path_factory)

@@ -1,0 +1,300 @@
+"""EdgeAgent on a real bundle with the in-process cloud twin: every action, every fallback."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tether.cloud.bundles import ServedBundle
+from tether.cloud.config import CloudConfig
+from tether.cloud.twin import InProcessCloud
+from tether.core import protocol as P
+from tether.core.bundle import ExitEntry, Manifest
+from tether.core.errors import InputShapeError
+from tether.core.policy import FixedPolicy
+from tether.core.types import LOCAL, Action
+from tether.edge.agent import EdgeAgent
+from tether.edge.compute import EdgeCompute
+from tether.edge.config import EdgeConfig
+from tether.edge.inproc import InProcessLink
+from tether.edge.records import ListSink
+
+from .bundles import SPLITS, reference_logits, sample_images
+from .fakes import run
+
+IMAGES = sample_images(6)
+CONFIG = EdgeConfig(deadline_seconds=5.0)
+
+
+@pytest.fixture(scope="module")
+def compute(bundle):
+    return EdgeCompute(bundle)
+
+
+@pytest.fixture(scope="module")
+def served(bundle):
+    return ServedBundle.load(bundle)
+
+
+@pytest.fixture(scope="module")
+def expected(bundle):
+    return reference_logits(bundle, IMAGES)
+
+
+class RecordingPolicy(FixedPolicy):
+    def __init__(self, action):
+        super().__init__(action)
+        self.contexts, self.observations = [], []
+
+    def decide(self, ctx):
+        self.contexts.append(ctx)
+        return self.action
+
+    def observe(self, obs):
+        self.observations.append(obs)
+
+
+async def _agent_with_cloud(served, compute, action, config=CONFIG, peer=None):
+    cloud = InProcessCloud([served], CloudConfig(max_queue_delay_s=0.0))
+    await cloud.start()
+    link = InProcessLink(peer or cloud, compute.bundle_info(), "edge-t")
+    sink = ListSink()
+    policy = RecordingPolicy(action)
+    agent = EdgeAgent(compute, policy, config, link, [sink])
+    await agent.start()
+    return agent, cloud, sink, policy
+
+
+@pytest.mark.parametrize("action", [f"split:{s}:fp32" for s in SPLITS] + ["offload:fp32"])
+def test_cloud_actions_equal_the_whole_model(served, compute, expected, action):
+    async def scenario():
+        agent, cloud, sink, policy = await _agent_with_cloud(served, compute, Action.parse(action))
+        try:
+            results = await asyncio.gather(*(agent.infer(img) for img in IMAGES))
+        finally:
+            await agent.close()
+            await cloud.close()
+        for result, ref in zip(results, expected):
+            np.testing.assert_allclose(result.logits[0], ref, rtol=1e-4, atol=1e-4)
+            assert result.prediction == int(np.argmax(ref))
+        records = sink.records
+        assert [r.outcome for r in records] == ["cloud"] * len(IMAGES)
+        assert all(r.action == action and r.fallback_reason == "" for r in records)
+        crossing = 3 * 32 * 32 * 4 if action.startswith("offload") else \
+            compute.manifest.split(action.split(":")[1]).bytes
+        assert all(r.bytes_sent > crossing and r.bytes_received > 40 for r in records)
+        assert all(r.tail_seconds > 0 and r.total_seconds >= r.head_seconds for r in records)
+        assert all(o.ok and o.action == Action.parse(action) for o in policy.observations)
+        assert all(c.cloud_available for c in policy.contexts)
+    run(scenario())
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_local_action_runs_the_whole_model_on_the_edge(bundle, compute, expected, threads):
+    async def scenario():
+        sink = ListSink()
+        config = replace(CONFIG, compute_threads=threads)     # 0: inline on the event loop
+        agent = EdgeAgent(compute, FixedPolicy(LOCAL), config, None, [sink])
+        results = [await agent.infer(img) for img in IMAGES]
+        await agent.close()
+        return results, sink.records
+    results, records = run(scenario())
+    for result, ref in zip(results, expected):
+        np.testing.assert_allclose(result.logits[0], ref, rtol=1e-4, atol=1e-4)
+    assert {r.outcome for r in records} == {"local"}
+    assert all(r.bytes_sent == 0 and r.local_seconds > 0 for r in records)
+
+
+class ScriptedPeer:
+    """A peer answering HELLO like the real cloud and INFER as scripted."""
+
+    def __init__(self, cloud, mode):
+        self.cloud, self.mode = cloud, mode
+
+    async def request_frames(self, frames):
+        msg = P.decode(frames)
+        if isinstance(msg, P.Infer):
+            if self.mode == "busy":
+                return P.encode(P.Busy(msg.request_id, "queue_full", 9))
+            if self.mode == "error":
+                return P.encode(P.Error(msg.request_id, "bad_payload", "corrupt"))
+            if self.mode == "slow":
+                await asyncio.sleep(10)
+        return await self.cloud.request_frames(frames)
+
+
+@pytest.mark.parametrize("mode, reason", [("busy", "busy"), ("error", "error"),
+                                          ("slow", "timeout"), ("down", "disconnected")])
+def test_failures_fall_back_to_the_local_model(served, compute, expected, mode, reason):
+    async def scenario():
+        config = replace(CONFIG, deadline_seconds=0.3)
+        cloud = InProcessCloud([served])
+        await cloud.start()
+        agent, _, sink, policy = await _agent_with_cloud(
+            served, compute, Action.parse(f"split:{SPLITS[0]}:fp16"), config,
+            ScriptedPeer(cloud, mode))
+        if mode == "down":
+            agent.link.disconnect()
+        try:
+            results = await asyncio.gather(*(agent.infer(img) for img in IMAGES[:3]))
+        finally:
+            await agent.close()
+            await cloud.close()
+        for result, ref in zip(results, expected):
+            np.testing.assert_allclose(result.logits[0], ref, rtol=1e-4, atol=1e-4)
+        assert [(r.outcome, r.fallback_reason) for r in sink.records] == [("fallback", reason)] * 3
+        assert all(r.total_seconds < 0.3 + 0.2 for r in sink.records)
+        assert all(not o.ok for o in policy.observations)
+        if mode != "down":
+            assert all(r.bytes_sent > 0 and r.head_seconds > 0 for r in sink.records)
+    run(scenario())
+
+
+def test_policy_asking_for_an_unknown_codec_still_gets_an_answer(served, compute, expected):
+    async def scenario():
+        agent, cloud, sink, _ = await _agent_with_cloud(
+            served, compute, Action.parse(f"split:{SPLITS[1]}:zstd9"))
+        result = await agent.infer(IMAGES[0])
+        await agent.close()
+        await cloud.close()
+        return result
+    result = run(scenario())
+    assert (result.record.outcome, result.record.fallback_reason) == ("fallback", "error")
+    np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_broken_policy_and_bad_input(bundle, compute):
+    class Broken(FixedPolicy):
+        def decide(self, ctx):
+            raise RuntimeError("boom")
+
+    async def scenario():
+        agent = EdgeAgent(compute, Broken(LOCAL), CONFIG)
+        result = await agent.infer(IMAGES[0])
+        with pytest.raises(InputShapeError, match="HWC"):
+            await agent.infer(np.zeros((31, 32, 3), np.uint8))
+        with pytest.raises(InputShapeError, match="one sample"):
+            await agent.infer(np.zeros((2, 3, 32, 32), np.float32))
+        await agent.close()
+        return result
+    assert run(scenario()).record.outcome == "local"
+
+
+def _with_exit(bundle, tmp_path, threshold):
+    """A copy of the bundle with an ONNX early exit (pool + linear) at SPLITS[1]."""
+    import shutil
+    from tether.partitioner import export_onnx
+    copy = tmp_path / f"bundle-exit-{threshold}"
+    shutil.copytree(bundle, copy)
+    entry = Manifest.load(copy).split(SPLITS[1])
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(entry.shape[1], 10))
+    export_onnx(head, torch.zeros(entry.shape), copy / "exits" / "exit.onnx")
+    manifest = Manifest.load(copy).with_exit(ExitEntry(SPLITS[1], "exits/exit.onnx", threshold))
+    manifest.save(copy)
+    return copy, head
+
+
+@pytest.mark.parametrize("threshold, outcome", [(0.0, "exit"), (1.01, "cloud")])
+def test_early_exit_answers_when_confident_else_offloads(bundle, tmp_path, expected,
+                                                         threshold, outcome):
+    copy, head = _with_exit(bundle, tmp_path, threshold)
+    exit_compute = EdgeCompute(copy)
+
+    async def scenario():
+        agent, cloud, sink, policy = await _agent_with_cloud(
+            ServedBundle.load(copy), exit_compute, Action.parse(f"exit:{SPLITS[1]}:fp32"))
+        result = await agent.infer(IMAGES[0])
+        await agent.close()
+        await cloud.close()
+        return result, policy
+    result, policy = run(scenario())
+    assert result.record.outcome == outcome
+    if outcome == "exit":
+        features = exit_compute.head(SPLITS[1], exit_compute.prepare(IMAGES[0]))
+        with torch.inference_mode():
+            ref = head(torch.from_numpy(features)).numpy()
+        np.testing.assert_allclose(result.logits, ref, rtol=1e-4, atol=1e-4)
+        assert result.record.bytes_sent == 0 and policy.observations[-1].exited
+    else:
+        np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_exit_fallback_mode_uses_the_exit_head(bundle, tmp_path):
+    copy, _ = _with_exit(bundle, tmp_path, 1.01)
+    exit_compute = EdgeCompute(copy)
+
+    async def scenario():
+        config = replace(CONFIG, fallback="exit")
+        agent = EdgeAgent(exit_compute, FixedPolicy(Action.parse(f"split:{SPLITS[0]}:fp32")),
+                          config, None)
+        result = await agent.infer(IMAGES[1])
+        await agent.close()
+        return result
+    result = run(scenario())
+    assert (result.record.outcome, result.record.fallback_reason) == ("fallback", "disconnected")
+    assert result.record.head_seconds > 0 and result.record.local_seconds > 0
+
+
+def test_exit_trained_format_of_tether_codecs_is_used(bundle, served, tmp_path):
+    """An exit written by tether.codecs (torch weights + ONNX, calibrated entry) answers."""
+    import shutil
+    from tether.codecs.exits import Calibration, ExitConfig, ExitHead, load_exit
+    from tether.codecs.store import save_exit
+    copy = tmp_path / "bundle-k-exit"
+    shutil.copytree(bundle, copy)
+    shape = Manifest.load(copy).split(SPLITS[0]).shape
+    torch.manual_seed(1)
+    head = ExitHead(ExitConfig(tuple(shape[1:]), 10)).eval()
+    save_exit(copy, SPLITS[0], head, Calibration("entropy", 0.9, 10.0, 1.0, None), {})
+    exit_compute = EdgeCompute(copy)
+
+    async def scenario():
+        agent = EdgeAgent(exit_compute, FixedPolicy(Action.parse(f"exit:{SPLITS[0]}:fp32")),
+                          CONFIG)
+        result = await agent.infer(IMAGES[2])
+        await agent.close()
+        return result
+    result = run(scenario())
+    assert result.record.outcome == "exit"          # entropy <= 10 nats: always confident
+    features = exit_compute.head(SPLITS[0], exit_compute.prepare(IMAGES[2]))
+    ref = load_exit(copy, split=SPLITS[0]).logits(features)
+    np.testing.assert_allclose(result.logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_no_time_left_for_the_cloud_means_no_send(served, compute):
+    """When the deadline minus the local-answer reserve leaves nothing, nothing is sent."""
+    async def scenario():
+        config = replace(CONFIG, deadline_seconds=0.5, fallback_reserve_seconds=10.0)
+        agent, cloud, sink, _ = await _agent_with_cloud(
+            served, compute, Action.parse(f"split:{SPLITS[0]}:fp32"), config)
+        result = await agent.infer(IMAGES[0])
+        await agent.close()
+        await cloud.close()
+        return result.record
+    record = run(scenario())
+    assert (record.outcome, record.fallback_reason, record.bytes_sent) == ("fallback", "timeout", 0)
+
+
+def test_records_feed_prometheus_metrics(compute):
+    from prometheus_client import CollectorRegistry
+    from tether.core.metrics import EdgeMetrics
+    registry = CollectorRegistry()
+
+    async def scenario():
+        agent = EdgeAgent(compute, FixedPolicy(Action.parse(f"split:{SPLITS[0]}:fp32")), CONFIG,
+                          metrics=EdgeMetrics(registry))
+        for img in IMAGES[:3]:
+            await agent.infer(img)
+        await agent.close()
+    run(scenario())
+    value = registry.get_sample_value
+    assert value("tether_edge_requests_total", {"action": "split", "outcome": "fallback"}) == 3
+    assert value("tether_edge_fallbacks_total", {"reason": "disconnected"}) == 3
+    assert value("tether_edge_request_seconds_count", {"outcome": "fallback"}) == 3
+    assert value("tether_edge_inflight_requests") == 0

@@ -1,0 +1,45 @@
+"""Assembling the agent from an EdgeConfig: default action, named policies, CURVE key loading."""
+
+from __future__ import annotations
+
+import pytest
+import zmq.auth
+
+from tether.core.errors import ConfigError
+from tether.core.types import LOCAL, Action
+from tether.edge.config import EdgeConfig
+from tether.edge.daemon import build_agent
+from tether.edge.zmq_link import CurveClientKeys, ZmqCloudLink
+
+
+def test_auto_action_is_local_without_a_cloud_and_smallest_split_with_one(bundle):
+    alone = build_agent(EdgeConfig(bundle=bundle))
+    assert alone.link is None and alone.policy.decide(None) == LOCAL
+    linked = build_agent(EdgeConfig(bundle=bundle, connect="tcp://127.0.0.1:9"))
+    assert isinstance(linked.link, ZmqCloudLink)
+    assert linked.policy.decide(None) == Action.parse("split:layer2.2:fp32")   # 32 KiB < 64 KiB
+    assert linked.link.bundle.fingerprint == linked.compute.fingerprint
+
+
+def test_policy_table_builds_a_named_policy_and_bad_ones_are_config_errors(bundle):
+    agent = build_agent(EdgeConfig(bundle=bundle, policy={"name": "local"}))
+    assert agent.policy.decide(None).kind.value == "local"
+    with pytest.raises(ConfigError, match="unknown policy"):
+        build_agent(EdgeConfig(bundle=bundle, policy={"name": "telepathy"}))
+    with pytest.raises(ConfigError, match="objective"):
+        build_agent(EdgeConfig(bundle=bundle, policy={"name": "adaptive", "objective": "speed"}))
+    with pytest.raises(ConfigError, match="no bundle"):
+        build_agent(EdgeConfig())
+
+
+def test_curve_keys_load_from_files_or_z85_and_fail_clearly(tmp_path):
+    server_pub, _ = zmq.auth.create_certificates(str(tmp_path), "server")
+    _, client_sec = zmq.auth.create_certificates(str(tmp_path), "edge")
+    from_file = CurveClientKeys.load(server_pub, client_sec)
+    z85 = zmq.auth.load_certificate(server_pub)[0].decode()
+    assert CurveClientKeys.load(z85, client_sec) == from_file
+    assert len(from_file.secret) == 40
+    with pytest.raises(ConfigError, match="tether keys generate"):
+        CurveClientKeys.load(z85, tmp_path / "missing.key_secret")
+    with pytest.raises(ConfigError, match="Z85"):
+        CurveClientKeys.load("short", client_sec)

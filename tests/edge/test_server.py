@@ -1,0 +1,120 @@
+"""The edge's local endpoint in-process over real sockets: answers, bad input, BUSY, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from tether.core import protocol as P
+from tether.core.policy import FixedPolicy
+from tether.core.types import LOCAL
+from tether.edge.agent import EdgeAgent
+from tether.edge.compute import EdgeCompute
+from tether.edge.config import EdgeConfig
+from tether.edge.server import EdgeServer
+
+from .bundles import reference_logits, sample_images
+from .fakes import run
+
+IMAGES = sample_images(4)
+
+
+class SlowCompute(EdgeCompute):
+    """The real compute, 50 ms slower per whole-model run (to fill queues on purpose)."""
+
+    def full(self, x):
+        time.sleep(0.05)
+        return super().full(x)
+
+
+def _infer_frames(rid, image, codec="tensor"):
+    desc, view = P.tensor_frame(image)
+    return P.encode(P.Infer(rid, "", "input", codec, desc.to_wire(), 2.0, (view,)))
+
+
+async def _serve(compute, queue_size=8, workers=2):
+    agent = EdgeAgent(compute, FixedPolicy(LOCAL), EdgeConfig())
+    server = EdgeServer(agent, "tcp://127.0.0.1:0", queue_size, workers)
+    endpoint = await server.start()
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return agent, server, sock
+
+
+async def _recv(sock, n):
+    return [P.decode(await asyncio.wait_for(sock.recv_multipart(), 10)) for _ in range(n)]
+
+
+def test_endpoint_answers_and_survives_bad_messages(bundle):
+    compute = EdgeCompute(bundle)
+    expected = reference_logits(bundle, IMAGES)
+
+    async def scenario():
+        agent, server, sock = await _serve(compute)
+        try:
+            await sock.send_multipart(P.encode(P.Hello(1, "app")))
+            await sock.send_multipart(P.encode(P.Ping(2, 1.5)))
+            await sock.send_multipart([b"\x03", b"\xc1not msgpack"])            # malformed
+            await sock.send_multipart(_infer_frames(4, IMAGES[0], codec="jpeg75"))
+            await sock.send_multipart(_infer_frames(5, np.zeros((3, 8, 8), np.float32)))
+            await sock.send_multipart(P.encode(P.Result(6)))                    # wrong direction
+            await sock.send_multipart(_infer_frames(7, IMAGES[1]))
+            return {m.request_id: m for m in await _recv(sock, 7)}
+        finally:
+            sock.close()
+            await server.stop(1.0)
+            await agent.close()
+    replies = run(scenario())
+    ready = replies[1]
+    assert isinstance(ready, P.Ready) and ready.bundles[0].fingerprint == compute.fingerprint
+    assert ready.bundles[0].input.shape == (1, 3, 32, 32)
+    assert isinstance(replies[2], P.Pong) and replies[2].t == 1.5
+    assert isinstance(replies[0], P.Error) and replies[0].code == "protocol"
+    assert isinstance(replies[4], P.Error) and "tensor" in replies[4].message
+    assert isinstance(replies[5], P.Error) and replies[5].code == "bad_input"
+    assert isinstance(replies[6], P.Error) and replies[6].code == "protocol"
+    result = replies[7]
+    assert isinstance(result, P.Result)
+    np.testing.assert_allclose(result.tensor().numpy()[0], expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_full_queue_answers_busy_at_once_and_drain_refuses_new_work(bundle):
+    compute = SlowCompute(bundle)
+
+    async def scenario():
+        agent, server, sock = await _serve(compute, queue_size=2, workers=1)
+        try:
+            for rid in range(1, 9):
+                await sock.send_multipart(_infer_frames(rid, IMAGES[rid % 4]))
+            replies = await _recv(sock, 8)
+            for rid in (11, 12):                       # work in progress when SIGTERM comes
+                await sock.send_multipart(_infer_frames(rid, IMAGES[0]))
+            await asyncio.sleep(0.02)
+            stopping = asyncio.create_task(server.stop(5.0))
+            await asyncio.sleep(0.01)
+            await sock.send_multipart(_infer_frames(99, IMAGES[0]))
+            during = {m.request_id: m for m in await _recv(sock, 3)}
+            await stopping
+            return replies, during
+        finally:
+            sock.close()
+            await agent.close()
+    replies, during = run(scenario())
+    kinds = [type(m).__name__ for m in replies]
+    assert sorted(m.request_id for m in replies) == list(range(1, 9))   # every request answered
+    assert kinds.count("Busy") >= 4 and kinds.count("Result") >= 2
+    assert all(m.reason == "queue_full" for m in replies if isinstance(m, P.Busy))
+    assert isinstance(during[11], P.Result) and isinstance(during[12], P.Result)   # drained
+    assert isinstance(during[99], P.Busy) and during[99].reason == "draining"
+
+
+@pytest.mark.parametrize("queue_size", [0, -1])
+def test_bad_server_sizes_are_rejected(queue_size):
+    with pytest.raises(Exception):
+        EdgeConfig(queue_size=queue_size)

@@ -1,0 +1,234 @@
+"""The split LLM runtime over real ZeroMQ sockets on 127.0.0.1: streams, sessions, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
+from tether.core.errors import PeerUnavailableError
+from tether.edge.llm import GenerateConfig, LLMEdge, LocalSessionLink, SessionLink
+from tether.partitioner.llm import EdgeLM, split_llm, train_exit_head
+
+STEPS = 24
+PATIENT = 30.0      # the shared 2-core machine can be very slow: never fall back by accident
+
+
+@pytest.fixture(scope="module")
+def reference(stories, stories_full):
+    out = stories_full.generate(torch.tensor([[1]]), max_new_tokens=STEPS, do_sample=False)
+    return out[0, 1:].tolist()
+
+
+@pytest.fixture(scope="module")
+def edges(stories):
+    return {k: EdgeLM(stories, k) for k in (1, 2, 3, 4)}
+
+
+async def _collect(edge, prompt=(1,), steps=STEPS, on_token=None):
+    events = []
+    async for ev in edge.generate(list(prompt), steps, stop_at_eos=False):
+        events.append(ev)
+        if on_token is not None:
+            await on_token(len(events))
+    return events
+
+
+def _serve(stories, endpoint="tcp://127.0.0.1:0", **cfg):
+    return LLMServer(LLMEngine(stories, LLMEngineConfig(**cfg), "stories260K"), endpoint)
+
+
+@pytest.mark.slow
+def test_several_splits_and_sessions_at_once_equal_the_whole_model(stories, edges, reference):
+    async def main():
+        server = _serve(stories)
+        endpoint = await server.start()
+        links = [SessionLink(endpoint) for _ in range(2)]
+        clients = [LLMEdge(edges[k], stories.fingerprint, stories.tokenizer(), GenerateConfig(codec=c, timeout_s=PATIENT),
+                           links[i % 2]) for i, (k, c) in enumerate([(1, "fp16"), (2, "fp16"),
+                                                                     (3, "fp16"), (4, "fp32")])]
+        runs = await asyncio.gather(*[_collect(c) for c in clients for _ in range(2)])
+        stats = dict(server.engine.stats)
+        for link in links:
+            await link.close()
+        await server.close()
+        return runs, stats
+    runs, stats = asyncio.run(main())
+    for events in runs:
+        assert [e.token for e in events] == reference
+        assert {e.source for e in events} == {"cloud"}
+        assert all(e.bytes_sent > 0 and e.bytes_received > 0 for e in events)
+    assert "".join(e.text for e in runs[0]).startswith("Once upon a time, there was")
+    assert stats["batches"] > 0          # decode steps of different sessions ran together
+
+
+def test_lost_session_is_reprefilled_and_output_unchanged(stories, edges, reference):
+    async def main():
+        server = _serve(stories)
+        link = SessionLink(await server.start())
+        edge = LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(timeout_s=PATIENT), link)
+
+        async def lose(n):
+            if n in (5, 12):
+                server.engine.sessions.clear()      # expiry / eviction / cloud restart
+        events = await _collect(edge, on_token=lose)
+        left = dict(server.engine.sessions)
+        await link.close()
+        await server.close()
+        return events, left
+    events, left = asyncio.run(main())
+    assert [e.token for e in events] == reference
+    assert [i for i, e in enumerate(events) if e.reprefilled] == [5, 12]
+    assert events[5].bytes_sent > 5 * events[4].bytes_sent // 2   # the whole context went again
+    assert left == {}                                              # CLOSE ended the session
+
+
+def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, edges, reference):
+    async def main():
+        server = _serve(stories)
+        endpoint = await server.start()
+        link = SessionLink(endpoint)
+        edge = LLMEdge(edges[4], stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(timeout_s=0.5, retry_after_s=0.0), link)
+        state = {"server": server}
+
+        async def outage(n):
+            if n == 4:
+                await state["server"].close()
+            if n == 10:
+                state["server"] = _serve(stories, endpoint, splits=(4,))   # preloaded
+                await state["server"].start()
+        events = await _collect(edge, on_token=outage)
+        await link.close()
+        await state["server"].close()
+        return events
+    events = asyncio.run(main())
+    sources = [e.source for e in events]
+    assert "cloud" in sources[:4] and sources[4:10] == ["local"] * 6   # server gone: edge alone
+    assert sources[-1] == "cloud" and any(e.reprefilled for e in events[10:])
+    assert len(events) == STEPS
+
+
+def test_unreachable_cloud_means_edge_only_generation(stories, edges):
+    async def main(part, link):
+        edge = LLMEdge(part, stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(timeout_s=0.2, retry_after_s=60.0), link)
+        return await _collect(edge, steps=8)
+    link = SessionLink("tcp://127.0.0.1:9")          # nothing listens on the discard port
+    events = asyncio.run(main(edges[4], link))
+    assert {e.source for e in events} == {"local"}
+    assert [e.token for e in events] == [e.token for e in asyncio.run(main(edges[4], None))]
+    with pytest.raises(PeerUnavailableError, match="no exit head"):
+        asyncio.run(main(EdgeLM(stories, 4, with_exit=False), None))
+
+
+def test_early_exit_keeps_the_cloud_cache_consistent(stories, stories_full, exit_training_tokens):
+    part, cloud = split_llm(stories, 3)
+    part.exit_head = train_exit_head(part, cloud, exit_training_tokens, steps=60)
+
+    async def main():
+        engine = LLMEngine(stories, LLMEngineConfig())
+        edge = LLMEdge(part, stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(exit_threshold=0.5, timeout_s=PATIENT), LocalSessionLink(engine.handle))
+        events = await _collect(edge, steps=32)
+        await engine.close()
+        return events
+    events = asyncio.run(main())
+    sources = [e.source for e in events]
+    assert "exit" in sources and "cloud" in sources
+    tokens = [1] + [e.token for e in events]
+    with torch.no_grad():
+        argmax = stories_full(torch.tensor([tokens])).logits[0].argmax(-1).tolist()
+    for i, e in enumerate(events):       # every cloud answer saw exactly the emitted prefix
+        if e.source == "cloud":
+            assert e.token == argmax[i], f"token {i}"
+    assert events[sources.index("exit") + 1:] and any(
+        e.bytes_sent > events[0].bytes_sent for e in events if e.source == "cloud")
+
+
+def test_split_llm_through_the_cloud_service(stories, edges, reference):
+    """The same cloud service as the DNNs serves the sessions (its SessionHandler hook)."""
+    from tether.cloud import CloudConfig, ServedBundle
+    from tether.cloud.server import CloudServer
+    from tether.core.types import TensorSpec
+
+    dnn = ServedBundle("dummy", "d" * 64, TensorSpec((1, 4)), {}, lambda s: (lambda x: x))
+
+    async def main():
+        engine = LLMEngine(stories, LLMEngineConfig(), "stories260K")
+        server = CloudServer(CloudConfig(bind="tcp://127.0.0.1:0", preload=False), [dnn],
+                             sessions=engine)
+        await server.start()
+        link = SessionLink(server.endpoint)
+        edge = LLMEdge(edges[3], stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(codec="int8", timeout_s=PATIENT), link)
+        events = await asyncio.gather(_collect(edge), _collect(edge))
+        await link.close()
+        await server.stop()
+        await engine.close()
+        return events
+    for events in asyncio.run(main()):
+        assert {e.source for e in events} == {"cloud"}
+        assert [e.token for e in events][:16] == reference[:16]   # int8 wire: same greedy start
+
+
+def test_generate_through_the_edge_endpoint(stories, edges, reference):
+    """App -> edge daemon endpoint -> cloud, tokens streamed back over real sockets."""
+    import threading
+
+    from tether.core.errors import ProtocolError
+    from tether.edge.llm import LLMClient, LLMEdgeServer
+
+    ready, stop = threading.Event(), threading.Event()
+    box = {}
+
+    async def daemon():
+        server = _serve(stories)
+        link = SessionLink(await server.start())
+        edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
+                                         GenerateConfig(timeout_s=PATIENT), link),
+                                 "tcp://127.0.0.1:0")
+        box["endpoint"] = await edge_srv.start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+        await edge_srv.close()
+        await link.close()
+        await server.close()
+    thread = threading.Thread(target=asyncio.run, args=(daemon(),))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        client = LLMClient(box["endpoint"], timeout=20)
+        tokens = list(client.generate("Once upon a time", max_new_tokens=STEPS))
+        assert len(tokens) == STEPS and {s for _, _, s in tokens} == {"cloud"}
+        text = "".join(t for _, t, _ in tokens)
+        assert text.startswith(", there was a little girl named Lily")
+        client._sock.send_multipart([b"\x0b", b"\x80"])          # garbage header: ERROR, still serving
+        assert isinstance(client._receive(0).to_exception(), ProtocolError)
+        assert len(list(client.generate("Once", max_new_tokens=3))) == 3
+        client.close()
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_a_refusing_cloud_means_local_tokens_or_its_error(stories, edges):
+    """A cloud serving other weights answers ERROR: the edge goes on alone, or says why."""
+    from tether.core.errors import BundleError
+
+    async def main(part):
+        engine = LLMEngine(stories)
+        edge = LLMEdge(part, "0" * 64, stories.tokenizer(),
+                       GenerateConfig(timeout_s=PATIENT, retry_after_s=60.0),
+                       LocalSessionLink(engine.handle))
+        try:
+            return await _collect(edge, steps=4)
+        finally:
+            await engine.close()
+    assert {e.source for e in asyncio.run(main(edges[4]))} == {"local"}
+    with pytest.raises(BundleError, match="deploy the same weights"):
+        asyncio.run(main(EdgeLM(stories, 4, with_exit=False)))

@@ -1,0 +1,75 @@
+"""Per-request rows, the summary table and the cost-table scaling, without processes."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from tether.core.types import CostTable, SplitCost, TensorSpec
+from tether.testbed.analysis import (
+    COLUMNS, compute_scales, flatten, scaled_table, summarize, summary_table, write_csv,
+)
+
+
+def _raw(i: int, total: float, outcome: str = "cloud", label: int = 3, pred: int = 3,
+         answered: bool = True) -> dict:
+    record = {"action": "offload:fp32" if outcome != "local" else "local", "outcome": outcome,
+              "fallback_reason": "timeout" if outcome == "fallback" else "",
+              "head_seconds": 0.0, "tail_seconds": 0.004, "local_seconds": 0.0,
+              "total_seconds": total, "bytes_sent": 12478, "bytes_received": 150}
+    return {"policy": "p", "edge": 0, "request": i, "image": i, "label": label,
+            "answered": answered, "outcome": outcome if answered else "unanswered", "error": "",
+            "trace_time": i * 0.1, "record": record if answered else {},
+            "client_seconds": total + 0.001 if answered else None,
+            "prediction": pred if answered else None}
+
+
+def test_flatten_marks_misses_and_correctness():
+    row = flatten(_raw(1, 0.4), deadline_s=0.3)
+    assert row["deadline_miss"] is True and row["correct"] is True
+    assert row["total_s"] == 0.4 and row["bytes_sent"] == 12478
+    assert set(COLUMNS) >= set(row)
+    lost = flatten(_raw(2, 0.0, answered=False), deadline_s=0.3)
+    assert lost["deadline_miss"] is True and lost["correct"] == ""
+    wrong = flatten(_raw(3, 0.1, pred=5), deadline_s=0.3)
+    assert wrong["correct"] is False and wrong["deadline_miss"] is False
+
+
+def test_summary_is_computed_from_the_rows(tmp_path):
+    totals = [0.05, 0.1, 0.2, 0.4, 0.8]
+    rows = [flatten(_raw(i, t, pred=3 if i % 2 else 4), 0.3) for i, t in enumerate(totals)]
+    rows.append(flatten(_raw(9, 0.0, answered=False), 0.3))
+    (s,) = summarize(rows, ["p"])
+    assert s["requests"] == 6 and s["answered"] == 5
+    assert s["mean_s"] == pytest.approx(np.mean(totals))
+    assert s["p95_s"] == pytest.approx(np.percentile(totals, 95))
+    assert s["deadline_misses"] == 3          # 0.4, 0.8 and the unanswered one
+    assert s["accuracy"] == pytest.approx(2 / 5)
+    assert math.isnan(s["regret_s"])          # no oracle column in these rows
+    write_csv(tmp_path / "r.csv", rows, COLUMNS)
+    with open(tmp_path / "r.csv") as fh:
+        back = list(csv.DictReader(fh))
+    assert len(back) == 6 and list(back[0]) == list(COLUMNS)
+    assert "| p | 5/6 |" in summary_table([s])
+
+
+def _table() -> CostTable:
+    split = SplitCost("flatten", 20, (1, 64), "float32", 256, head_seconds=0.002,
+                      tail_seconds=0.0001)
+    return CostTable("m", TensorSpec((1, 3, 32, 32)), edge_full_seconds=0.002,
+                     cloud_full_seconds=0.008, splits=(split,))
+
+
+def test_compute_scales_from_measured_stages():
+    rows = [flatten(_raw(i, 0.006, outcome="local"), 1.0) for i in range(3)]
+    rows += [flatten(_raw(i, 0.05), 1.0) for i in range(3)]
+    edge, cloud = compute_scales(rows, _table())
+    assert edge == pytest.approx(3.0)          # local 6 ms vs 2 ms profiled
+    assert cloud == pytest.approx(0.5)         # tail 4 ms vs 8 ms profiled
+    scaled = scaled_table(_table(), edge, cloud)
+    assert scaled.edge_full_seconds == pytest.approx(0.006)
+    assert scaled.cloud_full_seconds == pytest.approx(0.004)
+    assert scaled.splits[0].head_seconds == pytest.approx(0.006)

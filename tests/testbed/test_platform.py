@@ -1,0 +1,74 @@
+"""Probes, the CPU throttle and the kernel link backend (root-only parts skip otherwise)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tether.core import traces
+from tether.core.errors import ConfigError, PlatformError
+from tether.testbed.calibrate import calibrate
+from tether.testbed.link import LinkConfig
+from tether.testbed.platform import CpuThrottle, probe
+
+INFO = probe()
+needs_cgroup = pytest.mark.skipif(INFO.cgroup == "none", reason="no writable cgroup CPU controller")
+needs_kernel_link = pytest.mark.skipif(not (INFO.root and INFO.netns and INFO.tc_tbf),
+                                       reason="needs root, network namespaces and tc tbf")
+
+
+def test_probe_reports_the_machine():
+    assert INFO.kernel and INFO.cpus >= 1
+    assert INFO.cgroup in ("v1", "v2", "none")
+    if not INFO.netem and INFO.root:
+        assert any("netem" in note for note in INFO.notes)
+
+
+def test_throttle_without_quota_does_nothing():
+    throttle = CpuThrottle("none", None, info=INFO)
+    assert throttle.mode == "none" and throttle.env() == {}
+    with pytest.raises(ConfigError):
+        CpuThrottle("bad", 0.0, info=INFO)
+
+
+@pytest.mark.root
+@needs_cgroup
+def test_cgroup_quota_throttles_a_busy_process():
+    throttle = CpuThrottle("test", 0.2, info=INFO)
+    try:
+        assert throttle.mode.startswith("cgroup") and throttle.path.is_dir()
+        busy = "import time\nt = time.time()\nwhile time.time() - t < 0.6: pass\n" \
+               "import resource\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_utime)"
+        proc = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True,
+                                env=os.environ | throttle.env())
+        throttle.add(proc.pid)
+        cpu = float(proc.communicate(timeout=30)[0])
+        stats = throttle.stats()
+        assert stats.get("nr_throttled", 0) > 0 or stats.get("throttled_usec", 0) > 0
+        assert cpu < 0.45, f"a 0.2-core quota let a 0.6 s busy loop use {cpu:.2f} s of CPU"
+    finally:
+        path = throttle.path
+        throttle.close()
+    assert not path.exists()
+
+
+@pytest.mark.root
+@needs_kernel_link
+def test_kernel_backend_follows_a_step_trace():
+    trace = traces.steps([(1.0, 8.0), (1.0, 3.0)], name="k-steps")
+    report = calibrate(trace, LinkConfig(), duration_s=2, probes=10, probe_gap_s=0.02,
+                       backend="kernel")
+    assert report.backend == "kernel"
+    assert report.throughput_error_mean <= 0.08, report.summary()
+    assert report.delay_samples == 10
+
+
+@pytest.mark.root
+@pytest.mark.skipif(INFO.netem or not INFO.root, reason="only where netem is missing")
+def test_kernel_backend_refuses_delay_without_netem():
+    from tether.testbed.kernel import KernelLink, KernelLinkConfig
+    with pytest.raises(PlatformError, match="userspace"):
+        KernelLink(traces.constant(5), traces.constant(5), KernelLinkConfig(delay_ms=10), INFO)

@@ -1,0 +1,74 @@
+"""The cloud service's configuration: a frozen dataclass loaded from TOML (``[cloud]`` table
+or top level), validated at start; CLI flags override through
+:func:`tether.core.config.with_overrides`. See ``configs/cloud.example.toml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.core.config import from_mapping, load_toml
+from tether.core.errors import ConfigError
+from tether.core.protocol import Limits
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Everything ``tether cloud`` needs. Times in seconds."""
+
+    bundles: tuple[Path, ...] = ()
+    bind: str = "tcp://127.0.0.1:5555"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None         # None: no HTTP endpoint; 0: a free port
+    server_id: str = ""                     # default: hostname:pid
+    max_batch_size: int = 16                # requests per tail execution
+    max_queue_delay_s: float = 0.0          # how long a partial batch may wait (0: Triton default)
+    max_queue: int = 256                    # queued requests, all groups; beyond: BUSY
+    max_queue_bytes: int = 256 * 1024 * 1024  # their payload bytes; beyond: BUSY (memory bound)
+    max_request_samples: int = 64           # batch dimension of one request
+    workers: int = 1                        # compute threads running tails
+    inline_compute_s: float = 0.001         # batches measured faster than this skip the thread
+    torch_threads: int = 0                  # intra-op threads per process; 0: torch default
+    max_message_bytes: int = 64 * 1024 * 1024
+    drain_timeout_s: float = 10.0           # SIGTERM: finish queued work for at most this
+    preload: bool = True                    # build every tail at start
+    curve_secret_key: Path | None = None    # server .key_secret (tether keys generate)
+    curve_allowed_keys: Path | None = None  # directory of allowed client .key files
+
+    def __post_init__(self) -> None:
+        if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"bind: {self.bind!r} is not a ZeroMQ endpoint like tcp://0.0.0.0:5555")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: {self.metrics_port} is not a port number (0..65535)")
+        for key in ("max_batch_size", "max_queue", "max_queue_bytes", "max_request_samples",
+                    "workers", "max_message_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("max_queue_delay_s", "drain_timeout_s", "inline_compute_s"):
+            if not 0 <= getattr(self, key) <= 3600:
+                raise ConfigError(f"{key}: must be between 0 and 3600 seconds")
+        if self.torch_threads < 0:
+            raise ConfigError("torch_threads: must be 0 (torch default) or positive")
+        if (self.curve_secret_key is None) != (self.curve_allowed_keys is None):
+            raise ConfigError("curve_secret_key and curve_allowed_keys go together: set both "
+                              "(see `tether keys generate`) or neither")
+
+    @property
+    def curve(self) -> bool:
+        return self.curve_secret_key is not None
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_message_bytes=self.max_message_bytes)
+
+
+def load_cloud_config(path: str | Path | None) -> CloudConfig:
+    """CloudConfig from a TOML file (its ``[cloud]`` table if present), defaults if ``None``."""
+    if path is None:
+        return CloudConfig()
+    data = load_toml(path)
+    table = data.get("cloud", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [cloud] must be a table")
+    return from_mapping(CloudConfig, table, where="cloud" if "cloud" in data else "")

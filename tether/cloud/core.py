@@ -1,0 +1,420 @@
+"""The cloud's compute core: admission, dynamic batching, decode and tail. No sockets.
+
+:meth:`CloudCore.handle` takes a decoded protocol message and returns a future of the
+reply message. INFER requests are admitted (bounded queue; BUSY at once when full, when
+draining or when the deadline cannot be met), queued per group ``(bundle, split, codec)``
+and pulled by worker loops that run decode + tail for a whole batch in a compute thread,
+so the event loop (and the socket IO on it) stays responsive; only batches measured
+cheaper than ``inline_compute_s`` (default 1 ms: less than two thread wake-ups on a busy
+machine, short enough not to stall IO) run on the loop itself. Triton's knobs: a group is
+dispatched when it holds ``max_batch_size`` requests or its oldest request has waited
+``max_queue_delay_s``; the group with the oldest request goes first.
+
+The socket server (:mod:`tether.cloud.server`) and the in-process twin
+(:class:`tether.cloud.twin.InProcessCloud`) both drive this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Iterable, Protocol
+
+import torch
+
+from tether.cloud.bundles import ServedBundle
+from tether.cloud.config import CloudConfig
+from tether.core import protocol as P
+from tether.core.errors import (
+    BundleError, InputShapeError, PayloadError, ProtocolError, SessionError, TetherError,
+)
+from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
+
+log = logging.getLogger(__name__)
+Reply = Any   # a protocol message (Ready, Result, Busy, Error, Pong, ...)
+
+
+class SessionHandler(Protocol):
+    """Serves PREFILL/DECODE/CLOSE (LLM sessions: :class:`tether.cloud.llm.LLMEngine`).
+
+    ``bundle`` (a :class:`~tether.core.protocol.BundleInfo`) is listed in READY.
+    """
+
+    bundle: P.BundleInfo
+
+    async def handle(self, msg: Any) -> Reply: ...
+
+
+@dataclass
+class _Job:
+    msg: P.Infer
+    received: float
+    deadline: float | None
+    future: asyncio.Future
+    bytes_in: int
+
+
+@dataclass
+class _Group:
+    bundle: ServedBundle
+    split: str
+    codec_id: str
+    codec: Any
+    jobs: deque = field(default_factory=deque)
+    ema_seconds: float = 0.0              # decode + tail time of one batch, smoothed
+
+
+class CloudCore:
+    """Admission, batching and compute for the bundles it serves."""
+
+    def __init__(self, bundles: Iterable[ServedBundle], config: CloudConfig = CloudConfig(),
+                 metrics: CloudMetrics | None = None,
+                 sessions: SessionHandler | None = None) -> None:
+        self.config = config
+        self.bundles = {b.fingerprint: b for b in bundles}
+        if not self.bundles and sessions is None:
+            raise BundleError("the cloud needs at least one bundle: pass --bundle DIR "
+                              "(create one with `tether partition MODEL --out DIR`)")
+        self.metrics = metrics
+        self.sessions = sessions
+        self.server_id = config.server_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._groups: dict[tuple[str, str, str], _Group] = {}
+        self._queued = 0
+        self._queued_bytes = 0
+        self._inflight = 0
+        self._busy_workers = 0
+        self._queue_ema = 0.0
+        self._accepting = True
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._workers: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
+        if metrics is not None:
+            metrics.track_queue(lambda: self._queued, lambda: self._queued_bytes,
+                                lambda: self._inflight)
+
+    # ---- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker loops (and build every tail first when ``preload``)."""
+        if self._workers:
+            return
+        self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="tether-tail")
+        if self.config.preload:
+            loop = asyncio.get_running_loop()
+            for bundle in self.bundles.values():
+                await loop.run_in_executor(self._executor, bundle.warm)
+        self._workers = [asyncio.create_task(self._worker(), name=f"tether-cloud-worker-{i}")
+                         for i in range(self.config.workers)]
+        if self.metrics:
+            self.metrics.ready.set(1)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop accepting INFER (BUSY "draining") and wait for queued work; True if all done."""
+        self._accepting = False
+        if self.metrics:
+            self.metrics.ready.set(0)
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        """Cancel the workers and release the compute threads (after :meth:`drain`)."""
+        self._accepting = False
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        for group in self._groups.values():
+            while group.jobs:
+                job = group.jobs.popleft()
+                self._queued -= 1
+                self._queued_bytes -= job.bytes_in
+                self._finish(job, P.Busy(job.msg.request_id, "draining"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and bool(self._workers)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def queue_estimate_s(self) -> float:
+        """Smoothed queue delay of recent requests (reported in PONG)."""
+        return self._queue_ema
+
+    def info(self) -> tuple[P.BundleInfo, ...]:
+        session = (self.sessions.bundle,) if self.sessions is not None else ()
+        return tuple(b.info() for b in self.bundles.values()) + session
+
+    # ---- messages -------------------------------------------------------------------------
+
+    def handle(self, msg: Any, received: float | None = None, bytes_in: int = 0) -> asyncio.Future:
+        """The reply to ``msg`` as a future (already done for everything but INFER/sessions)."""
+        received = time.perf_counter() if received is None else received
+        if isinstance(msg, P.Infer):
+            return self.submit(msg, received, bytes_in)
+        if isinstance(msg, P.Hello):
+            return _done(self.hello(msg))
+        if isinstance(msg, P.Ping):
+            return _done(P.Pong(msg.request_id, msg.t, self._queue_ema))
+        if isinstance(msg, (P.Prefill, P.Decode, P.Close)):
+            return self._session(msg)
+        if self.metrics:
+            self.metrics.errors.labels(ProtocolError.code).inc()
+        return _done(P.Error(msg.request_id, ProtocolError.code,
+                             f"a cloud does not accept {type(msg).__name__.upper()} messages"))
+
+    def hello(self, msg: P.Hello) -> Reply:
+        """READY listing what is served, or ERROR naming each wanted bundle that is not."""
+        served_info = self.info()
+        fingerprints = {b.fingerprint for b in served_info}
+        missing = [b for b in msg.bundles if b.fingerprint not in fingerprints]
+        if missing:
+            served = ", ".join(f"{b.model_id}@{b.fingerprint[:12]}" for b in served_info)
+            wanted = ", ".join(f"{b.model_id}@{b.fingerprint[:12]}" for b in missing)
+            return P.Error(msg.request_id, BundleError.code,
+                           f"this cloud does not serve {wanted}; it serves {served}: deploy the "
+                           "same bundle (same weights fingerprint) on edge and cloud")
+        return P.Ready(msg.request_id, self.server_id, served_info, self.config.max_message_bytes)
+
+    def submit(self, msg: P.Infer, received: float, bytes_in: int = 0) -> asyncio.Future:
+        """Admit one INFER: its future resolves to RESULT, BUSY or ERROR."""
+        try:
+            group = self._group_for(msg)
+        except TetherError as exc:
+            return self._reject(msg, P.Error.from_exception(msg.request_id, exc), bytes_in)
+        if not self.accepting:
+            return self._reject(msg, P.Busy(msg.request_id, "draining", self._queued), bytes_in)
+        if self._queued >= self.config.max_queue or \
+                self._queued_bytes + bytes_in > self.config.max_queue_bytes:
+            return self._reject(msg, self._busy(msg, "queue_full", group), bytes_in)
+        deadline = None
+        if msg.deadline_s is not None:
+            if msg.deadline_s <= self._estimate(group):
+                return self._reject(msg, self._busy(msg, "deadline", group), bytes_in)
+            deadline = received + msg.deadline_s
+        job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in)
+        group.jobs.append(job)
+        self._queued += 1
+        self._queued_bytes += bytes_in
+        self._inflight += 1
+        self._idle.clear()
+        self._wakeup.set()
+        return job.future
+
+    def _group_for(self, msg: P.Infer) -> _Group:
+        key = (msg.fingerprint, msg.split, msg.codec)
+        group = self._groups.get(key)
+        if group is None:
+            bundle = self.bundles.get(msg.fingerprint)
+            if bundle is None:
+                raise BundleError(f"fingerprint {msg.fingerprint[:16]!r} is not served here; "
+                                  f"served: {[b.model_id for b in self.bundles.values()]}: "
+                                  "handshake (HELLO) first and use a served bundle")
+            codec = bundle.codec(msg.split, msg.codec)   # SplitError / UnknownCodecError
+            group = self._groups[key] = _Group(bundle, msg.split, msg.codec, codec)
+        return group
+
+    def _estimate(self, group: _Group) -> float:
+        """Seconds until a request admitted now would be answered (0 when unknown)."""
+        batches = math.ceil((self._queued + 1) / self.config.max_batch_size)
+        running = 1 if self._busy_workers >= self.config.workers else 0
+        per_batch = group.ema_seconds
+        return per_batch * (batches + running) / self.config.workers
+
+    def _busy(self, msg: P.Infer, reason: str, group: _Group) -> P.Busy:
+        return P.Busy(msg.request_id, reason, self._queued, self._estimate(group))
+
+    def _reject(self, msg: P.Infer, reply: Reply, bytes_in: int) -> asyncio.Future:
+        self._record(msg, reply, bytes_in)
+        return _done(reply)
+
+    def _session(self, msg: Any) -> asyncio.Future:
+        if self.sessions is None:
+            return _done(P.Error(msg.request_id, SessionError.code,
+                                 "this cloud serves no LLM sessions: start it with an LLM bundle"))
+        return asyncio.ensure_future(_guarded(msg.request_id, self.sessions.handle(msg)))
+
+    # ---- compute --------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = await self._next_group()
+            jobs = [group.jobs.popleft() for _ in range(min(len(group.jobs),
+                                                            self.config.max_batch_size))]
+            self._queued -= len(jobs)
+            self._queued_bytes -= sum(j.bytes_in for j in jobs)
+            self._busy_workers += 1
+            try:
+                if 0 < group.ema_seconds <= self.config.inline_compute_s:
+                    replies, batch = self._run_batch(group, jobs)   # cheaper than a thread hop
+                else:
+                    replies, batch = await loop.run_in_executor(
+                        self._executor, self._run_batch, group, jobs)
+            except Exception as exc:   # noqa: BLE001 - never lose a request
+                log.exception("batch failed")
+                replies, batch = [P.Error.from_exception(j.msg.request_id, exc) for j in jobs], None
+            finally:
+                self._busy_workers -= 1
+            if batch is not None:
+                seconds = batch.tail_seconds + sum(getattr(r, "decode_s", 0.0) for r in replies)
+                group.ema_seconds = seconds if group.ema_seconds == 0 else \
+                    0.8 * group.ema_seconds + 0.2 * seconds
+                if self.metrics:
+                    self.metrics.observe_batch(batch)
+            for job, reply in zip(jobs, replies):
+                self._finish(job, reply)
+            await asyncio.sleep(0)      # let the replies go out and IO run between batches
+
+    async def _next_group(self) -> _Group:
+        delay = self.config.max_queue_delay_s
+        while True:
+            now = time.perf_counter()
+            best, wake = None, None
+            for group in self._groups.values():
+                if not group.jobs:
+                    continue
+                due = group.jobs[0].received + delay
+                if len(group.jobs) >= self.config.max_batch_size or due <= now or not self._accepting:
+                    if best is None or group.jobs[0].received < best.jobs[0].received:
+                        best = group
+                else:
+                    wake = due if wake is None else min(wake, due)
+            if best is not None:
+                return best
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), None if wake is None else wake - now)
+            except asyncio.TimeoutError:
+                pass
+
+    def _run_batch(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], BatchStats | None]:
+        """Decode every request, run the tail once on the concatenation, split the rows."""
+        start = time.perf_counter()
+        replies: list[Reply] = [None] * len(jobs)
+        inputs: list[tuple[int, torch.Tensor, float]] = []
+        for i, job in enumerate(jobs):
+            if job.deadline is not None and start > job.deadline:
+                replies[i] = P.Busy(job.msg.request_id, "deadline", self._queued)
+                continue
+            t0 = time.perf_counter()
+            try:
+                inputs.append((i, self._decode(group, job.msg), time.perf_counter() - t0))
+            except Exception as exc:  # noqa: BLE001 - a bad payload hurts only its sender
+                replies[i] = P.Error.from_exception(job.msg.request_id, _as_payload_error(exc))
+        if not inputs:
+            return replies, None
+        t0 = time.perf_counter()
+        try:
+            out = self._tail(group, torch.cat([x for _, x, _ in inputs]) if len(inputs) > 1
+                             else inputs[0][1])
+        except Exception as exc:  # noqa: BLE001
+            log.exception("tail of %s at %s failed", group.bundle.model_id, group.split)
+            for i, _, _ in inputs:
+                replies[i] = P.Error.from_exception(jobs[i].msg.request_id, exc)
+            return replies, None
+        tail_s = time.perf_counter() - t0
+        rows = out.detach().cpu().contiguous()
+        rows = rows.numpy() if rows.dtype != torch.bfloat16 else rows   # numpy slices are cheap
+        row = 0
+        for i, x, decode_s in inputs:
+            n = x.shape[0]
+            replies[i] = P.result_for(jobs[i].msg.request_id, rows[row:row + n],
+                                      queue_s=start - jobs[i].received, decode_s=decode_s,
+                                      tail_s=tail_s, batch_size=len(inputs))
+            row += n
+        return replies, BatchStats(group.bundle.model_id, group.split, len(inputs), row, tail_s)
+
+    def _decode(self, group: _Group, msg: P.Infer) -> torch.Tensor:
+        x = group.codec.decode(msg.codec_header, msg.payload)
+        spec = group.bundle.expected(group.split)
+        if not isinstance(x, torch.Tensor):
+            raise PayloadError(f"codec {msg.codec!r} decoded to {type(x).__name__}, not a tensor")
+        if x.dim() != len(spec.shape) or tuple(x.shape[1:]) != spec.shape[1:]:
+            raise InputShapeError(f"split {group.split!r} of {group.bundle.model_id} takes "
+                                  f"[N, {', '.join(map(str, spec.shape[1:]))}], got {list(x.shape)}")
+        if not 1 <= x.shape[0] <= self.config.max_request_samples:
+            raise InputShapeError(f"a request carries 1..{self.config.max_request_samples} "
+                                  f"samples, got {x.shape[0]}")
+        if not x.is_floating_point():
+            raise InputShapeError(f"split {group.split!r} takes floating tensors, got {x.dtype}")
+        return x.to(torch.float32) if spec.dtype == "float32" else x
+
+    def _tail(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = group.bundle.tail(group.split)(x)
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
+            raise TetherError(f"tail of {group.bundle.model_id} at {group.split!r} returned "
+                              f"{type(out).__name__}, not one row per sample")
+        return out
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _finish(self, job: _Job, reply: Reply) -> None:
+        if isinstance(reply, P.Result):
+            self._queue_ema = 0.9 * self._queue_ema + 0.1 * reply.queue_s
+        if not job.future.done():
+            job.future.set_result(reply)
+        self._record(job.msg, reply, job.bytes_in)
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    def _record(self, msg: P.Infer, reply: Reply, bytes_in: int) -> None:
+        if self.metrics is None:
+            return
+        group = self._groups.get((msg.fingerprint, msg.split, msg.codec))
+        # labels only from validated values: hostile ids must not grow the label set
+        model, split, codec = ((group.bundle.model_id, group.split, group.codec_id) if group
+                               else ("unknown", "unknown", "unknown"))
+        if isinstance(reply, P.Result):
+            stats = CloudRequestStats(model, split, codec, "ok", "", reply.queue_s,
+                                      reply.decode_s, bytes_in)
+        elif isinstance(reply, P.Busy):
+            stats = CloudRequestStats(model, split, codec, "busy", reply.reason)
+        else:
+            stats = CloudRequestStats(model, split, codec, "error", reply.code)
+        self.metrics.observe_request(stats)
+
+
+
+def _done(reply: Reply) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future
+
+
+async def _guarded(request_id: int, reply: Awaitable[Reply]) -> Reply:
+    try:
+        return await reply
+    except Exception as exc:  # noqa: BLE001 - an error reply, never a lost request
+        return P.Error.from_exception(request_id, exc)
+
+
+def _as_payload_error(exc: Exception) -> TetherError:
+    if isinstance(exc, TetherError):
+        return exc
+    return PayloadError(f"payload could not be decoded ({type(exc).__name__}: {exc}); "
+                        "encode it with the codec named in the request")

@@ -1,0 +1,42 @@
+"""Codecs for what crosses the cut, and early exits. Depends only on ``tether.core``.
+
+API::
+
+    from tether.codecs import make_codec, EncodedTensor, Codec
+
+    codec = make_codec("int8+zlib")                   # fp32 fp16 int8 [+zlib] jpeg<q> webp<q> png
+    codec = make_codec("bottleneck-b0.001", bundle_dir, manifest, split="layer2")  # learned
+    enc = codec.encode(tensor)       # EncodedTensor(header: dict, payload: list[bytes|memoryview])
+    enc.payload_bytes, enc.header_bytes                # wire sizes (header as msgpack)
+    out = codec.decode(enc.header, enc.payload)        # untrusted input: raises PayloadError
+
+    make_codec("nope")  -> UnknownCodecError naming the known ids
+    learned_codec_ids(manifest, split)                 # learned codec ids a bundle offers
+
+Early exits (edge side)::
+
+    from tether.codecs import load_exit
+    ex = load_exit(bundle_dir, manifest, split)        # ONNX Runtime when exported, else torch
+    decision = ex(features)                            # ExitDecision(prediction, confidence, take)
+
+Training and evaluation (used by ``tether codec train|eval``) live in
+``tether.codecs.training``, ``tether.codecs.exits``, ``tether.codecs.store`` and
+``tether.codecs.evaluate``. Learned-codec contract (CompressAI style): ``forward`` gives the
+reconstruction and likelihoods, ``update()`` builds CDFs, ``compress``/``decompress`` use
+them and raise ``CodecStateError("Uninitialized CDFs. Run update() first")`` before.
+"""
+
+from __future__ import annotations
+
+from tether.codecs.base import Codec, EncodedTensor
+from tether.codecs.factory import KNOWN_IDS_TEXT, learned_codec_ids, make_codec
+
+
+def load_exit(bundle_dir, manifest=None, split=None):  # noqa: ANN001 - thin lazy wrapper
+    """Load the early exit stored in the bundle at ``split`` (see :mod:`tether.codecs.exits`)."""
+    from tether.codecs.exits import load_exit as _load
+    return _load(bundle_dir, manifest, split)
+
+
+__all__ = ["Codec", "EncodedTensor", "KNOWN_IDS_TEXT", "learned_codec_ids", "load_exit",
+           "make_codec"]

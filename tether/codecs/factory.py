@@ -1,0 +1,100 @@
+"""``make_codec``: the one literal mapping from codec ids to codec classes.
+
+Ids: ``fp32``, ``fp16``, ``int8``; any of them followed by ``+zlib`` (lossless stage);
+input codecs ``jpeg<q>``, ``webp<q>`` (q = 1..100) and ``png``; learned codecs
+(``bottleneck-b<beta>``, ...) as listed in a bundle manifest's ``codecs`` entries.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from tether.core.bundle import CodecEntry, Manifest
+from tether.core.errors import CodecError, UnknownCodecError
+from tether.codecs.base import Codec
+from tether.codecs.baseline import Fp16Codec, Fp32Codec, Int8Codec, ZlibCodec
+from tether.codecs.image import ImageCodec
+
+TENSOR_CODECS: dict[str, Callable[[], Codec]] = {
+    "fp32": lambda: Fp32Codec("fp32"),
+    "fp16": lambda: Fp16Codec("fp16"),
+    "int8": lambda: Int8Codec("int8"),
+}
+LOSSLESS_STAGES = ("zlib",)
+INPUT_CODEC_RE = re.compile(r"^(jpeg|webp)([1-9][0-9]?|100)$")
+#: Learned codec kinds: manifest ``kind`` -> loader module attribute (imported lazily).
+LEARNED_KINDS = ("bottleneck",)
+KNOWN_IDS_TEXT = ("fp32, fp16, int8, <any of those>+zlib, jpeg<1-100>, webp<1-100>, png")
+
+
+def make_codec(codec_id: str, bundle_dir: str | Path | None = None,
+               manifest: Manifest | None = None, split: str | None = None) -> Codec:
+    """Build the codec named ``codec_id``.
+
+    Learned codecs need the bundle: ``bundle_dir`` (and its ``manifest``, loaded from
+    ``bundle_dir`` if not given); ``split`` picks the entry when several split points
+    have a codec of that id. Raises :class:`UnknownCodecError` naming the known ids.
+    """
+    if not isinstance(codec_id, str) or not codec_id:
+        raise UnknownCodecError(f"codec id must be a non-empty string, got {codec_id!r}; "
+                                f"known ids: {KNOWN_IDS_TEXT}")
+    base, _, stage = codec_id.partition("+")
+    if stage:
+        if stage not in LOSSLESS_STAGES or base not in TENSOR_CODECS:
+            raise _unknown(codec_id, bundle_dir, manifest)
+        return ZlibCodec(TENSOR_CODECS[base]())
+    if codec_id in TENSOR_CODECS:
+        return TENSOR_CODECS[codec_id]()
+    if codec_id == "png":
+        return ImageCodec("png")
+    match = INPUT_CODEC_RE.match(codec_id)
+    if match:
+        return ImageCodec(match.group(1), int(match.group(2)))
+    entry = _find_entry(codec_id, bundle_dir, manifest, split)
+    if entry is None:
+        raise _unknown(codec_id, bundle_dir, manifest)
+    return _load_learned(entry, Path(bundle_dir))  # type: ignore[arg-type]
+
+
+def learned_codec_ids(manifest: Manifest | None, split: str | None = None) -> list[str]:
+    """Ids of the learned codecs a bundle holds (for ``split`` only, if given)."""
+    if manifest is None:
+        return []
+    return [c.codec for c in manifest.codecs
+            if c.kind in LEARNED_KINDS and (split is None or c.split == split)]
+
+
+def _find_entry(codec_id: str, bundle_dir: str | Path | None, manifest: Manifest | None,
+                split: str | None) -> CodecEntry | None:
+    if bundle_dir is None:
+        return None
+    if manifest is None:
+        manifest = Manifest.load(bundle_dir)
+    found = [c for c in manifest.codecs if c.codec == codec_id and c.kind in LEARNED_KINDS
+             and (split is None or c.split == split)]
+    if len(found) > 1:
+        raise CodecError(f"codec {codec_id!r} exists at split points "
+                         f"{[c.split for c in found]}: pass split= to choose one")
+    return found[0] if found else None
+
+
+def _load_learned(entry: CodecEntry, bundle_dir: Path) -> Codec:
+    from tether.codecs.bottleneck import BottleneckCodec   # compressai is imported lazily
+    return BottleneckCodec.from_entry(entry, bundle_dir)
+
+
+def _unknown(codec_id: str, bundle_dir: str | Path | None,
+             manifest: Manifest | None) -> UnknownCodecError:
+    learned: list[str] = []
+    if manifest is None and bundle_dir is not None:
+        try:
+            manifest = Manifest.load(bundle_dir)
+        except Exception:   # noqa: BLE001 - only used to enrich the message
+            manifest = None
+    if manifest is not None:
+        learned = [f"{c.codec}@{c.split}" for c in manifest.codecs if c.kind in LEARNED_KINDS]
+    hint = (f"; learned codecs in this bundle: {learned}" if learned else
+            "; learned codecs (bottleneck-b<beta>) need a bundle trained with `tether codec train`")
+    return UnknownCodecError(f"unknown codec {codec_id!r}; known ids: {KNOWN_IDS_TEXT}{hint}")

@@ -1,0 +1,109 @@
+"""`tether edge` (the edge agent daemon) and `tether infer` (its command-line client)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tether.core.errors import ConfigError, InputShapeError
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``edge`` and ``infer`` sub-commands."""
+    p = subparsers.add_parser(
+        "edge", help="run the edge agent daemon (heads on ONNX Runtime, tails on a cloud)",
+        description="Serve a bundle to local applications: per request a policy picks local, "
+                    "split+codec, early exit or full offload; requests the cloud cannot answer "
+                    "in time fall back to the whole model on the edge. SIGTERM drains.")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="TOML config (keys of EdgeConfig, top level or [edge]); flags override")
+    p.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory")
+    p.add_argument("--connect", metavar="ENDPOINT",
+                   help="cloud endpoint, e.g. tcp://10.0.0.2:5555 (omit: local answers only)")
+    p.add_argument("--listen", metavar="ENDPOINT",
+                   help="local endpoint for applications (default tcp://127.0.0.1:5560)")
+    p.add_argument("--metrics-port", type=int, metavar="P", help="Prometheus /metrics port")
+    p.add_argument("--action", metavar="KEY",
+                   help="fixed action: split:SPLIT:CODEC, local, offload:CODEC, exit:SPLIT:CODEC "
+                        "(default auto: the smallest exported split, fp32)")
+    p.add_argument("--deadline", type=float, metavar="S", dest="deadline_seconds",
+                   help="default per-request deadline in seconds (default 1.0)")
+    p.add_argument("--records", type=Path, metavar="FILE",
+                   help="append one record per request to FILE (.jsonl or .csv)")
+    p.add_argument("--edge-id", metavar="NAME", help="name in records and metrics")
+    p.add_argument("--curve-server-key", metavar="Z85|FILE", help="the cloud's CURVE public key")
+    p.add_argument("--curve-client-cert", type=Path, metavar="FILE",
+                   help="this edge's CURVE secret certificate (from `tether keys generate`)")
+    p.set_defaults(handler=_run_edge)
+
+    q = subparsers.add_parser(
+        "infer", help="classify image files through a running edge daemon",
+        description="Read IMAGE files (any format Pillow reads), resize them to the bundle's "
+                    "input, send them to the edge at ENDPOINT, print class and timings.")
+    q.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    q.add_argument("--edge", required=True, metavar="ENDPOINT",
+                   help="the edge's --listen endpoint, e.g. tcp://127.0.0.1:5560")
+    q.add_argument("--deadline", type=float, metavar="S", help="per-request deadline (seconds)")
+    q.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="give up on the edge after S seconds (default 10)")
+    q.add_argument("--json", action="store_true", help="one JSON object per image")
+    q.set_defaults(handler=_run_infer)
+
+
+def _run_edge(args: argparse.Namespace) -> int:
+    from tether.edge.config import load_edge_config
+    from tether.edge.daemon import run_daemon
+
+    config = load_edge_config(
+        args.config, bundle=args.bundle, connect=args.connect, listen=args.listen,
+        metrics_port=args.metrics_port, action=args.action,
+        deadline_seconds=args.deadline_seconds, records=args.records, edge_id=args.edge_id,
+        curve_server_key=args.curve_server_key, curve_client_cert=args.curve_client_cert)
+    if config.bundle is None:
+        raise ConfigError("no bundle: pass --bundle DIR or set bundle in --config")
+    return run_daemon(config)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from tether.edge.client import EdgeClient
+
+    with EdgeClient(args.edge, timeout=args.timeout) as client:
+        info = client.info()
+        if info.input is None or len(info.input.shape) != 4:
+            raise InputShapeError(f"edge serves {info.model_id} without an NCHW input shape")
+        height, width = info.input.shape[2], info.input.shape[3]
+        for path in args.images:
+            image = load_image(path, height, width)
+            answer = client.infer(image, args.deadline)
+            _print_answer(path, answer, args.json)
+    return 0
+
+
+def load_image(path: Path, height: int, width: int):
+    """An image file as uint8 RGB HWC resized to (height, width)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputShapeError(f"cannot read image {path}: {exc}") from exc
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _print_answer(path: Path, answer, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"image": str(path), "class": answer.prediction, "label": answer.label,
+                          "action": answer.action, "outcome": answer.outcome,
+                          "fallback_reason": answer.fallback_reason,
+                          "timings": answer.timings}))
+        return
+    name = f" ({answer.label})" if answer.label else ""
+    reason = f" [{answer.fallback_reason}]" if answer.fallback_reason else ""
+    stages = " ".join(f"{k}={v * 1000:.2f}ms" for k, v in answer.timings.items() if v > 0)
+    print(f"{path}: class {answer.prediction}{name}  {answer.outcome}{reason} via "
+          f"{answer.action}  {stages}")
+    sys.stdout.flush()

@@ -1,0 +1,183 @@
+"""Every Prometheus metric of tether, defined on an injected registry (never the global one).
+
+Components never touch prometheus_client themselves: they hand plain stats records to
+these classes (the cloud: :class:`CloudRequestStats` / :class:`BatchStats`; the edge:
+:class:`tether.core.types.RequestRecord`). Names carry their unit (``_seconds``, ``_bytes``,
+``_total``).
+
+    registry = CollectorRegistry()
+    cloud = CloudMetrics(registry)      tether_cloud_*
+    edge = EdgeMetrics(registry)        tether_edge_*
+    text = render(registry)             Prometheus text exposition (bytes)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from tether.core.types import RequestRecord
+
+#: Latency buckets from 100 us to 10 s.
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+
+
+@dataclass(frozen=True)
+class CloudRequestStats:
+    """One request as the cloud saw it. ``outcome``: ok, busy, error."""
+
+    model: str
+    split: str
+    codec: str
+    outcome: str
+    reason: str = ""            # busy reason or error code
+    queue_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One tail execution over a batch of requests with the same (bundle, split, codec)."""
+
+    model: str
+    split: str
+    size: int                   # requests in the batch
+    samples: int                # rows (sum of the requests' batch dimensions)
+    tail_seconds: float
+
+
+class CloudMetrics:
+    """The ``tether_cloud_*`` metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        labels = ("model", "split", "codec")
+        self.requests = Counter("tether_cloud_requests_total", "Requests by outcome (ok, busy, error)",
+                                labels + ("outcome",), registry=registry)
+        self.busy = Counter("tether_cloud_busy_total", "BUSY answers by reason",
+                            ("reason",), registry=registry)
+        self.errors = Counter("tether_cloud_errors_total", "ERROR answers by error code",
+                              ("code",), registry=registry)
+        self.queue_depth = Gauge("tether_cloud_queue_depth", "Requests waiting for a tail",
+                                 registry=registry)
+        self.queue_bytes = Gauge("tether_cloud_queue_bytes", "Bytes of requests waiting for a tail",
+                                 registry=registry)
+        self.inflight = Gauge("tether_cloud_inflight_requests", "Requests accepted, not answered",
+                              registry=registry)
+        self.peers = Gauge("tether_cloud_active_edges", "Edges heard from in the last minute",
+                           registry=registry)
+        self.ready = Gauge("tether_cloud_ready", "1 while serving, 0 while starting or draining",
+                           registry=registry)
+        self.batch_size = Histogram("tether_cloud_batch_size", "Requests per tail execution",
+                                    ("model", "split"), buckets=BATCH_BUCKETS, registry=registry)
+        self.queue_seconds = Histogram("tether_cloud_queue_seconds", "Time from receipt to tail start",
+                                       ("model", "split"), buckets=SECONDS_BUCKETS, registry=registry)
+        self.decode_seconds = Histogram("tether_cloud_decode_seconds", "Codec decode time per request",
+                                        labels, buckets=SECONDS_BUCKETS, registry=registry)
+        self.tail_seconds = Histogram("tether_cloud_tail_seconds", "Tail compute time per batch",
+                                      ("model", "split"), buckets=SECONDS_BUCKETS, registry=registry)
+        self.bytes_in = Counter("tether_cloud_received_bytes_total", "Bytes of all frames received",
+                                registry=registry)
+        self.bytes_out = Counter("tether_cloud_sent_bytes_total", "Bytes of all frames sent",
+                                 registry=registry)
+
+    def track_queue(self, depth: Callable[[], float], nbytes: Callable[[], float],
+                    inflight: Callable[[], float]) -> None:
+        """Read queue depth, queued bytes and in-flight count at scrape time (no per-request cost)."""
+        self.queue_depth.set_function(depth)
+        self.queue_bytes.set_function(nbytes)
+        self.inflight.set_function(inflight)
+
+    def observe_request(self, s: CloudRequestStats) -> None:
+        self._child(self.requests, s.model, s.split, s.codec, s.outcome).inc()
+        if s.outcome == "busy":
+            self._child(self.busy, s.reason or "queue_full").inc()
+        elif s.outcome == "error":
+            self._child(self.errors, s.reason or "internal").inc()
+        else:
+            self._child(self.queue_seconds, s.model, s.split).observe(s.queue_seconds)
+            self._child(self.decode_seconds, s.model, s.split, s.codec).observe(s.decode_seconds)
+
+    def observe_batch(self, b: BatchStats) -> None:
+        self._child(self.batch_size, b.model, b.split).observe(b.size)
+        self._child(self.tail_seconds, b.model, b.split).observe(b.tail_seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the hot path pays one dict lookup."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe_bytes(self, received: int = 0, sent: int = 0) -> None:
+        if received:
+            self.bytes_in.inc(received)
+        if sent:
+            self.bytes_out.inc(sent)
+
+
+class EdgeMetrics:
+    """The ``tether_edge_*`` metrics, fed with the edge's :class:`RequestRecord` per request."""
+
+    STAGES = ("head", "encode", "network", "cloud_queue", "cloud_decode", "tail", "local", "total")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter("tether_edge_requests_total", "Requests by action kind and outcome",
+                                ("action", "outcome"), registry=registry)
+        self.fallbacks = Counter("tether_edge_fallbacks_total", "Local fallbacks by reason",
+                                 ("reason",), registry=registry)
+        self.stage_seconds = Histogram("tether_edge_stage_seconds",
+                                       "Per-request time by stage (head, encode, network, ...)",
+                                       ("stage",), buckets=SECONDS_BUCKETS, registry=registry)
+        self.request_seconds = Histogram("tether_edge_request_seconds", "End-to-end request latency",
+                                         ("outcome",), buckets=SECONDS_BUCKETS, registry=registry)
+        self.bytes_sent = Counter("tether_edge_sent_bytes_total", "Bytes of all frames sent",
+                                  registry=registry)
+        self.bytes_received = Counter("tether_edge_received_bytes_total",
+                                      "Bytes of all frames received", registry=registry)
+        self.request_bytes = Histogram("tether_edge_request_sent_bytes", "Bytes sent per request",
+                                       buckets=BYTES_BUCKETS, registry=registry)
+        self.rtt_seconds = Histogram("tether_edge_rtt_seconds", "Heartbeat PING/PONG round trips",
+                                     buckets=SECONDS_BUCKETS, registry=registry)
+        self.cloud_ready = Gauge("tether_edge_cloud_ready", "1 while the cloud link is ready",
+                                 registry=registry)
+        self.reconnects = Counter("tether_edge_reconnects_total", "Cloud handshakes completed",
+                                  registry=registry)
+        self.inflight = Gauge("tether_edge_inflight_requests", "Requests being served",
+                              registry=registry)
+
+    def observe(self, r: RequestRecord) -> None:
+        """Record one finished request."""
+        kind = r.action.split(":", 1)[0]
+        self.requests.labels(kind, r.outcome).inc()
+        if r.fallback_reason:
+            self.fallbacks.labels(r.fallback_reason).inc()
+        for stage in self.STAGES:
+            value = getattr(r, f"{stage}_seconds")
+            if value > 0 or stage == "total":
+                self.stage_seconds.labels(stage).observe(value)
+        self.request_seconds.labels(r.outcome).observe(r.total_seconds)
+        if r.bytes_sent:
+            self.bytes_sent.inc(r.bytes_sent)
+            self.request_bytes.observe(r.bytes_sent)
+        if r.bytes_received:
+            self.bytes_received.inc(r.bytes_received)
+
+    def observe_rtt(self, seconds: float) -> None:
+        self.rtt_seconds.observe(seconds)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus text format (what ``/metrics`` serves)."""
+    return generate_latest(registry)

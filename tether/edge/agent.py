@@ -1,0 +1,308 @@
+"""The edge agent: per request, ask the policy, run the head, offload, and always answer.
+
+:meth:`EdgeAgent.infer` is the whole life of one request. The policy picks an action; the
+head, exit and codec run in worker threads (the event loop stays free for IO); the cloud
+link carries the tail request with the request's deadline. On timeout, BUSY, ERROR or a
+disconnected cloud the request is answered locally (whole model, or an early exit) and
+marked ``outcome="fallback"`` with the reason. Every request yields one
+:class:`~tether.core.types.RequestRecord` for the sinks, the metrics and the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from tether.core.errors import (BusyError, DeadlineExceededError, InputShapeError,
+                                PeerUnavailableError, TetherError)
+from tether.core.policy import DecisionContext, Observation, Policy
+from tether.core.metrics import EdgeMetrics
+from tether.core.types import LOCAL, Action, ActionKind, RequestRecord
+from tether.edge.compute import INPUT, EdgeCompute, ExitAnswer
+from tether.edge.config import EdgeConfig
+from tether.edge.link import CloudLink, CloudReply, CloudRequest
+from tether.edge.records import RecordSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EdgeResult:
+    """What an application gets back: logits of one sample, its class, and the record."""
+
+    logits: np.ndarray
+    prediction: int
+    record: RequestRecord
+
+
+class _Fallback(Exception):
+    """Internal: answer this request locally for ``reason``."""
+
+    def __init__(self, reason: str, cause: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.cause = cause
+
+
+@dataclass
+class _Timing:
+    """Mutable per-request stopwatch, frozen into the record at the end."""
+
+    head: float = 0.0
+    encode: float = 0.0
+    network: float = 0.0
+    queue: float = 0.0
+    decode: float = 0.0
+    tail: float = 0.0
+    local: float = 0.0
+    sent: int = 0
+    received: int = 0
+    exit_answer: ExitAnswer | None = None
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def default_edge_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class EdgeAgent:
+    """Serves inference requests for one bundle with one cloud link (or none)."""
+
+    def __init__(self, compute: EdgeCompute, policy: Policy, config: EdgeConfig,
+                 link: CloudLink | None = None, sinks: Iterable[RecordSink] = (),
+                 on_record: Callable[[RequestRecord], None] | None = None,
+                 metrics: EdgeMetrics | None = None) -> None:
+        self.compute = compute
+        self.policy = policy
+        self.config = config
+        self.link = link
+        self.sinks = list(sinks)
+        self.on_record = on_record
+        self.metrics = metrics
+        self.inflight = 0
+        self.edge_id = config.edge_id or default_edge_id()
+        self._ids = itertools.count(1)
+        self._executor = ThreadPoolExecutor(config.compute_threads,
+                                            thread_name_prefix="tether-edge-compute") \
+            if config.compute_threads > 0 else None
+        self._reserve = (config.fallback_reserve_seconds
+                         if config.fallback_reserve_seconds is not None
+                         else 1.5 * compute.local_seconds() + 0.002)
+        self._last_queue_seconds = 0.0
+        if link is not None:
+            link.set_rtt_callback(self._observe_rtt)
+
+    @property
+    def cloud_available(self) -> bool:
+        return self.link is not None and self.link.ready
+
+    async def start(self) -> None:
+        if self.link is not None:
+            await self.link.start()
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        for sink in self.sinks:
+            sink.close()
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Compute in a worker thread (or inline on the loop when ``compute_threads = 0``)."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ---- one request -------------------------------------------------------------------
+
+    async def infer(self, image: np.ndarray, deadline_seconds: float | None = None,
+                    received: float | None = None) -> EdgeResult:
+        """Answer one sample. Raises only for bad input (InputShapeError), never for the cloud.
+
+        ``received``: ``time.perf_counter()`` when the request arrived (the local endpoint
+        passes it), so the deadline and ``total_seconds`` include the wait in its queue.
+        """
+        t0 = time.perf_counter() if received is None else received
+        start_wall = time.time() - (time.perf_counter() - t0)
+        budget = deadline_seconds if deadline_seconds and deadline_seconds > 0 else \
+            self.config.deadline_seconds
+        x = self.compute.prepare(image)
+        if x.shape[0] != 1:
+            raise InputShapeError(f"the edge answers one sample per request, got a batch of "
+                                  f"{x.shape[0]}; send images one by one (they run concurrently)")
+        rid = next(self._ids)
+        action = self._decide(budget)
+        timing = _Timing()
+        self._gauge(+1)
+        try:
+            logits, outcome, reason = await self._answer(rid, action, x, t0 + budget, timing)
+        finally:
+            self._gauge(-1)
+        logits = np.asarray(logits, dtype=np.float32).reshape(1, -1)
+        prediction = int(np.argmax(logits[0]))
+        record = RequestRecord(
+            request_id=rid, edge_id=self.edge_id, start_time=start_wall, action=action.key,
+            outcome=outcome, fallback_reason=reason, head_seconds=timing.head,
+            encode_seconds=timing.encode, network_seconds=timing.network,
+            cloud_queue_seconds=timing.queue, cloud_decode_seconds=timing.decode,
+            tail_seconds=timing.tail, local_seconds=timing.local,
+            total_seconds=time.perf_counter() - t0, bytes_sent=timing.sent,
+            bytes_received=timing.received, prediction=prediction)
+        self._finish(record, action)
+        return EdgeResult(logits, prediction, record)
+
+    def _decide(self, budget: float) -> Action:
+        # the cloud's smoothed queue delay from heartbeats (fresh even when nothing is
+        # offloaded), else the last RESULT's
+        queue = getattr(self.link, "cloud_queue_seconds", self._last_queue_seconds)
+        ctx = DecisionContext(now=time.monotonic(), deadline_seconds=budget,
+                              cloud_available=self.cloud_available, cloud_queue_seconds=queue)
+        try:
+            return self.policy.decide(ctx)
+        except Exception:   # noqa: BLE001 - a broken policy must not lose the request
+            log.exception("policy %s failed; answering locally", getattr(self.policy, "name", "?"))
+            return LOCAL
+
+    async def _answer(self, rid: int, action: Action, x: np.ndarray, deadline: float,
+                      timing: _Timing) -> tuple[np.ndarray, str, str]:
+        try:
+            logits, outcome = await self._execute(rid, action, x, deadline, timing)
+            return logits, outcome, ""
+        except _Fallback as fb:
+            log.debug("request %d falls back locally: %s (%s)", rid, fb.reason, fb.cause)
+            return await self._local_answer(x, timing), "fallback", fb.reason
+
+    def _gauge(self, delta: int) -> None:
+        self.inflight += delta
+        if self.metrics is not None:
+            self.metrics.inflight.set(self.inflight)
+
+    async def _execute(self, rid: int, action: Action, x: np.ndarray, deadline: float,
+                       timing: _Timing) -> tuple[np.ndarray, str]:
+        if action.kind is ActionKind.LOCAL:
+            return await self._full(x, timing), "local"
+        split = INPUT if action.kind is ActionKind.OFFLOAD else str(action.split)
+        if action.kind is not ActionKind.EXIT and not self.cloud_available:
+            raise _Fallback("disconnected")          # known down: no head work wasted
+        try:
+            features = await self._head(split, x, timing)
+            if action.kind is ActionKind.EXIT:
+                answer = await self._exit(split, features, timing)
+                if answer.confident:
+                    return answer.logits, "exit"
+            if not self.cloud_available:
+                raise _Fallback("disconnected")
+            t = time.perf_counter()
+            encoded = await self._run(self.compute.encode, split, action.codec, features)
+            timing.encode = time.perf_counter() - t
+        except TetherError as exc:   # the policy asked for a split/codec/exit this bundle lacks
+            raise _Fallback("error", exc) from exc
+        reply = await self._offload(rid, split, action.codec, encoded, deadline, timing)
+        timing.queue, timing.decode, timing.tail = (reply.queue_seconds, reply.decode_seconds,
+                                                    reply.tail_seconds)
+        timing.network = reply.network_seconds
+        self._last_queue_seconds = reply.queue_seconds
+        return reply.logits, "cloud"
+
+    async def _offload(self, rid: int, split: str, codec: str, encoded: Any, deadline: float,
+                       timing: _Timing) -> CloudReply:
+        budget = deadline - time.perf_counter() - self._reserve
+        if budget <= 0:
+            raise _Fallback("timeout")
+        if self.link is None:
+            raise _Fallback("disconnected")
+        request = CloudRequest(rid, split, codec, dict(encoded.header), list(encoded.payload),
+                               budget)
+        t = time.perf_counter()
+        try:
+            reply = await self.link.infer(request)
+        except (DeadlineExceededError, asyncio.TimeoutError) as exc:
+            reason, cause = "timeout", exc
+        except BusyError as exc:
+            reason, cause = "busy", exc
+        except PeerUnavailableError as exc:
+            reason, cause = "disconnected", exc
+        except TetherError as exc:
+            reason, cause = "error", exc
+        except Exception as exc:   # noqa: BLE001 - a link bug must not lose the request
+            log.exception("cloud link failed on request %d", rid)
+            reason, cause = "error", exc
+        else:
+            timing.sent, timing.received = reply.bytes_sent, reply.bytes_received
+            return reply
+        timing.network = time.perf_counter() - t
+        timing.sent = getattr(cause, "bytes_sent", 0)
+        timing.received = getattr(cause, "bytes_received", 0)
+        raise _Fallback(reason, cause)
+
+    async def _full(self, x: np.ndarray, timing: _Timing) -> np.ndarray:
+        t = time.perf_counter()
+        logits = await self._run(self.compute.full, x)
+        timing.local += time.perf_counter() - t
+        return logits
+
+    async def _head(self, split: str, x: np.ndarray, timing: _Timing) -> np.ndarray:
+        if split == INPUT:
+            return x
+        t = time.perf_counter()
+        features = await self._run(self.compute.head, split, x)
+        timing.head += time.perf_counter() - t
+        timing.features[split] = features
+        return features
+
+    async def _exit(self, split: str, features: np.ndarray, timing: _Timing) -> ExitAnswer:
+        t = time.perf_counter()
+        answer = await self._run(self.compute.early_exit, split, features)
+        timing.local += time.perf_counter() - t
+        timing.exit_answer = answer
+        return answer
+
+    async def _local_answer(self, x: np.ndarray, timing: _Timing) -> np.ndarray:
+        """Fallback: the early exit when configured and available, else the whole model."""
+        if self.config.fallback == "exit" and self.compute.exit_splits:
+            if timing.exit_answer is not None:
+                return timing.exit_answer.logits
+            split = self.compute.exit_splits[0]
+            try:
+                features = timing.features.get(split)
+                if features is None:
+                    features = await self._head(split, x, timing)
+                return (await self._exit(split, features, timing)).logits
+            except TetherError as exc:
+                log.warning("early-exit fallback failed (%s); using the whole model", exc)
+        return await self._full(x, timing)
+
+    # ---- feedback ----------------------------------------------------------------------
+
+    def _finish(self, record: RequestRecord, action: Action) -> None:
+        for sink in self.sinks:
+            try:
+                sink.write(record)
+            except OSError as exc:   # a full disk must not take requests down
+                log.error("records sink failed: %s", exc)
+        if self.metrics is not None:
+            self.metrics.observe(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        self.policy.observe(Observation(
+            now=time.monotonic(), action=action, bytes_sent=record.bytes_sent,
+            bytes_received=record.bytes_received, network_seconds=record.network_seconds,
+            cloud_queue_seconds=record.cloud_queue_seconds, total_seconds=record.total_seconds,
+            ok=record.outcome != "fallback", exited=record.outcome == "exit"))
+
+    def _observe_rtt(self, rtt: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_rtt(rtt)
+        self.policy.observe(Observation(now=time.monotonic(), rtt_seconds=rtt))
+
+

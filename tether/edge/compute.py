@@ -1,0 +1,218 @@
+"""Edge compute: ONNX heads, the whole model, early exits and codec encoding for one bundle.
+
+Everything here is synchronous and CPU-bound; the agent calls it from worker threads so the
+event loop never blocks. Sessions and codecs are built once at start (bad bundles fail fast).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tether.core import protocol as P
+from tether.core.bundle import Manifest
+from tether.core.errors import BundleError, InputShapeError, SplitError, TetherError
+from tether.core.types import CostTable
+
+log = logging.getLogger(__name__)
+
+INPUT = "input"   # the "split point" of a full offload
+
+
+@dataclass(frozen=True)
+class ExitAnswer:
+    """An early exit's output for one sample: logits and whether it is confident enough."""
+
+    logits: np.ndarray
+    confidence: float
+    confident: bool
+
+
+class EdgeCompute:
+    """Runs one bundle's edge side. Thread-safe: ONNX sessions and codecs are shared."""
+
+    def __init__(self, bundle_dir: str | Path, onnx_threads: int = 1) -> None:
+        from tether.partitioner import BundleModel, OnnxModule   # heavy: torch, onnxruntime
+
+        self.bundle_dir = Path(bundle_dir)
+        self._bundle = BundleModel.load(self.bundle_dir)
+        self.manifest: Manifest = self._bundle.manifest
+        self._onnx = OnnxModule
+        self._threads = onnx_threads
+        self.full_model = OnnxModule(str(self._bundle.full_onnx_path()), threads=onnx_threads)
+        self.heads: dict[str, Any] = {}
+        for entry in self.manifest.split_points:
+            if entry.head:
+                self.heads[entry.name] = OnnxModule(str(self._bundle.head_onnx_path(entry.name)),
+                                                    threads=onnx_threads)
+        self._exits = {e.split: e for e in self.manifest.exits}
+        self._exit_modules: dict[str, Any] = {}
+        self._codecs: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self.costs = self._load_costs()
+        log.info("edge bundle %s (%s, fingerprint %s): heads %s, exits %s", self.bundle_dir,
+                 self.manifest.model_id, self.fingerprint[:12], sorted(self.heads),
+                 sorted(self._exits))
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    def _load_costs(self) -> CostTable | None:
+        try:
+            return self._bundle.cost_table()
+        except (TetherError, OSError) as exc:
+            log.warning("bundle %s has no usable cost table (%s)", self.bundle_dir, exc)
+            return None
+
+    def bundle_info(self) -> P.BundleInfo:
+        """What this edge serves (its HELLO to the cloud, its READY to applications)."""
+        m = self.manifest
+        return P.BundleInfo(m.model_id, m.fingerprint, tuple(sorted(self.heads)), (),
+                            P.TensorDesc(tuple(m.input.shape), m.input.dtype))
+
+    # ---- input -------------------------------------------------------------------------
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Validate and convert an application's image(s) to float32 NCHW in [0, 1].
+
+        Accepts uint8 HWC / NHWC (as decoded from image files) or float NCHW / CHW.
+        """
+        spec = self.manifest.input.shape[1:]   # (C, H, W)
+        if not isinstance(x, np.ndarray):
+            raise InputShapeError(f"input must be a numpy array, got {type(x).__name__}")
+        if x.dtype == np.uint8:
+            if x.ndim == 3:
+                x = x[None]
+            if x.ndim != 4 or x.shape[1:] != (spec[1], spec[2], spec[0]):
+                raise InputShapeError(f"uint8 image must be HWC {(spec[1], spec[2], spec[0])}, "
+                                      f"got {x.shape}: resize it to the bundle's input first")
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        if x.dtype not in (np.float32, np.float16, np.float64):
+            raise InputShapeError(f"input dtype {x.dtype} unsupported; send uint8 HWC or float NCHW")
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec):
+            raise InputShapeError(f"float input must be NCHW with CHW={tuple(spec)}, got {x.shape}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # ---- models ------------------------------------------------------------------------
+
+    def full(self, x: np.ndarray) -> np.ndarray:
+        """The whole model on the edge: logits."""
+        return self.full_model(x)
+
+    def head(self, split: str, x: np.ndarray) -> np.ndarray:
+        """The head up to ``split``: the crossing tensor."""
+        if split == INPUT:
+            return x
+        module = self.heads.get(split)
+        if module is None:
+            self.manifest.split(split)   # raises SplitError listing the valid ones
+            raise SplitError(f"split point {split!r} has no exported ONNX head in this bundle; "
+                             f"exported: {sorted(self.heads)} (re-export with --splits)")
+        return module(x)
+
+    def has_exit(self, split: str) -> bool:
+        return split in self._exits
+
+    @property
+    def exit_splits(self) -> list[str]:
+        return sorted(self._exits)
+
+    def early_exit(self, split: str, features: np.ndarray) -> ExitAnswer:
+        """Run the exit head at ``split`` on the crossing tensor (batch 1)."""
+        if split not in self._exits:
+            raise SplitError(f"no early exit at {split!r}; exits: {self.exit_splits}")
+        decision = self._exit_module(split)(features)
+        return ExitAnswer(np.asarray(decision.logits, dtype=np.float32),
+                          float(decision.confidence[0]), bool(decision.take[0]))
+
+    def _exit_module(self, split: str) -> Any:
+        with self._lock:
+            module = self._exit_modules.get(split)
+            if module is None:
+                module = self._build_exit(split)
+                self._exit_modules[split] = module
+            return module
+
+    def _build_exit(self, split: str) -> Any:
+        """K's calibrated exit (tether.codecs.load_exit), or a bare ONNX exit head."""
+        entry = self._exits[split]
+        if entry.path.endswith(".onnx"):
+            onnx = self._onnx(str(self.bundle_dir / entry.path), threads=self._threads)
+            return _OnnxExit(onnx, entry.metric, entry.threshold)
+        from tether.codecs import load_exit
+        return load_exit(self.bundle_dir, self.manifest, split)
+
+    # ---- codecs ------------------------------------------------------------------------
+
+    def codec(self, split: str, codec_id: str) -> Any:
+        """The codec ``codec_id`` for ``split`` (built once, cached)."""
+        key = (split, codec_id)
+        with self._lock:
+            codec = self._codecs.get(key)
+            if codec is None:
+                from tether.codecs import make_codec
+                codec = make_codec(codec_id, bundle_dir=self.bundle_dir, manifest=self.manifest,
+                                   split=split)
+                self._codecs[key] = codec
+            return codec
+
+    def encode(self, split: str, codec_id: str, features: np.ndarray) -> Any:
+        """Encode the crossing tensor: an ``EncodedTensor(header, payload)``."""
+        with torch.inference_mode():
+            return self.codec(split, codec_id).encode(torch.from_numpy(np.ascontiguousarray(features)))
+
+    # ---- estimates for the agent -------------------------------------------------------
+
+    def local_seconds(self) -> float:
+        """Expected seconds of a local whole-model answer (cost table, else a measurement)."""
+        if self.costs is not None and self.costs.edge_full_seconds > 0:
+            return float(self.costs.edge_full_seconds)
+        import time
+        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=np.float32)
+        self.full(x)
+        t0 = time.perf_counter()
+        self.full(x)
+        return time.perf_counter() - t0
+
+    def default_split(self) -> str:
+        """The exported split with the fewest crossing bytes (the `auto` action)."""
+        exported = [e for e in self.manifest.split_points if e.name in self.heads]
+        if not exported:
+            raise BundleError(f"bundle {self.bundle_dir} exports no ONNX heads; set action = "
+                              "'local' or 'offload:fp32', or re-export with --splits")
+        return min(exported, key=lambda e: (e.bytes, e.index)).name
+
+
+@dataclass(frozen=True)
+class _Decision:
+    logits: np.ndarray
+    confidence: np.ndarray
+    take: np.ndarray
+
+
+class _OnnxExit:
+    """An exit head exported to ONNX, with the manifest's metric and threshold."""
+
+    def __init__(self, module: Any, metric: str, threshold: float) -> None:
+        if metric not in ("max_softmax", "entropy"):
+            raise BundleError(f"unknown exit metric {metric!r}; use max_softmax or entropy")
+        self.module, self.metric, self.threshold = module, metric, threshold
+
+    def __call__(self, features: np.ndarray) -> _Decision:
+        logits = np.asarray(self.module(features), dtype=np.float32)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p = shifted / shifted.sum(axis=1, keepdims=True)
+        if self.metric == "max_softmax":
+            conf = p.max(axis=1)
+            return _Decision(logits, conf, conf >= self.threshold)
+        conf = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
+        return _Decision(logits, conf, conf <= self.threshold)

@@ -1,0 +1,180 @@
+"""Assemble and run the edge agent daemon from an :class:`EdgeConfig`.
+
+:func:`build_agent` wires compute, policy, cloud link, records and metrics;
+:class:`EdgeDaemon` adds the local endpoint, the Prometheus endpoint and the
+SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from tether.core.config import from_mapping
+from tether.core.errors import ConfigError
+from tether.core.metrics import EdgeMetrics
+from tether.core.policy import FixedPolicy, Policy
+from tether.core.types import LOCAL, Action
+from tether.edge.agent import EdgeAgent, default_edge_id
+from tether.edge.compute import EdgeCompute
+from tether.edge.config import EdgeConfig
+from tether.edge.records import RecordSink, open_sink
+from tether.edge.server import EdgeServer
+from tether.edge.zmq_link import CurveClientKeys, LinkTiming, ZmqCloudLink
+
+log = logging.getLogger(__name__)
+
+
+def fixed_action(config: EdgeConfig, compute: EdgeCompute) -> Action:
+    """The configured action; ``auto``: the smallest exported split (local without a cloud)."""
+    if config.action != "auto":
+        return Action.parse(config.action)
+    if not config.connect:
+        return LOCAL
+    return Action.parse(f"split:{compute.default_split()}:fp32")
+
+
+def build_policy(config: EdgeConfig, compute: EdgeCompute) -> Policy:
+    """FixedPolicy from ``action`` unless a ``[policy]`` table names another policy."""
+    if not config.policy or config.policy.get("name") == "fixed":
+        return FixedPolicy(fixed_action(config, compute))
+    from tether.policies import PolicyConfig, build_policy as build_named
+    policy_config = from_mapping(PolicyConfig, config.policy, where="policy")
+    if compute.costs is None:
+        raise ConfigError(f"policy {policy_config.name!r} needs the bundle's cost table "
+                          f"(costs.json) in {compute.bundle_dir}; re-run `tether partition`")
+    return build_named(policy_config, compute.costs)
+
+
+def build_link(config: EdgeConfig, compute: EdgeCompute, edge_id: str) -> ZmqCloudLink | None:
+    if not config.connect:
+        return None
+    curve = None
+    if config.curve_client_cert is not None:
+        curve = CurveClientKeys.load(config.curve_server_key, config.curve_client_cert)
+    timing = LinkTiming(config.heartbeat_interval_seconds, config.heartbeat_timeout_seconds,
+                        config.handshake_timeout_seconds, config.reconnect_min_seconds,
+                        config.reconnect_max_seconds)
+    return ZmqCloudLink(config.connect, compute.bundle_info(), edge_id, timing, curve)
+
+
+def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
+                metrics: EdgeMetrics | None = None) -> EdgeAgent:
+    """Everything but the endpoints: compute, policy, link, records (from ``config.records``)."""
+    if config.bundle is None:
+        raise ConfigError("no bundle: pass --bundle DIR or set bundle = \"DIR\" in the config")
+    compute = EdgeCompute(config.bundle, config.onnx_threads)
+    edge_id = config.edge_id or default_edge_id()
+    sinks = list(sinks or [])
+    if config.records is not None:
+        sinks.append(open_sink(config.records))
+    return EdgeAgent(compute, build_policy(config, compute), config,
+                     build_link(config, compute, edge_id), sinks, metrics=metrics)
+
+
+class EdgeDaemon:
+    """The agent served on its local endpoint, with metrics and a graceful stop."""
+
+    def __init__(self, config: EdgeConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = EdgeMetrics(self.registry)
+        self.agent = build_agent(config, metrics=self.metrics)
+        self.server = EdgeServer(self.agent, config.listen, config.queue_size,
+                                 config.max_inflight)
+        self._stop = asyncio.Event()
+        self._gauges: asyncio.Task | None = None
+        self.metrics_port: int | None = None
+        self._http: Any = None
+
+    async def start(self) -> str:
+        await self.agent.start()
+        endpoint = await self.server.start()
+        if self.config.metrics_port is not None:
+            self._http = _start_metrics_server(self.config.metrics_host,
+                                               self.config.metrics_port, self.registry)
+            self.metrics_port = int(self._http.server_port)
+        self._gauges = asyncio.create_task(self._update_gauges())
+        link = self.agent.link
+        log.info("edge %s serving %s (%s) on %s; cloud %s; policy %s; metrics %s",
+                 self.agent.edge_id, self.agent.compute.manifest.model_id,
+                 self.config.bundle, endpoint, link.endpoint if link else "none (local only)",
+                 getattr(self.agent.policy, "name", "?"),
+                 f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
+                 if self.metrics_port else "off")
+        return endpoint
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, announce: bool = False) -> None:
+        """Serve until :meth:`request_stop` (SIGTERM/SIGINT), then drain and close.
+
+        ``announce``: print one ``tether edge ready on ENDPOINT`` line to stdout once serving.
+        """
+        endpoint = await self.start()
+        if announce:
+            metrics = f" metrics http://{self.config.metrics_host}:{self.metrics_port}/metrics" \
+                if self.metrics_port else ""
+            print(f"tether edge ready on {endpoint}{metrics}", flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop.wait()
+            log.info("edge draining (up to %.1f s)", self.config.drain_seconds)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self) -> None:
+        await self.server.stop(self.config.drain_seconds)
+        if self._gauges is not None:
+            self._gauges.cancel()
+            await asyncio.gather(self._gauges, return_exceptions=True)
+        await self.agent.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        log.info("edge stopped after %d requests", self.server.served)
+
+    async def _update_gauges(self) -> None:
+        connects = 0
+        while True:
+            link = self.agent.link
+            self.metrics.cloud_ready.set(1 if self.agent.cloud_available else 0)
+            if link is not None and getattr(link, "connects", 0) > connects:
+                self.metrics.reconnects.inc(link.connects - connects)
+                connects = link.connects
+            await asyncio.sleep(0.25)
+
+
+def _start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> Any:
+    from prometheus_client import start_http_server
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}; choose another "
+                          "--metrics-port") from exc
+    return server
+
+
+def run_daemon(config: EdgeConfig) -> int:
+    """Blocking entry point of ``tether edge``: uvloop, serve, drain on SIGTERM."""
+    try:
+        import uvloop
+        runner: Any = uvloop.run
+    except ImportError:   # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+
+    async def main() -> None:
+        daemon = EdgeDaemon(config)
+        await daemon.run(announce=True)
+
+    runner(main())
+    return 0

@@ -1,0 +1,464 @@
+"""LLM generation on the edge: layers ``[0, k)`` here, ``[k, L)`` in the cloud, early exit, fallback.
+
+:class:`LLMEdge` runs the edge part of a split LLM with its own KV cache per session and
+streams tokens as they come (``async for event in edge.generate("prompt")``). Per token:
+
+* the edge computes the hidden state at layer ``k`` and, when it has the exit head, the
+  CE-CoLLM early exit (final norm + LM head at layer ``k``); if its max probability reaches
+  ``exit_threshold`` the token is emitted locally (``source="exit"``) and its hidden state is
+  kept pending;
+* otherwise one DECODE carries every pending hidden state (the skipped ones, batched, then
+  the current one) so the cloud's KV cache stays exactly consistent, and the cloud's greedy
+  token is emitted (``source="cloud"``);
+* an unknown/expired/out-of-step session (SessionError) is re-prefilled from the edge's
+  stored hidden states (also when more than ``max_catchup_tokens`` are pending);
+* when the cloud is unreachable, slow, busy or answers another ERROR, the exit head answers
+  (``source="local"``) and the cloud is retried after ``retry_after_s``: generation never
+  stops for the network (an edge part without exit head raises the cloud's error instead).
+
+:class:`LLMEdgeServer` is the local endpoint applications stream tokens from (``tether
+llm-edge``), :class:`LLMClient` its synchronous client (``tether generate --edge``).
+
+:class:`SessionLink` is the DEALER client for the session messages; ``delay_s`` emulates a
+round-trip time (half before sending, half after the reply) for benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+
+from tether.core import protocol as P
+from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError,
+                                PeerUnavailableError, ProtocolError, SessionError, TetherError)
+from tether.partitioner.llm import EdgeLM, make_hidden_codec, split_name
+
+_UNREACHABLE = (PeerUnavailableError, DeadlineExceededError, BusyError)
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How the edge generates: codec on the wire, exit threshold, timeouts."""
+
+    codec: str = "fp16"
+    exit_threshold: float | None = None   # None: never exit early while the cloud answers
+    timeout_s: float = 2.0                # per cloud step
+    retry_after_s: float = 1.0            # stay on the edge this long after a cloud failure
+    max_catchup_tokens: int = 256         # more pending hidden states: re-prefill instead
+
+    def __post_init__(self) -> None:
+        make_hidden_codec(self.codec)
+        if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
+            raise ConfigError(f"exit_threshold must be in [0, 1], got {self.exit_threshold}")
+        if self.timeout_s <= 0 or self.retry_after_s < 0 or self.max_catchup_tokens < 1:
+            raise ConfigError("timeout_s must be > 0, retry_after_s >= 0, max_catchup_tokens >= 1")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token as the application sees it."""
+
+    token: int
+    text: str                  # new text this token completes (may be "" mid UTF-8 sequence)
+    source: str                # "cloud", "exit" (confident edge) or "local" (cloud unreachable)
+    seconds: float             # edge wall time for this token
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    reprefilled: bool = False  # the cloud session was rebuilt for this token
+
+
+class SessionLink:
+    """ZeroMQ DEALER carrying PREFILL/DECODE/CLOSE to an LLM cloud; replies matched by id."""
+
+    def __init__(self, endpoint: str, delay_s: float = 0.0, context: Any = None) -> None:
+        import zmq
+        import zmq.asyncio
+        self.endpoint, self.delay_s = endpoint, delay_s
+        self._sock = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def call(self, msg: Any, timeout: float) -> tuple[Any, int, int]:
+        """Send ``msg``, await its reply: ``(Result, bytes sent, bytes received)``."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name="tether-llm-link")
+        future = asyncio.get_running_loop().create_future()
+        self._pending[msg.request_id] = future
+        frames = P.encode(msg)
+        try:
+            reply, received = await asyncio.wait_for(self._exchange(frames, future), timeout)
+        except asyncio.TimeoutError as exc:
+            raise DeadlineExceededError(f"no answer from {self.endpoint} in {timeout} s") from exc
+        finally:
+            self._pending.pop(msg.request_id, None)
+        if isinstance(reply, P.Error):
+            raise reply.to_exception()
+        if isinstance(reply, P.Busy):
+            raise BusyError(f"cloud {self.endpoint} busy ({reply.reason})")
+        return reply, P.wire_size(frames), received
+
+    async def _exchange(self, frames: list[Any], future: asyncio.Future) -> tuple[Any, int]:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s / 2)
+        await self._sock.send_multipart(frames, copy=False)
+        reply = await future
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s / 2)
+        return reply
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                msg = P.decode(frames)
+            except ProtocolError:
+                continue
+            future = self._pending.get(msg.request_id)
+            if future is not None and not future.done():
+                future.set_result((msg, P.wire_size(frames)))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._sock.close(linger=0)
+
+
+class LocalSessionLink:
+    """In-process twin of :class:`SessionLink`: frames go through the real protocol codec
+    to ``handler`` (e.g. ``LLMEngine.handle``) without sockets; same errors, same delay."""
+
+    def __init__(self, handler: Any, delay_s: float = 0.0) -> None:
+        self.handler, self.delay_s = handler, delay_s
+        self.endpoint = "inproc"
+        self._ids = itertools.count(1)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def call(self, msg: Any, timeout: float) -> tuple[Any, int, int]:
+        frames = P.encode(msg)
+        try:
+            reply_frames = await asyncio.wait_for(self._exchange(frames), timeout)
+        except asyncio.TimeoutError as exc:
+            raise DeadlineExceededError(f"no answer from the in-process cloud in {timeout} s") from exc
+        reply = P.decode(reply_frames)
+        if isinstance(reply, P.Error):
+            raise reply.to_exception()
+        if isinstance(reply, P.Busy):
+            raise BusyError(f"cloud busy ({reply.reason})")
+        return reply, P.wire_size(frames), P.wire_size(reply_frames)
+
+    async def _exchange(self, frames: list[Any]) -> list[Any]:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s / 2)
+        reply = P.encode(await self.handler(P.decode([bytes(memoryview(f)) for f in frames])))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s / 2)
+        return [bytes(memoryview(f)) for f in reply]
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class _Session:
+    id: str
+    cache: Any
+    tokens: list[int]
+    hidden: list[torch.Tensor] = field(default_factory=list)   # [T_i, D] per edge step
+    length: int = 0            # tokens the edge has processed
+    cloud_length: int = 0      # tokens the cloud session holds
+
+    def pending(self) -> torch.Tensor:
+        """Hidden states the cloud has not seen (only the tail segments are copied)."""
+        out, n = [], self.length - self.cloud_length
+        for h in reversed(self.hidden):
+            if n <= 0:
+                break
+            out.append(h[-n:] if len(h) > n else h)
+            n -= len(h)
+        return torch.cat(out[::-1])
+
+
+class LLMEdge:
+    """The edge half of a split LLM; one instance serves many sequential or concurrent sessions."""
+
+    def __init__(self, part: EdgeLM, fingerprint: str, tokenizer: Any,
+                 config: GenerateConfig = GenerateConfig(), link: Any = None) -> None:
+        self.part, self.fingerprint, self.tokenizer = part, fingerprint, tokenizer
+        self.config, self.link = config, link
+        self.codec = make_hidden_codec(config.codec)
+        self.split = split_name(part.k)
+        self._down_until = 0.0
+        self._lock = asyncio.Lock()
+
+    @property
+    def cloud_available(self) -> bool:
+        return self.link is not None and time.monotonic() >= self._down_until
+
+    async def generate(self, prompt: str | list[int], max_new_tokens: int = 64,
+                       stop_at_eos: bool = True) -> AsyncIterator[TokenEvent]:
+        """Stream the greedy continuation of ``prompt`` token by token."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ConfigError("empty prompt: pass text or at least one token id (BOS)")
+        s = _Session(uuid.uuid4().hex[:16], self.part.new_cache(), list(ids))
+        detok = _Detokenizer(self.tokenizer, ids[-1])
+        step_ids = ids
+        try:
+            for _ in range(max_new_tokens):
+                t0 = time.perf_counter()
+                h_last = await self._edge_step(s, step_ids)
+                token, source, sent, received, re = await self._next_token(s, h_last)
+                s.tokens.append(token)
+                step_ids = [token]
+                yield TokenEvent(token, detok.feed(token), source, time.perf_counter() - t0,
+                                 sent, received, re)
+                if stop_at_eos and token == getattr(self.tokenizer, "eos_id", None):
+                    break
+        finally:
+            await self._close_session(s)
+
+    async def _compute(self, fn: Any, *args: Any) -> Any:
+        async with self._lock:          # one edge forward pass at a time, off the event loop
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def _edge_step(self, s: _Session, ids: list[int]) -> torch.Tensor:
+        """Layers [0, k) over ``ids``; returns the last position's hidden state ``[1, D]``."""
+        h = await self._compute(lambda: self.part(torch.tensor([ids]), s.cache, s.length)[0])
+        s.hidden.append(h)
+        s.length += len(ids)
+        return h[-1:]
+
+    async def _next_token(self, s: _Session, h_last: torch.Tensor):
+        has_exit = self.part.lm_head is not None
+        threshold = self.config.exit_threshold
+        probs = None
+        if has_exit and threshold is not None:      # the exit runs only when it may answer
+            probs = (await self._compute(self.part.exit_logits, h_last))[0].softmax(-1)
+            p, tok = probs.max(-1)
+            if float(p) >= threshold:
+                return int(tok), "exit", 0, 0, False
+        failure: TetherError | None = None
+        if self.cloud_available:
+            try:
+                return await self._cloud_token(s)
+            except TetherError as exc:      # unreachable, busy, slow or refusing: go on alone
+                failure = exc
+                self._down_until = time.monotonic() + self.config.retry_after_s
+                if not isinstance(exc, _UNREACHABLE):
+                    log.warning("cloud %s refused session %s: %s", self.link.endpoint, s.id, exc)
+        if not has_exit:
+            if failure is not None and not isinstance(failure, _UNREACHABLE):
+                raise failure
+            raise PeerUnavailableError(f"cloud unreachable and this edge part has no exit head "
+                                       f"to continue alone (split {self.split})")
+        if probs is None:
+            probs = (await self._compute(self.part.exit_logits, h_last))[0]
+        return int(probs.argmax()), "local", 0, 0, False
+
+    async def _cloud_token(self, s: _Session):
+        try:
+            token, sent, received = await self._cloud_step(s)
+            return token, "cloud", sent, received, False
+        except SessionError:            # unknown, expired or out of step: rebuild it once
+            s.cloud_length = 0
+            token, sent, received = await self._cloud_step(s)
+            return token, "cloud", sent, received, True
+
+    async def _cloud_step(self, s: _Session) -> tuple[int, int, int]:
+        if self.link is None:
+            raise PeerUnavailableError("no cloud link configured")
+        pending = s.pending()
+        if s.cloud_length and len(pending) > self.config.max_catchup_tokens:
+            s.cloud_length, pending = 0, torch.cat(s.hidden)
+        header, frames = self.codec.encode(pending)
+        fingerprint = "" if s.cloud_length else self.fingerprint   # DECODE: bound by PREFILL
+        common = dict(request_id=self.link.next_id(), session_id=s.id, fingerprint=fingerprint,
+                      split=self.split, codec=self.config.codec, position=s.cloud_length,
+                      token_count=len(pending), codec_header=header,
+                      deadline_s=self.config.timeout_s, payload=tuple(frames))
+        msg = P.Decode(**common) if s.cloud_length else P.Prefill(**common)
+        reply, sent, received = await self.link.call(msg, self.config.timeout_s)
+        if not isinstance(reply, P.Result) or not reply.tensors:
+            raise ProtocolError(f"expected a RESULT with the next token, got {type(reply).__name__}")
+        s.cloud_length = s.length
+        return int(reply.tensor(0).reshape(-1)[0]), sent, received
+
+    async def _close_session(self, s: _Session) -> None:
+        if self.link is None or not s.cloud_length or not self.cloud_available:
+            return
+        try:
+            await self.link.call(P.Close(self.link.next_id(), s.id), min(0.5, self.config.timeout_s))
+        except TetherError:
+            pass    # the cloud expires it anyway
+
+    async def generate_text(self, prompt: str, max_new_tokens: int = 64) -> tuple[str, list[TokenEvent]]:
+        """The whole continuation and its events (convenience for non-streaming callers)."""
+        events = [e async for e in self.generate(prompt, max_new_tokens)]
+        return "".join(e.text for e in events), events
+
+
+class _Detokenizer:
+    """Incremental text: byte-level for llama2.c tokenizers, decode-and-diff for HF ones."""
+
+    def __init__(self, tokenizer: Any, prev: int) -> None:
+        self.tokenizer, self.prev = tokenizer, prev
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._text = ""
+
+    def feed(self, token: int) -> str:
+        if hasattr(self.tokenizer, "token_bytes"):
+            out = self._utf8.decode(self.tokenizer.token_bytes(token, self.prev))
+            self.prev = token
+            return out
+        self._ids.append(token)
+        text = self.tokenizer.decode(self._ids)
+        new, self._text = text[len(self._text):], text
+        return new
+
+
+#: Where a streamed token came from, as the uint8 code in the local endpoint's RESULTs.
+SOURCES = ("cloud", "exit", "local")
+TEXT_CODEC = "text"
+
+
+class LLMEdgeServer:
+    """The edge's local endpoint for LLM applications (``tether llm-edge``), a ZeroMQ ROUTER.
+
+    Request: ``Prefill(request_id, session_id="", fingerprint="", split="", codec="text",
+    token_count=<max new tokens>, payload=(<UTF-8 prompt>,))``. Reply: one RESULT per token
+    with tensors (token id int64 ``[1]``, new text uint8 ``[n]``, source uint8 ``[1]`` indexing
+    :data:`SOURCES`), then a RESULT without tensors that ends the stream; ERROR on failure.
+    HELLO gets a READY naming the model, PING a PONG.
+    """
+
+    def __init__(self, edge: LLMEdge, endpoint: str, model_id: str = "llm",
+                 max_new_tokens: int = 1024) -> None:
+        self.edge, self.endpoint, self.model_id = edge, endpoint, model_id
+        self.max_new_tokens = max_new_tokens
+        self._sock: Any = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> str:
+        import zmq
+        import zmq.asyncio
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(self.endpoint)
+        self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._spawn(self._read())
+        return self.endpoint
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self) -> None:
+        while True:
+            ident, *frames = await self._sock.recv_multipart(copy=False)
+            try:
+                msg = P.decode(frames)
+            except ProtocolError as exc:
+                await self._send(ident, P.Error.from_exception(0, exc))
+                continue
+            if isinstance(msg, P.Ping):
+                await self._send(ident, P.Pong(msg.request_id, msg.t))
+            elif isinstance(msg, P.Hello):
+                info = P.BundleInfo(self.model_id, self.edge.fingerprint, (self.edge.split,),
+                                    (self.edge.config.codec,))
+                await self._send(ident, P.Ready(msg.request_id, "tether-llm-edge", (info,)))
+            elif isinstance(msg, P.Prefill) and msg.codec == TEXT_CODEC:
+                self._spawn(self._stream(ident, msg))
+            else:
+                await self._send(ident, P.Error(msg.request_id, ProtocolError.code,
+                                                "send a PREFILL with codec 'text' and the prompt"))
+
+    async def _stream(self, ident: Any, msg: Any) -> None:
+        try:
+            if len(msg.payload) != 1:
+                raise ProtocolError("the prompt travels as exactly one UTF-8 payload frame")
+            prompt = bytes(memoryview(msg.payload[0])).decode("utf-8")
+            limit = max(1, min(msg.token_count or 64, self.max_new_tokens))
+            async for ev in self.edge.generate(prompt, limit):
+                frames = [P.tensor_frame(np.array([ev.token], dtype=np.int64)),
+                          P.tensor_frame(np.frombuffer(ev.text.encode("utf-8"), dtype=np.uint8)),
+                          P.tensor_frame(np.array([SOURCES.index(ev.source)], dtype=np.uint8))]
+                await self._send(ident, P.Result(msg.request_id, tuple(d for d, _ in frames),
+                                                 tuple(v for _, v in frames)))
+            await self._send(ident, P.Result(msg.request_id))
+        except UnicodeDecodeError as exc:
+            await self._send(ident, P.Error(msg.request_id, "bad_payload", f"prompt is not UTF-8: {exc}"))
+        except TetherError as exc:
+            await self._send(ident, P.Error.from_exception(msg.request_id, exc))
+
+    async def _send(self, ident: Any, msg: Any) -> None:
+        await self._sock.send_multipart([ident, *P.encode(msg)], copy=False)
+
+
+class LLMClient:
+    """Synchronous client of :class:`LLMEdgeServer`: ``for tok in client.generate(p): ...``."""
+
+    def __init__(self, endpoint: str, timeout: float = 10.0, context: Any = None) -> None:
+        import zmq
+        self.endpoint, self.timeout = endpoint, timeout
+        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> Any:
+        """Yield ``(token, text, source)`` as the edge streams them."""
+        rid = next(self._ids)
+        self._sock.send_multipart(P.encode(P.Prefill(rid, "", "", "", TEXT_CODEC, 0, max_new_tokens,
+                                                     payload=(prompt.encode("utf-8"),))))
+        while True:
+            reply = self._receive(rid)
+            if isinstance(reply, P.Error):
+                raise reply.to_exception()
+            if not isinstance(reply, P.Result):
+                raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
+            if not reply.tensors:
+                return
+            token, text, source = (reply.tensor(i) for i in range(3))
+            yield int(token[0]), bytes(text.numpy()).decode("utf-8"), SOURCES[int(source[0])]
+
+    def _receive(self, rid: int) -> Any:
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self._sock.poll(int(left * 1000)):
+                msg = P.decode(self._sock.recv_multipart())
+                if msg.request_id == rid:
+                    return msg
+        raise DeadlineExceededError(f"no token from the edge {self.endpoint} in {self.timeout} s")
+
+    def close(self) -> None:
+        self._sock.close(linger=0)

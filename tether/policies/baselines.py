@@ -1,0 +1,264 @@
+"""Baseline policies: local-only, cloud-only, static, Neurosurgeon and the hindsight oracle.
+
+Each implements :class:`tether.core.policy.Policy`. :class:`EstimatingPolicy` is the shared
+base of the policies that keep bandwidth/RTT estimates from observations.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from tether.core.errors import ConfigError
+from tether.core.policy import DecisionContext, Observation
+from tether.core.types import LOCAL, Action
+from tether.policies.config import PolicyConfig
+from tether.policies.costmodel import CostModel
+from tether.policies.estimators import BandwidthEstimator, RttEstimator
+
+
+class LocalOnly:
+    """Always the whole model on the edge."""
+
+    name = "local"
+
+    def decide(self, ctx: DecisionContext) -> Action:
+        return LOCAL
+
+    def observe(self, obs: Observation) -> None:
+        return None
+
+    def _true_latencies(self, hindsight: Hindsight, ctx: DecisionContext) -> np.ndarray:
+        """True latency per allowed action; for the latency objective, actions whose
+        lower bound cannot beat the best found so far are skipped (left at +inf)."""
+        lat = np.full(len(self.model.actions), np.inf)
+        prune = self.cfg.objective == "latency"
+        best = np.inf
+        for i in self._order:
+            if prune and self._bounds[i] >= best:
+                break                      # sorted by bound: nothing later can win
+            lat[i] = hindsight(self.model.actions[i], ctx)
+            best = min(best, lat[i])
+        return lat
+
+
+class StaticPolicy:
+    """One fixed action (local when the cloud is unavailable)."""
+
+    def __init__(self, action: Action, name: str = "static") -> None:
+        self.action = action
+        self.name = name
+
+    def decide(self, ctx: DecisionContext) -> Action:
+        return self.action if ctx.cloud_available else LOCAL
+
+    def observe(self, obs: Observation) -> None:
+        return None
+
+    def _true_latencies(self, hindsight: Hindsight, ctx: DecisionContext) -> np.ndarray:
+        """True latency per allowed action; for the latency objective, actions whose
+        lower bound cannot beat the best found so far are skipped (left at +inf)."""
+        lat = np.full(len(self.model.actions), np.inf)
+        prune = self.cfg.objective == "latency"
+        best = np.inf
+        for i in self._order:
+            if prune and self._bounds[i] >= best:
+                break                      # sorted by bound: nothing later can win
+            lat[i] = hindsight(self.model.actions[i], ctx)
+            best = min(best, lat[i])
+        return lat
+
+
+def cloud_only(model: CostModel, cfg: PolicyConfig) -> StaticPolicy:
+    """Always full offload, with the input codec that is fastest at the prior link."""
+    floor = cfg.floor_for(model.table.full_accuracy)
+    action = model.best_offload(floor, cfg.prior_bandwidth_bps, cfg.prior_rtt_seconds)
+    return StaticPolicy(action, "cloud")
+
+
+def static_at_prior(model: CostModel, cfg: PolicyConfig) -> StaticPolicy:
+    """``cfg.static_action`` if set, else the best action at the prior bandwidth and RTT."""
+    if cfg.static_action:
+        try:
+            action = Action.parse(cfg.static_action)
+        except ValueError as exc:
+            raise ConfigError(f"policy.static_action {cfg.static_action!r}: {exc}") from exc
+        return StaticPolicy(action, "static")
+    floor = cfg.floor_for(model.table.full_accuracy)
+    lat = model.latencies(cfg.prior_bandwidth_bps, cfg.prior_rtt_seconds)
+    lat = np.where(model.allowed(floor), lat, np.inf)
+    return StaticPolicy(model.actions[int(np.argmin(lat))], "static")
+
+
+class EstimatingPolicy:
+    """Base: keeps RTT and bandwidth estimators fed from observations.
+
+    It also remembers its own offloads still in flight: one outstanding for ``age`` seconds
+    proves the uplink delivered fewer than its bytes in that time, an upper bound on the
+    bandwidth that reacts to an outage before any reply (or timeout) comes back.
+    """
+
+    name = "estimating"
+    use_inflight_bound = False
+
+    def __init__(self, model: CostModel, cfg: PolicyConfig, estimator: str | None = None) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.bw = BandwidthEstimator(cfg, estimator)
+        self.rtt = RttEstimator(cfg)
+        self.floor = cfg.floor_for(model.table.full_accuracy)
+        self.mask = model.allowed(self.floor)
+        self._inflight: deque[tuple[str, float, float]] = deque(maxlen=256)
+        self._last_probe = -np.inf
+        self._last_reply = -np.inf
+
+    def observe(self, obs: Observation) -> None:
+        if obs.rtt_seconds is not None:
+            self.rtt.update(obs.now, obs.rtt_seconds)
+        if obs.action is None:
+            return
+        self._settle(obs.action.key)
+        if obs.bytes_sent <= 0:
+            return
+        if obs.ok:
+            rtt = self.rtt.propagation(obs.now)
+            # Sent while an earlier offload was still in flight: its bytes went first, until
+            # about half an RTT before that earlier reply came back.
+            sent = obs.now - obs.network_seconds
+            queued = max(0.0, min(self._last_reply - rtt / 2, obs.now) - sent)
+            self.bw.observe(obs, rtt, queued)
+            self._last_reply = obs.now
+        elif obs.network_seconds > 0:
+            # Did not finish in time: the link delivered less than bytes_sent in that time.
+            self.bw.add_sample(obs.now, obs.bytes_sent * 8.0 / obs.network_seconds / 2.0)
+
+    def remember(self, now: float, action: Action) -> None:
+        """Note a decision; offloads stay in flight until their observation arrives."""
+        cost = self.model.cost(action)
+        if cost.exit_rate == 0.0:
+            send = now + cost.pre_seconds + cost.encode_seconds
+            self._inflight.append((action.key, send, cost.up_bytes))
+
+    def _settle(self, key: str) -> None:
+        for k, item in enumerate(self._inflight):
+            if item[0] == key:
+                del self._inflight[k]
+                return
+
+    def bandwidth(self, now: float) -> float:
+        """The estimate, capped by what the oldest offload still in flight proves."""
+        est = self.bw.estimate(now)
+        horizon = max(self.cfg.stale_after_seconds * 5, 10.0)
+        while self._inflight and now - self._inflight[0][1] > horizon:
+            self._inflight.popleft()   # never answered (lost): forget it
+        if not self.use_inflight_bound or not self._inflight:
+            return est
+        _, sent, nbytes = self._inflight[0]
+        waited = now - sent - self.rtt.propagation(now)
+        if waited > 0 and nbytes * 8.0 / waited < est:
+            return nbytes * 8.0 / waited
+        return est
+
+    def probe(self, ctx: DecisionContext, local_latency: float) -> int | None:
+        """A remote action worth one request to re-measure the link, or None.
+
+        Answering locally yields no throughput samples, so without probes a policy that
+        once saw a bad link (or starts with a pessimistic prior) would never offload again.
+        At most one probe per ``probe_interval_seconds`` of silence, and only when the
+        remote action would win at the best bandwidth seen in ``peak_memory_seconds``
+        (any bandwidth, before the first sample).
+        """
+        interval = self.cfg.probe_interval_seconds
+        last = max(self.bw.last_time if self.bw.last_time is not None else -np.inf, self._last_probe)
+        if interval <= 0 or ctx.now - last < interval:
+            return None
+        peak = self.bw.peak.value_at(ctx.now)
+        optimistic = peak if peak is not None else np.inf
+        lat = self.model.latencies(optimistic, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds)
+        lat = np.where(self.mask & ~self.model.is_local, lat, np.inf)
+        choice = int(np.argmin(lat))
+        if not lat[choice] < local_latency * (1 - self.cfg.hysteresis):
+            return None
+        self._last_probe = ctx.now
+        return choice
+
+    def argmin(self, ctx: DecisionContext, up_bps: float) -> tuple[int, np.ndarray]:
+        lat = self.model.latencies(up_bps, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds)
+        lat = np.where(self.mask, lat, np.inf)
+        return int(np.argmin(lat)), lat
+
+
+class Neurosurgeon(EstimatingPolicy):
+    """Last measured bandwidth, argmin predicted latency (Kang et al., ASPLOS 2017).
+
+    Shares the cold-start prior, staleness decay and probing of tether-adaptive (so it
+    does not stay local forever once it saw a bad link); it lacks the robust estimate,
+    the in-flight bound and the hysteresis.
+    """
+
+    name = "neurosurgeon"
+
+    def __init__(self, model: CostModel, cfg: PolicyConfig) -> None:
+        super().__init__(model, cfg, estimator="last")
+
+    def decide(self, ctx: DecisionContext) -> Action:
+        if not ctx.cloud_available:
+            return LOCAL
+        best, lat = self.argmin(ctx, self.bw.estimate(ctx.now))
+        if self.model.is_local[best]:
+            probe = self.probe(ctx, lat[best])
+            best = best if probe is None else probe
+        return self.model.actions[best]
+
+
+#: What the simulator gives the oracle: the true latency of ``action`` for this request.
+Hindsight = Callable[[Action, DecisionContext], float]
+
+
+class HindsightOracle:
+    """Knows the future trace (through the simulator's :data:`Hindsight`): evaluation only."""
+
+    name = "oracle"
+
+    def __init__(self, model: CostModel, cfg: PolicyConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.mask = model.allowed(cfg.floor_for(model.table.full_accuracy))
+        self._bounds = np.where(self.mask, model.lower_bounds(0.0), np.inf)
+        self._order = [int(i) for i in np.argsort(self._bounds, kind="stable") if self.mask[i]]
+        self._hindsight: Hindsight | None = None
+
+    def attach(self, hindsight: Hindsight) -> None:
+        self._hindsight = hindsight
+
+    def decide(self, ctx: DecisionContext) -> Action:
+        if self._hindsight is None:
+            raise ConfigError("the oracle needs the future: run it inside tether.policies.simulate")
+        if not ctx.cloud_available:
+            return LOCAL
+        lat = self._true_latencies(self._hindsight, ctx)
+        if self.cfg.objective == "accuracy" and self.cfg.deadline_seconds is not None:
+            meets = lat <= self.cfg.deadline_seconds
+            if meets.any():
+                acc = np.where(meets, np.nan_to_num(self.model.accuracy, nan=1.0), -np.inf)
+                best = np.flatnonzero(acc >= acc.max() - 1e-12)
+                return self.model.actions[int(best[np.argmin(lat[best])])]
+        return self.model.actions[int(np.argmin(lat))]
+
+    def observe(self, obs: Observation) -> None:
+        return None
+
+    def _true_latencies(self, hindsight: Hindsight, ctx: DecisionContext) -> np.ndarray:
+        """True latency per allowed action; for the latency objective, actions whose
+        lower bound cannot beat the best found so far are skipped (left at +inf)."""
+        lat = np.full(len(self.model.actions), np.inf)
+        prune = self.cfg.objective == "latency"
+        best = np.inf
+        for i in self._order:
+            if prune and self._bounds[i] >= best:
+                break                      # sorted by bound: nothing later can win
+            lat[i] = hindsight(self.model.actions[i], ctx)
+            best = min(best, lat[i])
+        return lat

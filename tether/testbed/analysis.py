@@ -1,0 +1,280 @@
+"""Results of a testbed run: per-request CSV, summary table, oracle regret, simulator error.
+
+* ``requests.csv``: one row per request of every policy (columns in :data:`COLUMNS`).
+* ``summary.csv`` / ``summary.md``: per policy mean, p50, p95, p99 latency, accuracy,
+  deadline misses, fallbacks, bytes, regret against the hindsight oracle, and the error of
+  the simulator's predictions.
+* The **predicted** latency of each request is :func:`tether.policies.simulator.replay` of
+  the actions the edge actually took, at the same trace times; the **oracle** latency is
+  the simulator's :class:`~tether.policies.HindsightOracle` on the same arrivals and trace.
+  Both price edge compute from the bundle's cost table scaled by the slowdown measured on
+  the (throttled) edge in this run (``edge_scale`` in meta.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tether.core.config import from_mapping
+from tether.core.errors import ConfigError
+from tether.core.types import Action, ActionKind, CostTable, write_json_atomic
+
+if TYPE_CHECKING:
+    from tether.testbed.runner import Experiment
+
+COLUMNS = (
+    "policy", "edge", "request", "trace_time", "image", "label", "answered", "action", "outcome",
+    "fallback", "error", "bytes_sent", "bytes_received", "head_s", "encode_s", "network_s",
+    "queue_s", "decode_s", "tail_s", "local_s", "total_s", "client_s", "deadline_miss",
+    "prediction", "correct", "predicted_s", "predicted_error_s", "oracle_s", "oracle_action",
+)
+_RECORD = {"head_s": "head_seconds", "encode_s": "encode_seconds",
+           "network_s": "network_seconds", "queue_s": "cloud_queue_seconds",
+           "decode_s": "cloud_decode_seconds", "tail_s": "tail_seconds",
+           "local_s": "local_seconds", "total_s": "total_seconds",
+           "bytes_sent": "bytes_sent", "bytes_received": "bytes_received"}
+
+
+def flatten(row: dict[str, Any], deadline_s: float) -> dict[str, Any]:
+    """One CSV row from a load-generator row (with the edge's record inside)."""
+    record = row.get("record") or {}
+    out = {k: row.get(k, "") for k in ("policy", "edge", "request", "image", "label", "answered",
+                                        "outcome", "error")}
+    out["trace_time"] = round(float(row.get("trace_time", 0.0)), 6)
+    out["action"] = record.get("action", "")
+    out["fallback"] = record.get("fallback_reason", "")
+    for col, key in _RECORD.items():
+        out[col] = record.get(key, "")
+    out["client_s"] = row.get("client_seconds", "")
+    answered = bool(row.get("answered"))
+    out["deadline_miss"] = not answered or float(out["total_s"] or 0.0) > deadline_s
+    out["prediction"] = row.get("prediction", "")
+    label = int(row.get("label", -1))
+    out["correct"] = (row.get("prediction") == label) if label >= 0 and row.get("answered") else ""
+    return out
+
+
+def compute_scales(rows: list[dict[str, Any]], table: CostTable) -> tuple[float, float]:
+    """(edge, cloud): measured compute / cost-table compute, medians over this run's requests."""
+    edge, cloud = [], []
+    for r in rows:
+        action = _parse(r.get("action", ""))
+        if action is None or r.get("outcome") not in ("cloud", "local"):
+            continue
+        if action.kind is ActionKind.LOCAL and table.edge_full_seconds > 0:
+            edge.append(float(r["local_s"] or r["total_s"]) / table.edge_full_seconds)
+            continue
+        split = _split(table, action.split)
+        if action.kind is ActionKind.SPLIT and split and split.head_seconds > 0:
+            edge.append(float(r["head_s"]) / split.head_seconds)
+        cloud_cost = table.cloud_full_seconds if action.kind is ActionKind.OFFLOAD else (
+            split.tail_seconds if split else 0.0)
+        if r.get("outcome") == "cloud" and cloud_cost > 0 and r.get("tail_s") not in ("", None):
+            cloud.append(float(r["tail_s"]) / cloud_cost)
+    return (float(np.median(edge)) if edge else 1.0, float(np.median(cloud)) if cloud else 1.0)
+
+
+def scaled_table(table: CostTable, edge: float, cloud: float) -> CostTable:
+    """``table`` with edge times times ``edge`` and cloud times times ``cloud``."""
+    from tether.policies import scale_edge
+    table = scale_edge(table, edge) if edge != 1.0 else table
+    splits = tuple(dataclasses.replace(s, tail_seconds=s.tail_seconds * cloud)
+                   for s in table.splits)
+    return dataclasses.replace(table, splits=splits,
+                               cloud_full_seconds=table.cloud_full_seconds * cloud)
+
+
+def _split(table: CostTable, name: str | None) -> Any:
+    for s in table.splits:
+        if s.name == name:
+            return s
+    return None
+
+
+def _parse(key: str) -> Action | None:
+    try:
+        return Action.parse(key) if key else None
+    except ValueError:
+        return None
+
+
+def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
+                    table: CostTable) -> dict[str, Any]:
+    """Fill ``predicted_s`` and ``oracle_s`` per request (per policy and edge)."""
+    from tether.policies import CostModel, HindsightOracle
+    from tether.policies.simulator import SimConfig, Simulator, replay
+
+    edge, cloud = compute_scales(rows, table)
+    model = CostModel(scaled_table(table, edge, cloud), prune=False)
+    sc = exp.scenario
+    base = SimConfig(rtt_seconds=2 * sc.link.delay_ms / 1000.0, deadline_seconds=sc.deadline_s,
+                     ping_interval_seconds=0.5)
+    notes: dict[str, Any] = {"edge_scale": edge, "cloud_scale": cloud, "unpriced": 0}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["policy"], int(r["edge"])), []).append(r)
+    for (policy, edge), group in groups.items():
+        group.sort(key=lambda r: r["trace_time"])
+        priced = [r for r in group if _parse(r["action"]) and _known(model, r["action"])]
+        notes["unpriced"] += len(group) - len(priced)
+        if not priced:
+            continue
+        times = np.array([r["trace_time"] for r in priced])
+        cfg = dataclasses.replace(base, n_requests=len(priced), trace_offset_seconds=times[0])
+        for r, out in zip(priced, replay(model, exp.up, times, [r["action"] for r in priced],
+                                         cfg, exp.down)):
+            r["predicted_s"] = out.latency
+            if r["answered"] is True:
+                r["predicted_error_s"] = out.latency - float(r["total_s"])
+        oracle_cfg = dataclasses.replace(base, n_requests=len(times), trace_offset_seconds=0.0)
+        sim = Simulator(model, exp.up, oracle_cfg, exp.down)
+        sim.arrival_times = times
+        result = sim.run(HindsightOracle(model, _policy_config(sc.policies)), "oracle")
+        for r, out in zip(priced, result.requests):
+            r["oracle_s"], r["oracle_action"] = out.latency, out.action
+    return notes
+
+
+def _known(model: Any, key: str) -> bool:
+    try:
+        model.cost(Action.parse(key))
+        return True
+    except (ConfigError, ValueError):
+        return False
+
+
+def _policy_config(entries: tuple[dict[str, Any], ...]) -> Any:
+    """The oracle's config: the accuracy constraint of the first policy that sets one."""
+    from tether.policies import PolicyConfig
+    keys = ("objective", "accuracy_floor", "max_accuracy_drop", "deadline_seconds")
+    for entry in entries:
+        chosen = {k: entry[k] for k in keys if k in entry}
+        if chosen:
+            return from_mapping(PolicyConfig, chosen | {"name": "oracle"})
+    return PolicyConfig(name="oracle")
+
+
+def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict]:
+    """One summary row per policy, computed from the CSV rows only."""
+    out = []
+    for label in labels:
+        rs = [r for r in rows if r["policy"] == label]
+        answered = [r for r in rs if r["answered"] is True]
+        lat = np.array([float(r["total_s"]) for r in answered]) if answered else np.array([])
+        labelled = [r for r in answered if r["correct"] != ""]
+        oracle = [r for r in answered if r.get("oracle_s", "") != ""]
+        pred = [r for r in answered if r.get("predicted_error_s", "") != ""]
+        row = {
+            "policy": label, "requests": len(rs), "answered": len(answered),
+            "mean_s": _stat(lat, np.mean), "p50_s": _pct(lat, 50), "p95_s": _pct(lat, 95),
+            "p99_s": _pct(lat, 99),
+            "accuracy": (sum(r["correct"] is True for r in labelled) / len(labelled)
+                         if labelled else math.nan),
+            "deadline_misses": sum(bool(r["deadline_miss"]) for r in rs),
+            "fallbacks": sum(r["outcome"] == "fallback" for r in rs),
+            "offloaded": sum(r["outcome"] in ("cloud", "fallback") for r in rs),
+            "client_mean_s": _stat(np.array([float(r["client_s"]) for r in answered]), np.mean),
+            "mean_bytes_sent": _stat(np.array([float(r["bytes_sent"] or 0) for r in answered]),
+                                     np.mean),
+            "oracle_mean_s": _stat(np.array([float(r["oracle_s"]) for r in oracle]), np.mean),
+            "regret_s": _stat(np.array([float(r["total_s"]) - float(r["oracle_s"])
+                                        for r in oracle]), np.mean),
+            "predicted_mean_s": _stat(np.array([float(r["predicted_s"]) for r in pred]), np.mean),
+            "predicted_mae_s": _stat(np.array([abs(float(r["predicted_error_s"]))
+                                               for r in pred]), np.mean),
+        }
+        out.append(row)
+    return out
+
+
+def _stat(values: np.ndarray, fn: Any) -> float:
+    return float(fn(values)) if values.size else math.nan
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else math.nan
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+SUMMARY_COLUMNS = ("policy", "requests", "answered", "mean_s", "p50_s", "p95_s", "p99_s",
+                   "accuracy", "deadline_misses", "fallbacks", "offloaded", "client_mean_s", "mean_bytes_sent",
+                   "oracle_mean_s", "regret_s", "predicted_mean_s", "predicted_mae_s")
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table (latencies in ms)."""
+    head = ("| policy | answered | mean ms | p50 ms | p95 ms | p99 ms | accuracy | deadline "
+            "misses | fallbacks | offloaded | regret ms | sim MAE ms |")
+    lines = [head, "|" + "---|" * 12]
+    for s in summary:
+        acc = "-" if math.isnan(s["accuracy"]) else f"{s['accuracy']:.2%}"
+        lines.append(
+            f"| {s['policy']} | {s['answered']}/{s['requests']} | {_ms(s['mean_s'])} | "
+            f"{_ms(s['p50_s'])} | {_ms(s['p95_s'])} | {_ms(s['p99_s'])} | {acc} | "
+            f"{s['deadline_misses']} | {s['fallbacks']} | {s['offloaded']} | "
+            f"{_ms(s['regret_s'])} | {_ms(s['predicted_mae_s'])} |")
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value * 1000:.1f}"
+
+
+def write_results(exp: "Experiment", raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write requests.csv, summary.csv/.md, meta.json and the plots; print the table."""
+    from tether.testbed.plots import write_plots
+    sc = exp.scenario
+    (exp.out / "raw_rows.json").write_text(json.dumps(_jsonable(raw_rows)))
+    rows = sorted((flatten(r, sc.deadline_s) for r in raw_rows),
+                  key=lambda r: (r["policy"], r["edge"], r["request"]))
+    table = _cost_table(exp)
+    notes: dict[str, Any] = {}
+    if table is not None:
+        notes = add_predictions(rows, exp, table)
+    write_csv(exp.out / "requests.csv", rows, COLUMNS)
+    summary = summarize(rows, sc.policy_labels)
+    write_csv(exp.out / "summary.csv", summary, SUMMARY_COLUMNS)
+    text = summary_table(summary)
+    (exp.out / "summary.md").write_text(text + "\n")
+    plots = write_plots(exp, rows)
+    meta = {"scenario": _jsonable(dataclasses.asdict(sc)), "platform": exp.info.to_dict(),
+            "backend": sc.link.backend, "kernel": exp.info.kernel,
+            "traces": {"up": repr(exp.up), "down": repr(exp.down)},
+            "bundle": str(exp.bundle), "model_id": exp.manifest.model_id,
+            "fingerprint": exp.manifest.fingerprint, "images": exp.images.source,
+            "assets": str(exp.assets) if exp.assets else None,
+            "predictions": notes, "plots": plots} | exp.meta
+    write_json_atomic(exp.out / "meta.json", _jsonable(meta))
+    print(text, flush=True)
+    return summary
+
+
+def _cost_table(exp: "Experiment") -> CostTable | None:
+    if not exp.manifest.cost_table:
+        return None
+    path = exp.bundle / exp.manifest.cost_table
+    return CostTable.load(path) if path.is_file() else None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
