@@ -113,6 +113,8 @@ def compute_ceiling(split: str) -> float:
 
 def run_split(split: str, fp: str, args: argparse.Namespace) -> float:
     common = {"torch_threads": 1, "workers": 1, "max_queue": 1024}
+    if args.inline_compute_s is not None:
+        common["inline_compute_s"] = args.inline_compute_s
     servers = {
         "batching on (max 16)": start(tether_server, [(fp, ())], {**common, "max_batch_size": 16},
                                       (MODEL, split)),
@@ -148,6 +150,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--splits", nargs="+", default=["layer1.2", "layer3.1"])
+    ap.add_argument("--inline-compute-s", type=float, default=None,
+                    help="CloudConfig.inline_compute_s for both servers (default: the config's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from tether.partitioner import load_model

@@ -40,9 +40,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--bundle", type=Path, help="existing cifar_resnet20 bundle (else partition)")
     p.add_argument("--no-train", action="store_true", help="evaluate what the bundle holds")
     p.add_argument("--codec-split", default="layer3.1")
-    p.add_argument("--betas", type=float, nargs="+", default=[0.0002, 0.001, 0.004])
+    p.add_argument("--betas", type=float, nargs="+", default=[0.0003, 0.001, 0.003])
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--exit-splits", nargs="*", default=["layer3.1"])
+    p.add_argument("--exit-splits", nargs="*", default=["layer2.2", "layer3.1"])
     p.add_argument("--eval-splits", nargs="+", default=["layer1.2", "layer2.2", "layer3.1"])
     p.add_argument("--limit", type=int, help="first N images only (smoke runs)")
     p.add_argument("--threads", type=int, default=1)
@@ -78,7 +78,8 @@ def _train(args: argparse.Namespace, bundle: Path) -> None:
           *common])
     for split in args.exit_splits:
         if split != args.codec_split:
-            _run(["codec", "train", str(bundle), "--split", split, "--betas", "--exit", *common])
+            _run(["codec", "train", str(bundle), "--split", split, "--betas", "--exit",
+                  "--exit-conv", "32", "--exit-epochs", "6", *common])
 
 
 def _rows(path: Path) -> list[dict]:

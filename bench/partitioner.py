@@ -38,7 +38,8 @@ def bench_model(model_id: str, size: int, splits: list[str], args, tmp: Path) ->
           f"{'tail ms':>10}{'split/full':>11}")
     for name in splits:
         head, tail = graph.split(name)
-        ort = OnnxModule(export_onnx(head, x, tmp / f"{model_id}-{name}.onnx"), threads=args.threads)
+        path = export_onnx(head, x, tmp / f"{model_id}-{name}.onnx")
+        ort = OnnxModule(path, threads=args.threads)
         xn = x.numpy()
         with torch.inference_mode():
             z = head(x)
@@ -76,7 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model_id in args.models.split(","):
             bench_model(model_id, *CASES[model_id], args, Path(tmp))
-        assets = Path(os.environ.get("TETHER_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+        default = Path(__file__).resolve().parents[2] / "shared" / "assets"
+        assets = Path(os.environ.get("TETHER_ASSETS", default))
         if (assets / "resnet_cifar").is_dir():
             bench_accuracy(assets, Path(tmp))
 

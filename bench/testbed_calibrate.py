@@ -36,7 +36,8 @@ ASSET_TRACES = (
     ("mahimahi Verizon-LTE-short.up", "traces/mahimahi/Verizon-LTE-short.up"),
     ("mahimahi TMobile-LTE-short.up", "traces/mahimahi/TMobile-LTE-short.up"),
     ("mahimahi TMobile-UMTS-driving.up", "traces/mahimahi/TMobile-UMTS-driving.up"),
-    ("norway bus 2010-09-28", "traces/norway-hsdpa/bus.ljansbakken-oslo-report.2010-09-28_1407CEST.log"),
+    ("norway bus 2010-09-28",
+     "traces/norway-hsdpa/bus.ljansbakken-oslo-report.2010-09-28_1407CEST.log"),
 )
 
 

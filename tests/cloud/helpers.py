@@ -31,7 +31,6 @@ class Model:
     heads: dict[str, torch.nn.Module]
 
     def bundle(self) -> ServedBundle:
-        from tether.core.types import TensorSpec
         return ServedBundle.from_module("cifar_resnet20", self.module, TensorSpec((1, 3, 32, 32)),
                                         self.fingerprint, list(SPLITS))
 

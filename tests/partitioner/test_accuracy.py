@@ -1,4 +1,4 @@
-"""Through the split path (ONNX head on the edge, torch tail), pretrained resnet20 keeps its accuracy."""
+"""Through the split path (ONNX head, torch tail) pretrained resnet20 keeps its accuracy."""
 
 from __future__ import annotations
 

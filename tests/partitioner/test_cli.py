@@ -12,7 +12,8 @@ FAST = ["--repeats", "1", "--warmup", "0", "--no-progress"]
 
 def test_partition_prints_table_and_profile_rewrites(tmp_path, capsys, cifar_weights):
     out = tmp_path / "b"
-    rc = main(["partition", "cifar_resnet20", "--weights", str(cifar_weights[20]), "--out", str(out),
+    rc = main(["partition", "cifar_resnet20", "--weights", str(cifar_weights[20]),
+               "--out", str(out),
                "--splits", "layer2.2,flatten", "--profile", "exported", *FAST])
     text = capsys.readouterr().out
     assert rc == 0
@@ -45,7 +46,8 @@ def test_bad_input_fails_cleanly(tmp_path, capsys, args, message):
 
 def test_malformed_shape_and_missing_bundle(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["partition", "cifar_resnet20", "--input-shape", "1,3,32", "--out", str(tmp_path / "b")])
+        main(["partition", "cifar_resnet20", "--input-shape", "1,3,32",
+              "--out", str(tmp_path / "b")])
     assert exc.value.code == 2 and "N,C,H,W" in capsys.readouterr().err
     assert main(["profile", str(tmp_path), *FAST]) == 1
     assert "not a complete bundle" in capsys.readouterr().err

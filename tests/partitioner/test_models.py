@@ -11,7 +11,8 @@ from tether.partitioner import build_model, fingerprint, load_model
 from tether.partitioner.models import IMAGENET_MEAN, IMAGENET_STD
 
 
-@pytest.mark.parametrize("depth,params", [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018)])
+@pytest.mark.parametrize("depth,params",
+                         [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018)])
 def test_cifar_resnet_parameter_counts_match_the_reference(depth, params):
     model = build_model(f"cifar_resnet{depth}")
     assert sum(p.numel() for p in model.parameters()) == params
@@ -33,7 +34,8 @@ def test_torchvision_model_normalises_inside_and_keeps_its_state_dict():
     assert list(loaded.module.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(loaded.module.state_dict())
     x = torch.rand(1, 3, 64, 64)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), plain((x - mean) / std))
 

@@ -49,7 +49,8 @@ def test_tail_of_head_equals_model_at_every_split_torchvision(model_id, size):
 
 
 @pytest.mark.parametrize("depth", [20, 32, 44, 56])
-def test_tail_of_head_equals_model_at_every_split_pretrained_cifar(depth, cifar_weights, cifar_lossless):
+def test_tail_of_head_equals_model_at_every_split_pretrained_cifar(depth, cifar_weights,
+                                                                  cifar_lossless):
     module = load_model(f"cifar_resnet{depth}", cifar_weights[depth]).module
     x = cifar_lossless[0][:1]
     graph, _ = _check_every_split(module, x)
@@ -60,7 +61,8 @@ def test_tail_of_head_equals_model_at_every_split_pretrained_cifar(depth, cifar_
 def test_resnet18_split_names_and_sizes():
     points = find_split_points(load_model("resnet18").module, torch.rand(1, 3, 224, 224))
     by_name = {p.name: p for p in points}
-    for name in ["normalize", "conv1", "maxpool", "layer1.0", "layer2.1", "layer4.1", "avgpool", "flatten"]:
+    for name in ["normalize", "conv1", "maxpool", "layer1.0", "layer2.1", "layer4.1", "avgpool",
+                 "flatten"]:
         assert name in by_name
     assert by_name["layer2.1"].shape == (1, 128, 28, 28)
     assert by_name["layer2.1"].bytes == 128 * 28 * 28 * 4 and by_name["layer2.1"].dtype == "float32"
@@ -123,7 +125,8 @@ class _Untraceable(nn.Module):
 def test_untraceable_module_is_named_with_leaf_hint_and_leaf_works():
     model = _Untraceable().eval()
     x = torch.rand(1, 3, 4, 4)
-    with pytest.raises(NotTraceableError, match=r"'gate' \(_DataDependent\).*leaf_modules=\['gate'\]"):
+    hint = r"'gate' \(_DataDependent\).*leaf_modules=\['gate'\]"
+    with pytest.raises(NotTraceableError, match=hint):
         find_split_points(model, x)
     graph = SplitGraph(model, x, leaf_modules=["gate"])
     assert graph.names() == ["conv", "gate"]

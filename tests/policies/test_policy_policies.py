@@ -166,3 +166,26 @@ def test_oracle_is_never_worse_on_average(table):
     means = {n: np.mean([r.latency for r in _run(table, trace, n)])
              for n in ("oracle", "adaptive", "local", "cloud", "neurosurgeon")}
     assert means["oracle"] <= min(means.values()) + 1e-9
+
+
+def test_adaptive_probes_a_pessimistic_cold_start_once_per_interval(table):
+    cfg = PolicyConfig(name="adaptive", prior_bandwidth_bps=0.05e6, probe_interval_seconds=10.0)
+    policy = build_policy(cfg, table)
+    first = policy.decide(DecisionContext(0.0))
+    assert first.kind is not ActionKind.LOCAL          # nothing measured yet: worth one probe
+    assert policy.decide(DecisionContext(1.0)) == LOCAL   # prior says local; probe rationed
+    _served(policy, 1.2, first, 0.05e6)                 # the probe confirms a bad link
+    assert [policy.decide(DecisionContext(t)).kind for t in (12.0, 30.0)] == [ActionKind.LOCAL] * 2
+    no_probe = build_policy(dataclasses.replace(cfg, probe_interval_seconds=0.0), table)
+    assert no_probe.decide(DecisionContext(0.0)) == LOCAL
+
+
+def test_own_queueing_is_not_mistaken_for_a_slow_link(table):
+    policy = build_policy(PolicyConfig(name="adaptive", estimator="last"), table)
+    policy.observe(Observation(now=0.0, rtt_seconds=0.04))
+    # two 10 kB offloads sent together at t=0 over 8 Mbit/s: replies at 0.05 s and 0.06 s
+    first = dict(action=PNG, bytes_sent=10_000, bytes_received=320, total_seconds=0.06)
+    policy.observe(Observation(now=0.05, network_seconds=0.05, **first))
+    assert policy.bw.last == pytest.approx(8e6)
+    policy.observe(Observation(now=0.06, network_seconds=0.06, **first))
+    assert policy.bw.last == pytest.approx(8e6)   # naive 10 kB / 20 ms would say 4 Mbit/s

@@ -164,3 +164,15 @@ def test_cli_rejects_bad_trace(tmp_path, table):
     with pytest.raises(TraceError, match="trace file not found"):
         main(["simulate", "--cost-table", str(costs), "--trace", str(tmp_path / "none.up"),
               "--out", str(tmp_path / "o")])
+
+
+def test_summary_table_without_accuracy(table):
+    from dataclasses import replace
+
+    from tether.policies.report import format_table
+    no_acc = replace(table, full_accuracy=None, codecs=(), exits=())
+    results = run_policies(no_acc, T.constant(5.0, 30), ("local", "oracle"),
+                           sim_config=SimConfig(n_requests=50))
+    text = format_table(summarize(results))
+    assert text.splitlines()[1].split()[5] == "-"       # accuracy column: unknown
+    assert "1.000" in text.splitlines()[2]              # the oracle against itself

@@ -336,7 +336,7 @@ class CloudCore:
                 replies[i] = P.Error.from_exception(jobs[i].msg.request_id, exc)
             return replies, None
         tail_s = time.perf_counter() - t0
-        rows = out.detach().cpu().contiguous()
+        rows = out if out.device.type == "cpu" and out.is_contiguous() else out.cpu().contiguous()
         rows = rows.numpy() if rows.dtype != torch.bfloat16 else rows   # numpy slices are cheap
         row = 0
         for i, x, decode_s in inputs:
@@ -360,7 +360,7 @@ class CloudCore:
                                   f"samples, got {x.shape[0]}")
         if not x.is_floating_point():
             raise InputShapeError(f"split {group.split!r} takes floating tensors, got {x.dtype}")
-        return x.to(torch.float32) if spec.dtype == "float32" else x
+        return x.float() if spec.dtype == "float32" and x.dtype != torch.float32 else x
 
     def _tail(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -60,6 +60,7 @@ class CloudServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._stop_task: asyncio.Future | None = None
+        self._stop_lock = asyncio.Lock()
         self._peers: dict[bytes, float] = {}
         self._peers_pruned = 0.0
         self.endpoint = ""
@@ -112,8 +113,11 @@ class CloudServer:
     async def stop(self) -> None:
         """Stop accepting (BUSY "draining"), finish queued work, flush replies, close."""
         self._stopping = True
-        if self._sock is None:
-            return
+        async with self._stop_lock:          # a second caller waits for the first to finish
+            if self._sock is not None:
+                await self._shutdown()
+
+    async def _shutdown(self) -> None:
         log.info("draining: %d requests in flight", self.core.inflight)
         drained = await self.core.drain(self.config.drain_timeout_s)
         if not drained:
@@ -121,7 +125,8 @@ class CloudServer:
                         self.config.drain_timeout_s, self.core.inflight)
         await asyncio.sleep(0)                   # let the last replies hit the socket
         self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
-        await self.core.close()
+        await self.core.close()                  # anything left is answered BUSY "draining"
+        await asyncio.sleep(0)
         if self._http:
             await self._http.stop()
         self._sock.close(linger=1000)

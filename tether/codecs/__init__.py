@@ -6,7 +6,8 @@ API::
 
     codec = make_codec("int8+zlib")                   # fp32 fp16 int8 [+zlib] jpeg<q> webp<q> png
     codec = make_codec("bottleneck-b0.001", bundle_dir, manifest, split="layer2")  # learned
-    enc = codec.encode(tensor)       # EncodedTensor(header: dict, payload: list[bytes|memoryview])
+    enc = codec.encode(tensor)       # EncodedTensor(header: dict of msgpack-able scalars, lists,
+                                     # bytes; payload: list[bytes | memoryview] frames)
     enc.payload_bytes, enc.header_bytes                # wire sizes (header as msgpack)
     out = codec.decode(enc.header, enc.payload)        # untrusted input: raises PayloadError
 

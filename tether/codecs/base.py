@@ -94,7 +94,8 @@ def check_header(header: Any, codec_id: str) -> dict[str, Any]:
     return header
 
 
-def check_shape(value: Any, what: str = "shape", max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
+def check_shape(value: Any, what: str = "shape",
+                max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
     """Validate an untrusted shape list: non-negative ints, few dims, bounded size."""
     if not isinstance(value, (list, tuple)) or not 0 < len(value) <= MAX_DIMS:
         raise PayloadError(f"header {what} must be a list of 1..{MAX_DIMS} ints, got {value!r}")

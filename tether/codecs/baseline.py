@@ -101,10 +101,10 @@ class Int8Codec(Codec):
         shape = check_shape(header.get("shape"))
         dtype = check_dtype(header.get("dtype"), FLOAT_DTYPES)
         channels = shape[1] if len(shape) >= 2 else 1
-        scale = check_floats(_floats_from(header.get("scale"), "<f4", channels, "scale"), channels,
-                             "scale", positive=True)
-        zps = check_floats(_floats_from(header.get("zero_point"), "i1", channels, "zero_point"), channels,
-                           "zero_point")
+        raw_scale = _floats_from(header.get("scale"), "<f4", channels, "scale")
+        raw_zp = _floats_from(header.get("zero_point"), "i1", channels, "zero_point")
+        scale = check_floats(raw_scale, channels, "scale", positive=True)
+        zps = check_floats(raw_zp, channels, "zero_point")
         (frame,) = check_frames(payload, 1)
         q = tensor_from_frame(frame, shape, "int8").float()
         bshape = [1, channels] + [1] * (len(shape) - 2) if len(shape) >= 2 else [1]

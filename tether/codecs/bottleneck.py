@@ -246,7 +246,8 @@ class BottleneckCodec(Codec):
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except FileNotFoundError as exc:
-            raise WeightsError(f"codec weights {weights} missing: re-run `tether codec train`") from exc
+            raise WeightsError(f"codec weights {weights} missing: re-run "
+                               f"`tether codec train`") from exc
         except (RuntimeError, KeyError, ValueError, OSError, EOFError,
                 pickle.UnpicklingError) as exc:
             raise WeightsError(f"codec weights {weights} unreadable or mismatched: {exc}") from exc

@@ -147,7 +147,8 @@ def _check_inputs(teacher: Teacher, cfg: BottleneckConfig, beta: float) -> None:
 
 def train_bottleneck(teacher: Teacher, tail: nn.Module, cfg: BottleneckConfig, beta: float,
                      train: TrainConfig = TrainConfig(), progress: bool = True,
-                     log_path: str | Path | None = None) -> tuple[BottleneckAutoencoder, list[dict]]:
+                     log_path: str | Path | None = None
+                     ) -> tuple[BottleneckAutoencoder, list[dict]]:
     """Distil a bottleneck codec for ``beta`` (loss weight per estimated byte); returns the
     model, already ``update()``-d, and the per-epoch history (also appended to ``log_path``)."""
     _check_inputs(teacher, cfg, beta)

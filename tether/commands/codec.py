@@ -28,7 +28,9 @@ from tether.codecs.evaluate import (
 )
 from tether.codecs.exits import ExitConfig, calibrate, load_exit, train_exit
 from tether.codecs.store import codec_dir, safe_name, save_bottleneck, save_exit, update_costs
-from tether.codecs.training import TrainConfig, describe, teacher_outputs, train_bottleneck
+from tether.codecs.training import (
+    Teacher, TrainConfig, describe, teacher_outputs, train_bottleneck,
+)
 
 log = logging.getLogger("tether.codec")
 TENSOR_BASELINES = ("fp16", "int8", "fp16+zlib", "int8+zlib")
@@ -50,6 +52,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--latent", type=int, default=12, help="latent channels (default 12)")
     t.add_argument("--hidden", type=int, default=64, help="encoder/decoder width (default 64)")
     t.add_argument("--stride", type=int, default=2, choices=(1, 2, 4))
+    t.add_argument("--tag", default="", help="suffix of the codec id (bottleneck-b<beta>-<tag>) "
+                   "to keep several architectures per split")
     t.add_argument("--exit", action="store_true", help="also train and calibrate an early exit")
     t.add_argument("--exit-target", type=float, default=0.95,
                    help="accuracy the exit's local answers must reach on the calibration slice")
@@ -112,7 +116,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _train_one_codec(args: argparse.Namespace, bm: Any, tail: Any, teacher: Any, beta: float,
                      eval_feats: torch.Tensor, labels: torch.Tensor) -> None:
-    codec_id = f"bottleneck-b{beta:g}"
+    codec_id = f"bottleneck-b{beta:g}" + (f"-{args.tag}" if args.tag else "")
     cfg = BottleneckConfig(tuple(teacher.features.shape[1:]), args.latent, args.hidden,
                            args.stride)
     train = TrainConfig(epochs=args.epochs, seed=args.seed)
@@ -134,7 +138,6 @@ def _train_exit(args: argparse.Namespace, bm: Any, teacher: Any, labels: torch.T
                 eval_feats: torch.Tensor, eval_labels: torch.Tensor) -> None:
     n_cal = min(CALIBRATION_SIZE, len(labels) // 5)
     fit, cal = slice(0, len(labels) - n_cal), slice(len(labels) - n_cal, None)
-    from tether.codecs.training import Teacher
     cfg = ExitConfig(tuple(teacher.features.shape[1:]), teacher.logits.shape[1], args.exit_conv)
     train = TrainConfig(epochs=args.exit_epochs, seed=args.seed, lr=3e-3, temperature=2.0)
     head, history = train_exit(Teacher(teacher.features[fit], teacher.logits[fit]), cfg, train,
@@ -179,7 +182,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     full = bm.full_model()
     full_preds = predict(full, x)
     full_acc = float((full_preds == labels).double().mean())
-    results = [measure_codec(make_codec(cid), "input", x, full, labels) for cid in args.input_codecs]
+    results = [measure_codec(make_codec(cid), "input", x, full, labels)
+               for cid in args.input_codecs]
     exit_rows = []
     for split in _eval_splits(args, bm):
         results += _eval_split(args, bm, split, x, labels)

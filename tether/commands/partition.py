@@ -99,11 +99,12 @@ def _run_partition(args: argparse.Namespace) -> int:
     manifest = export_bundle(
         args.model, args.out, weights=args.weights, splits=args.splits,
         input_shape=args.input_shape, leaf_modules=args.leaf, threads=args.threads,
-        cloud_threads=args.cloud_threads, repeats=args.repeats, warmup=args.warmup, progress=not args.no_progress,
+        cloud_threads=args.cloud_threads, repeats=args.repeats, warmup=args.warmup,
+        progress=not args.no_progress,
         overwrite=args.force, profile_all=args.profile == "all")
     from tether.partitioner import BundleModel
     bundle = BundleModel.load(args.out)
-    print(format_cost_table(bundle.cost_table(), exported=_exported(manifest)))
+    print(format_cost_table(bundle.cost_table(exported_only=False), exported=_exported(manifest)))
     print(f"bundle written to {args.out} ({len(_exported(manifest))} ONNX heads, "
           f"fingerprint {manifest.fingerprint[:12]})")
     sys.stdout.flush()

@@ -45,7 +45,8 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     _add_link_args(cal, trace_flag="--trace")
     cal.add_argument("--duration", type=float, default=10.0, metavar="S",
                      help="seconds of bulk transfer (default 10)")
-    cal.add_argument("--probes", type=int, default=50, metavar="N", help="delay probes (default 50)")
+    cal.add_argument("--probes", type=int, default=50, metavar="N",
+                     help="delay probes (default 50)")
     cal.add_argument("--json", type=Path, metavar="FILE", help="write the full report here")
     cal.add_argument("--backend", choices=("userspace", "kernel"), default="userspace",
                      help="link to calibrate: userspace relay (default) or kernel "
@@ -54,7 +55,8 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
-    pr = sub.add_parser("probe", help="what this machine supports (root, netns, tbf, netem, cgroups)")
+    pr = sub.add_parser("probe",
+                        help="what this machine supports (root, netns, tbf, netem, cgroups)")
     pr.set_defaults(handler=_run_probe)
 
     run = sub.add_parser("run", help="run a scenario TOML: cloud, links and edges as processes",

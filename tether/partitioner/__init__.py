@@ -15,7 +15,8 @@ API (stable; others build on it):
   repeats=20, ...) -> Manifest`` writes the layout of :mod:`tether.core.bundle` (manifest last).
 - ``BundleModel.load(dir)``: ``.manifest``, ``.full_model()``, ``.head(split)``, ``.tail(split)``
   (torch, eval, cached), ``.head_onnx_path(split)``, ``.onnx_head(split, threads)``,
-  ``.full_onnx_path()``, ``.cost_table(exported_only=False)``, ``.exported_splits``,
+  ``.full_onnx_path()``, ``.cost_table()`` (points with an ONNX head; ``exported_only=False``:
+  all), ``.exported_splits``,
   ``.example()``. ``profile_bundle(dir)`` re-profiles and rewrites ``costs.json``.
 - ``OnnxModule(path, threads=1)``: ONNX Runtime CPU session, ``__call__(ndarray) -> ndarray``.
 

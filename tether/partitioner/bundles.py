@@ -234,10 +234,12 @@ class BundleModel:
     def onnx_head(self, split: str, threads: int = 1) -> OnnxModule:
         return OnnxModule(self.head_onnx_path(split), threads=threads)
 
-    def cost_table(self, exported_only: bool = False) -> CostTable:
-        """The profiled costs (``exported_only``: only points with an ONNX head)."""
+    def cost_table(self, exported_only: bool = True) -> CostTable:
+        """The profiled costs of the points this bundle can run on the edge (those with an ONNX
+        head); ``exported_only=False`` gives every profiled point, as in ``costs.json``."""
         if not self.manifest.cost_table:
-            raise BundleError(f"bundle {self.dir} has no cost table: run `tether profile {self.dir}`")
+            raise BundleError(f"bundle {self.dir} has no cost table: "
+                              f"run `tether profile {self.dir}`")
         table = CostTable.load(self.dir / self.manifest.cost_table)
         if exported_only:
             keep = set(self.exported_splits)

@@ -149,7 +149,8 @@ def _with_normalization(net: nn.Module) -> nn.Module:
     def forward(self: nn.Module, x: torch.Tensor) -> Any:
         return base.forward(self, self.normalize(x))
 
-    net.__class__ = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__})
+    namespace = {"forward": forward, "__module__": base.__module__}
+    net.__class__ = type(base.__name__, (base,), namespace)
     net.add_module("normalize", Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return net
 
@@ -194,7 +195,7 @@ def _looks_like_path(weights: str | Path) -> bool:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict (plain, or under ``state_dict``/``model``; ``module.`` prefixes stripped)."""
+    """Read a state dict (plain or under ``state_dict``/``model``); strip ``module.`` prefixes."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist: pass the path of a state dict")

@@ -40,7 +40,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path,
 
 
 class OnnxModule:
-    """An ONNX Runtime CPU session with one input and one output: ``__call__(ndarray) -> ndarray``."""
+    """ONNX Runtime CPU session, one input and one output: ``__call__(ndarray) -> ndarray``."""
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
         import onnxruntime as ort

@@ -213,7 +213,7 @@ def _meta(opts: dict[str, int]) -> dict[str, Any]:
 
 
 def format_cost_table(table: CostTable, exported: set[str] | None = None) -> str:
-    """Human-readable split table: name, shape, bytes, head ms, tail ms (``*`` = ONNX head exported)."""
+    """Split table: name, shape, bytes, head ms, tail ms, FLOPs (``*``: ONNX head exported)."""
     exported = exported or set()
     width = max([len(s.name) for s in table.splits] + [10]) + 2
     lines = [f"{'split':<{width}}{'shape':<18}{'bytes':>10}{'head ms':>10}{'tail ms':>10}"

@@ -86,7 +86,8 @@ def _untraceable_message(qualname: str, m: nn.Module, exc: Exception) -> str:
             f"Python control flow from its forward()")
 
 
-def trace(module: nn.Module, leaf_modules: Iterable[str | type] = ()) -> tuple[fx.GraphModule, _Tracer]:
+def trace(module: nn.Module,
+          leaf_modules: Iterable[str | type] = ()) -> tuple[fx.GraphModule, _Tracer]:
     """Symbolically trace ``module``; untraceable code raises :class:`NotTraceableError`."""
     tracer = _Tracer(leaf_modules)
     try:
@@ -195,7 +196,7 @@ class SplitGraph:
         def lookup(n: fx.Node) -> fx.Node:
             if n not in env:
                 if self._depends[n]:
-                    raise SplitError(f"internal: node {n.name} crosses the cut but is not the split")
+                    raise SplitError(f"internal: {n.name} crosses the cut but is not the split")
                 env[n] = graph.node_copy(n, lookup)
             return env[n]
         return lookup
@@ -222,7 +223,6 @@ class SplitGraph:
             elif self._depends[n]:
                 env[n] = graph.node_copy(n, lookup)
         return _module(self.gm, graph, "Tail")
-
 
     def _mutates(self, n: fx.Node) -> bool:
         """Whether ``n`` may write into its inputs (in-place module, function or method)."""

@@ -1,9 +1,12 @@
 """tether-adaptive: robust throughput estimate + cost model, per-request choice.
 
-Objective ``latency``: minimise predicted latency subject to the accuracy floor, using the
-RobustMPC estimate (harmonic mean, the right plug-in for expected ``bytes / bandwidth``,
-discounted by recent prediction error) with cold start and staleness decay, and a
-hysteresis so noise does not flap between near-equal actions.
+Objective ``latency``: minimise predicted latency subject to the accuracy floor. The
+throughput estimate is RobustMPC's harmonic mean of recent samples (the right plug-in for
+the expected ``bytes / bandwidth``; ``estimator = "robust"`` adds its error discount, which
+measured worse for mean latency, see docs/benchmarks/policies.md), corrected for the edge's
+own queueing, capped by what an offload still in flight proves (outages are seen before
+any reply), with cold start and staleness decay, and a hysteresis so noise does not flap
+between near-equal actions.
 
 When it answers locally it gets no throughput samples, so it probes: one remote request
 per ``probe_interval_seconds`` of silence when that could win at the best bandwidth seen

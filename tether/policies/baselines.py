@@ -125,9 +125,9 @@ class EstimatingPolicy:
         if obs.ok:
             rtt = self.rtt.propagation(obs.now)
             # Sent while an earlier offload was still in flight: its bytes went first, until
-            # about half an RTT before that earlier reply came back.
+            # about one RTT before that earlier reply came back.
             sent = obs.now - obs.network_seconds
-            queued = max(0.0, min(self._last_reply - rtt / 2, obs.now) - sent)
+            queued = max(0.0, min(self._last_reply - rtt, obs.now) - sent)
             self.bw.observe(obs, rtt, queued)
             self._last_reply = obs.now
         elif obs.network_seconds > 0:

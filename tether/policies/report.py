@@ -45,10 +45,14 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['policy']:13s} {r['mean_s'] * 1e3:8.1f} {r['p50_s'] * 1e3:7.1f} "
-            f"{r['p95_s'] * 1e3:7.1f} {r['p99_s'] * 1e3:7.1f} {r['accuracy']:6.4f} "
+            f"{r['p95_s'] * 1e3:7.1f} {r['p99_s'] * 1e3:7.1f} {_acc(r['accuracy']):>6s} "
             f"{r['fallbacks']:6.0f} {r.get('deadline_misses', 0):5.0f} "
             f"{r.get('mean_vs_oracle', float('nan')):7.3f} {r.get('p95_vs_oracle', float('nan')):6.3f}")
     return "\n".join(lines)
+
+
+def _acc(value: float) -> str:
+    return "-" if value != value else f"{value:.4f}"     # NaN: the table has no accuracy
 
 
 def plot_all(results: dict[str, SimResult], uplink: Trace, out_dir: str | Path,

@@ -58,7 +58,7 @@ class SimConfig:
         if self.arrival == "periodic":
             return np.arange(self.n_requests) / self.rate_hz
         rng = np.random.default_rng(self.seed)
-        return np.cumsum(rng.exponential(1.0 / self.rate_hz, self.n_requests)) - 0.0
+        return np.cumsum(rng.exponential(1.0 / self.rate_hz, self.n_requests))
 
 
 @dataclass
@@ -177,6 +177,8 @@ class Simulator:
 
     # ---- event plumbing -----------------------------------------------------------------
     def _reset(self, policy: Policy) -> None:
+        if len(self.draws) < len(self.arrival_times):   # arrival_times replaced by the caller
+            self.draws = np.random.default_rng(self.cfg.seed + 1).random(len(self.arrival_times))
         self._policy = policy
         self._cpu = _Fifo()
         self._up = _Link(self.uplink, self.cfg.trace_offset_seconds)

@@ -217,7 +217,8 @@ def _fmt(value: Any) -> Any:
 
 
 SUMMARY_COLUMNS = ("policy", "requests", "answered", "mean_s", "p50_s", "p95_s", "p99_s",
-                   "accuracy", "deadline_misses", "fallbacks", "offloaded", "client_mean_s", "mean_bytes_sent",
+                   "accuracy", "deadline_misses", "fallbacks", "offloaded", "client_mean_s",
+                   "mean_bytes_sent",
                    "oracle_mean_s", "regret_s", "predicted_mean_s", "predicted_mae_s")
 
 

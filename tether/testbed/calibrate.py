@@ -63,9 +63,11 @@ class CalibrationReport:
     def summary(self) -> str:
         return (f"trace {self.trace}: throughput per second within 5 % in "
                 f"{self.within_5pct:.0%} of {len(self.per_second)} s "
-                f"(mean |error| {self.throughput_error_mean:.2%}, max {self.throughput_error_max:.2%},"
+                f"(mean |error| {self.throughput_error_mean:.2%}, "
+                f"max {self.throughput_error_max:.2%},"
                 f" total {self.total_ratio:.4f}); added delay error mean "
-                f"{self.delay_error_ms_mean:+.3f} ms (median {self.delay_error_ms_median:+.3f}), p95 |error| {self.delay_error_ms_p95:.3f} ms "
+                f"{self.delay_error_ms_mean:+.3f} ms (median {self.delay_error_ms_median:+.3f}), "
+                f"p95 |error| {self.delay_error_ms_p95:.3f} ms "
                 f"({self.delay_samples} probes, configured {self.delay_ms:g} ms) -> "
                 f"{'PASS' if self.passed else 'FAIL'}")
 
@@ -158,24 +160,66 @@ def sink_main(host: str, port: int) -> None:
 def calibrate(trace: Any, cfg: LinkConfig = LinkConfig(), duration_s: float = 10.0,
               probes: int = 50, probe_gap_s: float = 0.03,
               backend: str = "userspace") -> CalibrationReport:
-    """Push bulk data, then probes, through a link replaying ``trace`` on its uplink."""
+    """Push bulk data, then probes, through a link replaying ``trace`` on its uplink.
+
+    The sink runs in its own process (as the cloud would), so its timestamps do not wait
+    for this process's GIL while the link thread and the bulk sender are busy.
+    """
     if backend == "kernel":
         return _calibrate_kernel(trace, cfg, duration_s, probes, probe_gap_s)
-    sink = _Sink()
-    srv = socket.create_server(("127.0.0.1", 0))
-    sink_thread = sink.serve(srv)
-    link = Link(trace, trace, ("127.0.0.1", srv.getsockname()[1]), _deep_queue(trace, cfg, duration_s))
-    with LinkThread(link) as port:
-        t0 = link.up.t0 if link.up else time.monotonic()
-        with _connect("127.0.0.1", port) as conn:
-            _bulk(conn, t0 + cfg.start_offset + duration_s)
-        _wait_drained(link, sink, timeout=duration_s + 5)
-        with _connect("127.0.0.1", port) as conn:
-            sent = _send_probes(conn, probes, probe_gap_s)
-            time.sleep(cfg.delay_ms / 1000 + 0.3)
-    sink_thread.join(5)
-    srv.close()
-    return _report(trace, cfg, duration_s, sink, t0, sent, "userspace")
+    port = _free_port()
+    with _SinkProcess([], "127.0.0.1", port) as sink:
+        link = Link(trace, trace, ("127.0.0.1", port), _deep_queue(trace, cfg, duration_s))
+        with LinkThread(link) as link_port:
+            t0 = link.up.t0 if link.up else time.monotonic()
+            with _connect("127.0.0.1", link_port) as conn:
+                _bulk(conn, t0 + cfg.start_offset + duration_s)
+            _wait_drained(link, timeout=duration_s + 5)
+            with _connect("127.0.0.1", link_port) as conn:
+                sent = _send_probes(conn, probes, probe_gap_s)
+                time.sleep(cfg.delay_ms / 1000 + 0.3)
+    return _report(trace, cfg, duration_s, sink.result(), t0, sent, "userspace")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _SinkProcess:
+    """:func:`sink_main` in a child process (``prefix``: e.g. ``ip netns exec NS``)."""
+
+    def __init__(self, prefix: list[str], host: str, port: int) -> None:
+        import subprocess
+        import sys
+        code = f"from tether.testbed.calibrate import sink_main; sink_main({host!r}, {port})"
+        self.proc = subprocess.Popen(prefix + [sys.executable, "-c", code],
+                                     stdout=subprocess.PIPE, text=True)
+        self._out = ""
+
+    def __enter__(self) -> "_SinkProcess":
+        if self.proc.stdout is None or self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise PlatformError("calibration sink process did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._out, _ = self.proc.communicate(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def result(self) -> _Sink:
+        if not self._out.strip():
+            raise PlatformError("calibration sink process returned nothing")
+        data = json.loads(self._out.strip().splitlines()[-1])
+        sink = _Sink()
+        sink.arrivals = [tuple(a) for a in data["arrivals"]]
+        sink.probes = [tuple(p) for p in data["probes"]]
+        return sink
 
 
 def _deep_queue(trace: Any, cfg: LinkConfig, duration_s: float) -> LinkConfig:
@@ -207,36 +251,19 @@ def _connect(host: str, port: int) -> socket.socket:
 def _calibrate_kernel(trace: Any, cfg: LinkConfig, duration_s: float, probes: int,
                       probe_gap_s: float) -> CalibrationReport:
     """The same measurement through the kernel backend (sink inside the cloud namespace)."""
-    import subprocess
-    import sys
-
     from tether.testbed.kernel import KernelLink, KernelLinkConfig
-    kcfg = KernelLinkConfig(queue_bytes=cfg.queue_bytes, delay_ms=cfg.delay_ms, loss=cfg.loss)
+    queue = _deep_queue(trace, cfg, duration_s).queue_bytes
+    kcfg = KernelLinkConfig(queue_bytes=queue, delay_ms=cfg.delay_ms, loss=cfg.loss)
     with KernelLink(trace, trace, kcfg) as link:
-        code = f"from tether.testbed.calibrate import sink_main; sink_main({link.cloud_addr!r}, 5999)"
-        proc = subprocess.Popen(link.netns_command([sys.executable, "-c", code]),
-                                stdout=subprocess.PIPE, text=True)
-        try:
-            if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-                raise PlatformError("calibration sink in the namespace did not start")
+        with _SinkProcess(link.netns_command([]), link.cloud_addr, 5999) as sink:
             with _connect(link.cloud_addr, 5999) as conn:
                 link.reset_clock()
                 t0 = time.monotonic()
                 _bulk(conn, t0 + duration_s)
-            backlog = cfg.queue_bytes + 256 * 1024
-            time.sleep(min(30.0, trace.transfer_time(duration_s, backlog) + 0.5))
+            time.sleep(min(30.0, trace.transfer_time(duration_s, queue + 256 * 1024) + 0.5))
             with _connect(link.cloud_addr, 5999) as conn:
                 sent = _send_probes(conn, probes, probe_gap_s)
-            out, _ = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    data = json.loads(out.strip().splitlines()[-1])
-    sink = _Sink()
-    sink.arrivals = [tuple(a) for a in data["arrivals"]]
-    sink.probes = [tuple(p) for p in data["probes"]]
-    return _report(trace, cfg, duration_s, sink, t0, sent, "kernel")
+    return _report(trace, cfg, duration_s, sink.result(), t0, sent, "kernel")
 
 
 def _bulk(conn: socket.socket, until: float) -> None:
@@ -250,17 +277,15 @@ def _bulk(conn: socket.socket, until: float) -> None:
     conn.settimeout(None)
 
 
-def _wait_drained(link: Link, sink: _Sink, timeout: float) -> None:
-    """Wait until the link's uplink is empty and the sink stopped receiving."""
+def _wait_drained(link: Link, timeout: float) -> None:
+    """Wait until the link's uplink queue and delay line are empty."""
     end = time.monotonic() + timeout
-    last = -1
     while time.monotonic() < end:
-        time.sleep(0.2)
+        time.sleep(0.1)
         up = link.up
-        total = sum(n for _, n in sink.arrivals)
-        if up is not None and up.queued == 0 and not up.inflight and total == last:
+        if up is not None and up.queued == 0 and not up.inflight:
+            time.sleep(0.2)
             return
-        last = total
     raise PlatformError(f"calibration: link did not drain within {timeout:.0f} s; "
                         "is the trace rate far below the bulk phase's data?")
 

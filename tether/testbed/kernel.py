@@ -104,7 +104,8 @@ class KernelLink:
         if self.cfg.delay_ms > 0 or self.cfg.loss > 0:   # only where netem exists (checked)
             for side in ("up", "down"):
                 self._batch_cmd(side, f"qdisc add dev {self._dev(side)} parent 1:1 handle 10: "
-                                      f"netem delay {self.cfg.delay_ms}ms loss {self.cfg.loss * 100}%")
+                                      f"netem delay {self.cfg.delay_ms}ms "
+                                      f"loss {self.cfg.loss * 100}%")
         self.reset_clock()
         self._thread = threading.Thread(target=self._step_loop, name="tether-tbf", daemon=True)
         self._thread.start()

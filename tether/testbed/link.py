@@ -386,7 +386,8 @@ class Link:
                                "start_offset": self.cfg.start_offset}
         for pipe in (self.up, self.down):
             if pipe is not None:
-                out[pipe.name] = {"delivered": {str(k): v for k, v in sorted(pipe.delivered.items())},
+                delivered = {str(k): v for k, v in sorted(pipe.delivered.items())}
+                out[pipe.name] = {"delivered": delivered,
                                   "lost_segments": pipe.lost_segments, "queued": pipe.queued}
         return out
 

@@ -42,7 +42,8 @@ class ProcessGroup:
         self.children: dict[str, subprocess.Popen] = {}
         self._logs: list[Any] = []
 
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str],
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "wb")
         self._logs.append(log)
         log.write((" ".join(cmd) + "\n").encode())

@@ -105,7 +105,8 @@ def reanalyze(out: str | Path) -> Path:
     platform_info = PlatformInfo(**{**meta["platform"], "notes": tuple(meta["platform"]["notes"])})
     images = ImageSet(np.zeros((1, 1, 1, 1), np.uint8), np.zeros(1, np.int64), meta["images"])
     exp = Experiment(scenario, out, bundle, Manifest.load(bundle),
-                     resolve_trace(scenario.link.up, assets), resolve_trace(scenario.link.down, assets),
+                     resolve_trace(scenario.link.up, assets),
+                     resolve_trace(scenario.link.down, assets),
                      images, [], [], platform_info, assets, None, {"runs": meta.get("runs", {})})
     write_results(exp, raw)
     return out
@@ -226,7 +227,8 @@ class Infrastructure:
         return read_json_file(self.stats_path) or [] if self.stats_path else []
 
 
-def start_infrastructure(exp: Experiment, group: ProcessGroup, kernel: Any = None) -> Infrastructure:
+def start_infrastructure(exp: Experiment, group: ProcessGroup,
+                         kernel: Any = None) -> Infrastructure:
     """Start ``tether cloud`` and the link: a ``tether testbed link`` process (one link per
     edge) or, with ``kernel`` (a started KernelLink), the cloud inside its namespace."""
     sc = exp.scenario
