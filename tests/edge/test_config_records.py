@@ -41,6 +41,9 @@ def test_example_config_in_repository_is_valid():
     ("bogus_key = 1", "bogus_key"),
     ("queue_size = \"many\"", "queue_size"),
     ("curve_server_key = \"abc\"", "curve"),
+    ("llm_checkpoint = \"s.bin\"\nllm_codec = \"zip\"", "llm_codec"),
+    ("llm_checkpoint = \"s.bin\"\nllm_split = 0", "llm_split"),
+    ("llm_checkpoint = \"s.bin\"\ncurve_server_key = \"k\"\ncurve_client_cert = \"c\"", "CURVE"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     path = tmp_path / "edge.toml"

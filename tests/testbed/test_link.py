@@ -139,7 +139,7 @@ def test_link_config_rejects_bad_values(kwargs):
 
 def test_calibration_on_a_short_synthetic_trace():
     """The CI calibration check. Targets are 5 % and 1 ms (met on a quiet machine, see
-    docs/benchmarks/testbed.md); the delay bound here is 3 ms because the relay's wake-ups
+    docs/benchmarks.md); the delay bound here is 3 ms because the relay's wake-ups
     queue behind other processes on a loaded 2-core runner. A broken shaper or delay line
     misses by far more (a lost tick is 1 ms per wake-up, a wrong delay tens of ms)."""
     trace = traces.steps([(1.0, 6.0), (1.0, 2.0), (1.0, 10.0)], name="ci-steps")

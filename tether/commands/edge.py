@@ -36,6 +36,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-server-key", metavar="Z85|FILE", help="the cloud's CURVE public key")
     p.add_argument("--curve-client-cert", type=Path, metavar="FILE",
                    help="this edge's CURVE secret certificate (from `tether keys generate`)")
+    _add_llm_options(p)
     p.set_defaults(handler=_run_edge)
 
     q = subparsers.add_parser(
@@ -52,6 +53,25 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=_run_infer)
 
 
+def _add_llm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "split LLM", "also stream LLM generations on --listen (`tether generate --edge`), "
+        "layers [K, L) served by the --connect cloud (`tether cloud --llm-checkpoint`)")
+    g.add_argument("--llm-checkpoint", type=Path, metavar="PATH",
+                   help="llama2.c .bin or HF model directory")
+    g.add_argument("--llm-tokenizer", type=Path, metavar="PATH", help="llama2.c tokenizer .bin")
+    g.add_argument("--llm-split", type=int, metavar="K",
+                   help="edge keeps layers [0, K) (default: half the layers)")
+    g.add_argument("--llm-codec", metavar="CODEC",
+                   help="hidden-state codec: fp32, fp16, int8, int4 (+zlib) (default fp16)")
+    g.add_argument("--llm-exit-head", type=Path, metavar="FILE",
+                   help="trained exit head (`tether llm-exit`)")
+    g.add_argument("--llm-exit-threshold", type=float, metavar="P",
+                   help="answer on the edge when the exit's probability >= P")
+    g.add_argument("--llm-timeout", type=float, metavar="S", dest="llm_timeout_seconds",
+                   help="per cloud step (default 2.0)")
+
+
 def _run_edge(args: argparse.Namespace) -> int:
     from tether.edge.config import load_edge_config
     from tether.edge.daemon import run_daemon
@@ -60,7 +80,10 @@ def _run_edge(args: argparse.Namespace) -> int:
         args.config, bundle=args.bundle, connect=args.connect, listen=args.listen,
         metrics_port=args.metrics_port, action=args.action,
         deadline_seconds=args.deadline_seconds, records=args.records, edge_id=args.edge_id,
-        curve_server_key=args.curve_server_key, curve_client_cert=args.curve_client_cert)
+        curve_server_key=args.curve_server_key, curve_client_cert=args.curve_client_cert,
+        llm_checkpoint=args.llm_checkpoint, llm_tokenizer=args.llm_tokenizer,
+        llm_split=args.llm_split, llm_codec=args.llm_codec, llm_exit_head=args.llm_exit_head,
+        llm_exit_threshold=args.llm_exit_threshold, llm_timeout_seconds=args.llm_timeout_seconds)
     if config.bundle is None:
         raise ConfigError("no bundle: pass --bundle DIR or set bundle in --config")
     return run_daemon(config)

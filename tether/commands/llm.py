@@ -4,10 +4,13 @@
     tether generate --cloud tcp://HOST:5570 --checkpoint stories260K.bin --split 3 "Once upon"
     tether llm-edge --cloud tcp://HOST:5570 --split 3 --listen tcp://127.0.0.1:5571
     tether generate --edge tcp://127.0.0.1:5571 "Once upon"
+    tether edge --bundle DIR --connect tcp://HOST:5555 --llm-checkpoint stories260K.bin \
+        --llm-split 3                # DNN + LLM on one endpoint (cloud: --llm-checkpoint too)
+    tether generate --edge tcp://127.0.0.1:5560 "Once upon"
     tether llm-exit --checkpoint stories260K.bin --split 3 --out exit3.pt
 
 ``generate`` streams tokens to stdout as they come (a summary goes to stderr), either from a
-running ``llm-edge`` daemon (``--edge``) or running the edge part (layers [0, k), KV cache,
+running ``llm-edge`` daemon or ``tether edge --llm-checkpoint`` (``--edge``) or running the edge part (layers [0, k), KV cache,
 early exit) in this process. Without ``--checkpoint``
 the shared assets' stories260K is used (``TETHER_ASSETS`` or ../shared/assets).
 """
@@ -40,7 +43,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
                     "unreachable) the edge answers alone through its exit head.")
     g.add_argument("prompt", help="prompt text")
     g.add_argument("--edge", metavar="ENDPOINT",
-                   help="a running `tether llm-edge` daemon, e.g. tcp://127.0.0.1:5571 (the "
+                   help="a running `tether llm-edge`, or `tether edge --llm-checkpoint` daemon, "
+                        "e.g. tcp://127.0.0.1:5571 (the "
                         "daemon holds the edge part; the options below are then ignored)")
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     _add_edge_part(g)
@@ -51,7 +55,8 @@ def _add_edge(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser(
         "llm-edge", help="edge daemon for split LLMs: apps stream tokens from --listen",
         description="Hold the edge part (layers [0, K), KV caches, exit head) and serve "
-                    "`tether generate --edge ENDPOINT` / tether.edge.llm.LLMClient on --listen.")
+                    "`tether generate --edge ENDPOINT` / tether.edge.llm.LLMClient on --listen. "
+                    "LLM only; `tether edge --llm-checkpoint` serves it beside a DNN bundle.")
     _add_edge_part(d)
     d.add_argument("--listen", default="tcp://127.0.0.1:5571", metavar="ENDPOINT")
     d.set_defaults(handler=_run_edge)
@@ -126,25 +131,13 @@ def _open(args: argparse.Namespace):
 
 def _build_edge(args: argparse.Namespace):
     """The in-process edge part (+ exit head, + link to --cloud) from the options."""
-    from tether.edge.llm import GenerateConfig, LLMEdge, SessionLink
-    from tether.partitioner.llm import EdgeLM, load_exit_head, num_layers, read_exit_meta
+    import torch
 
-    ckpt = _open(args)
-    k = args.split if args.split is not None else num_layers(ckpt.config) // 2
-    part = EdgeLM(ckpt, k)
-    threshold = args.exit_threshold
-    if args.exit_head is not None:
-        part.exit_head = load_exit_head(part, args.exit_head)
-        meta = read_exit_meta(args.exit_head)
-        if meta.get("split") not in (None, k):
-            raise ConfigError(f"{args.exit_head} was trained for split {meta['split']}, not {k}")
-        threshold = threshold if threshold is not None else meta.get("threshold")
-    config = GenerateConfig(codec=args.codec, exit_threshold=threshold, timeout_s=args.timeout)
-    tokenizer = ckpt.tokenizer()
-    if tokenizer is None:
-        raise ConfigError("the checkpoint has no tokenizer: pass --tokenizer")
-    return LLMEdge(part, ckpt.fingerprint, tokenizer, config,
-                   SessionLink(args.cloud) if args.cloud else None)
+    from tether.edge.llm import open_llm_edge
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return open_llm_edge(args.checkpoint or _assets() / "tinyllm" / "stories260K.bin",
+                         args.tokenizer, args.split, args.codec, args.cloud or "",
+                         args.exit_head, args.exit_threshold, args.timeout)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

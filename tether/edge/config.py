@@ -49,6 +49,15 @@ class EdgeConfig:
     curve_server_key: str = ""           # cloud's Z85 public key, or a path to its .key file
     curve_client_cert: Path | None = None   # this edge's secret certificate (.key_secret)
     drain_seconds: float = 5.0           # SIGTERM: how long in-flight requests may finish
+    # split LLM on the same endpoint (PREFILL codec "text"), its cloud part at `connect`
+    llm_checkpoint: Path | None = None   # llama2.c .bin or HF directory; None = DNN only
+    llm_tokenizer: Path | None = None    # llama2.c tokenizer .bin (default: beside the checkpoint)
+    llm_split: int | None = None         # edge keeps layers [0, K); None = half the layers
+    llm_codec: str = "fp16"              # hidden-state codec on the wire
+    llm_exit_head: Path | None = None    # trained exit head (`tether llm-exit`)
+    llm_exit_threshold: float | None = None   # None: the exit head's calibrated one
+    llm_timeout_seconds: float = 2.0     # per cloud step; then the exit head answers
+    llm_max_new_tokens: int = 1024       # cap on tokens per request
 
     def __post_init__(self) -> None:
         _check_endpoint("connect", self.connect, allow_empty=True)
@@ -80,9 +89,27 @@ class EdgeConfig:
                                   "'split:layer2:int8', 'local', 'offload:fp32'") from exc
         if self.records is not None and self.records.suffix not in (".jsonl", ".csv"):
             raise ConfigError(f"records must end in .jsonl or .csv, got {self.records}")
+        self._check_llm()
         if bool(self.curve_server_key) != (self.curve_client_cert is not None):
             raise ConfigError("CURVE needs both curve_server_key and curve_client_cert "
                               "(create them with `tether keys generate`)")
+
+    def _check_llm(self) -> None:
+        if self.llm_checkpoint is None:
+            return
+        from tether.core.errors import TetherError
+        from tether.partitioner.llm import make_hidden_codec
+        try:
+            make_hidden_codec(self.llm_codec)
+        except TetherError as exc:
+            raise ConfigError(f"llm_codec: {exc}") from exc
+        if self.llm_split is not None and self.llm_split < 1:
+            raise ConfigError(f"llm_split must be >= 1, got {self.llm_split}")
+        if self.llm_timeout_seconds <= 0 or self.llm_max_new_tokens < 1:
+            raise ConfigError("llm_timeout_seconds must be > 0 and llm_max_new_tokens >= 1")
+        if self.curve_client_cert is not None:
+            raise ConfigError("the LLM session link has no CURVE support yet: serve the LLM "
+                              "without curve_* keys (or use `tether llm-edge` on a trusted link)")
 
 
 def _check_endpoint(name: str, value: str, allow_empty: bool) -> None:

@@ -2,7 +2,9 @@
 
 :func:`build_agent` wires compute, policy, cloud link, records and metrics;
 :class:`EdgeDaemon` adds the local endpoint, the Prometheus endpoint and the
-SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`.
+SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`. With ``llm_checkpoint``
+the daemon also holds the edge part of a split LLM (:func:`build_llm_edge`) and streams
+its generations on the same endpoint, its cloud part served by the same ``connect`` cloud.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tether.core.types import LOCAL, Action
 from tether.edge.agent import EdgeAgent, default_edge_id
 from tether.edge.compute import EdgeCompute
 from tether.edge.config import EdgeConfig
+from tether.edge.llm import LLMEdge, open_llm_edge
 from tether.edge.records import RecordSink, open_sink
 from tether.edge.server import EdgeServer
 from tether.edge.zmq_link import CurveClientKeys, LinkTiming, ZmqCloudLink
@@ -76,6 +79,15 @@ def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
                      build_link(config, compute, edge_id), sinks, metrics=metrics)
 
 
+def build_llm_edge(config: EdgeConfig) -> LLMEdge | None:
+    """The split LLM's edge part from the ``llm_*`` keys; its cloud is ``connect``."""
+    if config.llm_checkpoint is None:
+        return None
+    return open_llm_edge(config.llm_checkpoint, config.llm_tokenizer, config.llm_split,
+                         config.llm_codec, config.connect, config.llm_exit_head,
+                         config.llm_exit_threshold, config.llm_timeout_seconds)
+
+
 class EdgeDaemon:
     """The agent served on its local endpoint, with metrics and a graceful stop."""
 
@@ -84,8 +96,12 @@ class EdgeDaemon:
         self.registry = registry or CollectorRegistry()
         self.metrics = EdgeMetrics(self.registry)
         self.agent = build_agent(config, metrics=self.metrics)
+        self.llm = build_llm_edge(config)
         self.server = EdgeServer(self.agent, config.listen, config.queue_size,
-                                 config.max_inflight)
+                                 config.max_inflight, llm=self.llm,
+                                 llm_max_new_tokens=config.llm_max_new_tokens,
+                                 llm_model_id=config.llm_checkpoint.stem
+                                 if config.llm_checkpoint else "llm")
         self._stop = asyncio.Event()
         self._gauges: asyncio.Task | None = None
         self.metrics_port: int | None = None
@@ -100,9 +116,11 @@ class EdgeDaemon:
             self.metrics_port = int(self._http.server_port)
         self._gauges = asyncio.create_task(self._update_gauges())
         link = self.agent.link
-        log.info("edge %s serving %s (%s) on %s; cloud %s; policy %s; metrics %s",
+        llm = (f" and LLM {self.config.llm_checkpoint} (layers [0, {self.llm.part.k}), "
+               f"{self.llm.config.codec})") if self.llm else ""
+        log.info("edge %s serving %s (%s)%s on %s; cloud %s; policy %s; metrics %s",
                  self.agent.edge_id, self.agent.compute.manifest.model_id,
-                 self.config.bundle, endpoint, link.endpoint if link else "none (local only)",
+                 self.config.bundle, llm, endpoint, link.endpoint if link else "none (local only)",
                  getattr(self.agent.policy, "name", "?"),
                  f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
                  if self.metrics_port else "off")
@@ -138,6 +156,8 @@ class EdgeDaemon:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
         await self.agent.close()
+        if self.llm is not None and self.llm.link is not None:
+            await self.llm.link.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

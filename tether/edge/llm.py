@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -317,6 +318,30 @@ class LLMEdge:
         return "".join(e.text for e in events), events
 
 
+def open_llm_edge(checkpoint: Path, tokenizer: Path | None = None, split: int | None = None,
+                  codec: str = "fp16", cloud: str = "", exit_head: Path | None = None,
+                  exit_threshold: float | None = None, timeout_s: float = 2.0) -> LLMEdge:
+    """An :class:`LLMEdge` for layers ``[0, split)`` of ``checkpoint`` (default: half the
+    layers), with its exit head and threshold (``exit_head``'s calibrated one unless given)
+    and a :class:`SessionLink` to ``cloud`` ("" = edge only)."""
+    from tether.partitioner.llm import load_exit_head, num_layers, open_llm, read_exit_meta
+
+    ckpt = open_llm(checkpoint, tokenizer)
+    k = split if split is not None else num_layers(ckpt.config) // 2
+    part = EdgeLM(ckpt, k)
+    if exit_head is not None:
+        part.exit_head = load_exit_head(part, exit_head)
+        meta = read_exit_meta(exit_head)
+        if meta.get("split") not in (None, k):
+            raise ConfigError(f"{exit_head} was trained for split {meta['split']}, not {k}")
+        exit_threshold = exit_threshold if exit_threshold is not None else meta.get("threshold")
+    config = GenerateConfig(codec=codec, exit_threshold=exit_threshold, timeout_s=timeout_s)
+    tok = ckpt.tokenizer()
+    if tok is None:
+        raise ConfigError(f"{checkpoint} has no tokenizer: pass its tokenizer file")
+    return LLMEdge(part, ckpt.fingerprint, tok, config, SessionLink(cloud) if cloud else None)
+
+
 class _Detokenizer:
     """Incremental text: byte-level for llama2.c tokenizers, decode-and-diff for HF ones."""
 
@@ -340,6 +365,39 @@ class _Detokenizer:
 #: Where a streamed token came from, as the uint8 code in the local endpoint's RESULTs.
 SOURCES = ("cloud", "exit", "local")
 TEXT_CODEC = "text"
+
+
+def is_generate_request(msg: Any) -> bool:
+    """A local endpoint's generation request: a PREFILL with codec ``"text"``."""
+    return isinstance(msg, P.Prefill) and msg.codec == TEXT_CODEC
+
+
+async def stream_generation(edge: LLMEdge, msg: Any, send: Any, max_new_tokens: int) -> None:
+    """Answer one local generation request (see :class:`LLMEdgeServer`) through ``send``.
+
+    ``send`` is an async callable taking a protocol message: one RESULT per token (token id,
+    new text, source code), then an empty RESULT; ERROR on failure. Shared by ``tether
+    llm-edge`` and ``tether edge --llm-checkpoint``.
+    """
+    try:
+        if len(msg.payload) != 1:
+            raise ProtocolError("the prompt travels as exactly one UTF-8 payload frame")
+        prompt = bytes(memoryview(msg.payload[0])).decode("utf-8")
+        limit = max(1, min(msg.token_count or 64, max_new_tokens))
+        async for ev in edge.generate(prompt, limit):
+            frames = [P.tensor_frame(np.array([ev.token], dtype=np.int64)),
+                      P.tensor_frame(np.frombuffer(ev.text.encode("utf-8"), dtype=np.uint8)),
+                      P.tensor_frame(np.array([SOURCES.index(ev.source)], dtype=np.uint8))]
+            await send(P.Result(msg.request_id, tuple(d for d, _ in frames),
+                                tuple(v for _, v in frames)))
+        await send(P.Result(msg.request_id))
+    except UnicodeDecodeError as exc:
+        await send(P.Error(msg.request_id, "bad_payload", f"prompt is not UTF-8: {exc}"))
+    except TetherError as exc:
+        await send(P.Error.from_exception(msg.request_id, exc))
+    except Exception as exc:   # noqa: BLE001 - never leave an application hanging
+        log.exception("generation %d failed", msg.request_id)
+        await send(P.Error.from_exception(msg.request_id, exc))
 
 
 class LLMEdgeServer:
@@ -396,29 +454,15 @@ class LLMEdgeServer:
                 info = P.BundleInfo(self.model_id, self.edge.fingerprint, (self.edge.split,),
                                     (self.edge.config.codec,))
                 await self._send(ident, P.Ready(msg.request_id, "tether-llm-edge", (info,)))
-            elif isinstance(msg, P.Prefill) and msg.codec == TEXT_CODEC:
+            elif is_generate_request(msg):
                 self._spawn(self._stream(ident, msg))
             else:
                 await self._send(ident, P.Error(msg.request_id, ProtocolError.code,
                                                 "send a PREFILL with codec 'text' and the prompt"))
 
     async def _stream(self, ident: Any, msg: Any) -> None:
-        try:
-            if len(msg.payload) != 1:
-                raise ProtocolError("the prompt travels as exactly one UTF-8 payload frame")
-            prompt = bytes(memoryview(msg.payload[0])).decode("utf-8")
-            limit = max(1, min(msg.token_count or 64, self.max_new_tokens))
-            async for ev in self.edge.generate(prompt, limit):
-                frames = [P.tensor_frame(np.array([ev.token], dtype=np.int64)),
-                          P.tensor_frame(np.frombuffer(ev.text.encode("utf-8"), dtype=np.uint8)),
-                          P.tensor_frame(np.array([SOURCES.index(ev.source)], dtype=np.uint8))]
-                await self._send(ident, P.Result(msg.request_id, tuple(d for d, _ in frames),
-                                                 tuple(v for _, v in frames)))
-            await self._send(ident, P.Result(msg.request_id))
-        except UnicodeDecodeError as exc:
-            await self._send(ident, P.Error(msg.request_id, "bad_payload", f"prompt is not UTF-8: {exc}"))
-        except TetherError as exc:
-            await self._send(ident, P.Error.from_exception(msg.request_id, exc))
+        await stream_generation(self.edge, msg, lambda reply: self._send(ident, reply),
+                                self.max_new_tokens)
 
     async def _send(self, ident: Any, msg: Any) -> None:
         await self._sock.send_multipart([ident, *P.encode(msg)], copy=False)

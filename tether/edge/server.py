@@ -14,6 +14,11 @@ class name when the bundle has labels. Bad input gets an ERROR,
 a full queue or a draining daemon a BUSY, PING a PONG, and HELLO a READY
 describing the bundle (model id, fingerprint, input shape). The IO task only parses and
 queues; worker tasks run :meth:`EdgeAgent.infer` (whose compute runs in threads).
+
+With an :class:`~tether.edge.llm.LLMEdge` (``tether edge --llm-checkpoint``) the same
+endpoint also streams LLM generations: a PREFILL with codec ``"text"`` gets one RESULT per
+token exactly as ``tether llm-edge`` answers it (:func:`~tether.edge.llm.stream_generation`),
+and READY lists the LLM after the bundle.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tether.core.errors import InputShapeError, ProtocolError, TetherError
 from tether.core.types import RequestRecord
 from tether.edge.agent import EdgeAgent
 from tether.edge.client import LOCAL_CODEC
+from tether.edge.llm import LLMEdge, is_generate_request, stream_generation
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +74,11 @@ class EdgeServer:
 
     def __init__(self, agent: EdgeAgent, endpoint: str, queue_size: int = 256, workers: int = 32,
                  context: zmq.asyncio.Context | None = None,
-                 limits: P.Limits = P.DEFAULT_LIMITS) -> None:
+                 limits: P.Limits = P.DEFAULT_LIMITS, llm: LLMEdge | None = None,
+                 llm_max_new_tokens: int = 1024, llm_model_id: str = "llm") -> None:
         self.agent = agent
+        self.llm, self.llm_max_new_tokens, self.llm_model_id = llm, llm_max_new_tokens, llm_model_id
+        self._streams: set[asyncio.Task] = set()
         self.endpoint = endpoint
         self.limits = limits
         self._ctx = context or zmq.asyncio.Context.instance()
@@ -106,13 +115,14 @@ class EdgeServer:
         """Refuse new requests (BUSY), let queued and running ones finish, then close."""
         self.draining = True
         deadline = time.monotonic() + drain_seconds
-        while (self._queue.qsize() or self._busy_workers) and time.monotonic() < deadline:
+        while (self._queue.qsize() or self._busy_workers or self._streams) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         while not self._out.empty() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        for task in self._tasks:
+        for task in [*self._streams, *self._tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._streams, *self._tasks, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -134,11 +144,16 @@ class EdgeServer:
             self._reply(identity, P.encode(P.Pong(msg.request_id, msg.t)))
             return
         if isinstance(msg, P.Hello):
-            info = self.agent.compute.bundle_info()
-            self._reply(identity, P.encode(P.Ready(msg.request_id, self.agent.edge_id, (info,))))
+            infos = (self.agent.compute.bundle_info(),) + self._llm_info()
+            self._reply(identity, P.encode(P.Ready(msg.request_id, self.agent.edge_id, infos)))
+            return
+        if self.llm is not None and is_generate_request(msg):
+            self._start_stream(identity, msg)
             return
         if not isinstance(msg, P.Infer):
-            raise ProtocolError(f"the edge endpoint answers HELLO, INFER and PING, not {msg.TYPE.name}")
+            extra = ", PREFILL (codec 'text')" if self.llm is not None else ""
+            raise ProtocolError(f"the edge endpoint answers HELLO, INFER{extra} and PING, "
+                                f"not {msg.TYPE.name}")
         if self.draining:
             self._reply(identity, P.encode(P.Busy(msg.request_id, "draining")))
             return
@@ -148,6 +163,26 @@ class EdgeServer:
         except asyncio.QueueFull:
             self._reply(identity, P.encode(P.Busy(msg.request_id, "queue_full",
                                                   self._queue.qsize())))
+
+    def _llm_info(self) -> tuple[P.BundleInfo, ...]:
+        if self.llm is None:
+            return ()
+        return (P.BundleInfo(self.llm_model_id, self.llm.fingerprint, (self.llm.split,),
+                             (self.llm.config.codec,)),)
+
+    def _start_stream(self, identity: bytes, msg: P.Prefill) -> None:
+        """Stream one generation; its RESULTs go through the same send queue as INFER's."""
+        if self.draining:
+            self._reply(identity, P.encode(P.Busy(msg.request_id, "draining")))
+            return
+
+        async def send(reply: Any) -> None:
+            self._reply(identity, P.encode(reply))
+        task = asyncio.create_task(
+            stream_generation(self.llm, msg, send, self.llm_max_new_tokens),
+            name=f"edge-llm-{msg.request_id}")
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
 
     def _label(self, index: int) -> str | None:
         labels = self.agent.compute.manifest.preprocess.get("labels")

@@ -3,7 +3,7 @@
 Objective ``latency``: minimise predicted latency subject to the accuracy floor. The
 throughput estimate is RobustMPC's harmonic mean of recent samples (the right plug-in for
 the expected ``bytes / bandwidth``; ``estimator = "robust"`` adds its error discount, which
-measured worse for mean latency, see docs/benchmarks/policies.md), corrected for the edge's
+measured worse for mean latency, see docs/benchmarks.md), corrected for the edge's
 own queueing, capped by what an offload still in flight proves (outages are seen before
 any reply), with cold start and staleness decay, and a hysteresis so noise does not flap
 between near-equal actions.
