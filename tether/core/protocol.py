@@ -58,7 +58,7 @@ import numpy as np
 from tether.core.errors import (
     ProtocolError, TetherError, VersionMismatchError, error_from_code,
 )
-from tether.core.types import DTYPE_SIZES
+from tether.core.types import DTYPE_SIZES, TensorSpec
 
 PROTOCOL_VERSION = 1
 ZERO_COPY_BYTES = 64 * 1024     # frames at least this big are sent without copying
@@ -92,19 +92,8 @@ DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
-class TensorDesc:
+class TensorDesc(TensorSpec):
     """Shape and dtype of one raw tensor frame (C-contiguous, little-endian)."""
-
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.dtype]
 
     def to_wire(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype}
