@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import msgpack
 import torch
 
-from tether.core.errors import CodecError, PayloadError
+from tether.core.errors import CodecError, PayloadError, WeightsError
 from tether.core.types import DTYPE_SIZES
 
 #: Largest tensor (in elements) a decoder agrees to allocate; protects against hostile headers.
@@ -173,3 +174,15 @@ def require_tensor(tensor: Any, floating: bool = True) -> torch.Tensor:
     if tensor.dim() == 0 or tensor.dim() > MAX_DIMS:
         raise CodecError(f"codec input must have 1..{MAX_DIMS} dims, got {tensor.dim()}")
     return tensor.detach().cpu()
+
+
+def onnx_session(path: str | Path, threads: int, what: str) -> Any:
+    """An ONNX Runtime CPU session; a file it cannot load is a WeightsError naming ``what``."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own zoo
+        raise WeightsError(f"cannot load {what} {path}: {exc}") from exc

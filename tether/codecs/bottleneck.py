@@ -34,7 +34,7 @@ from tether.core.errors import (
 )
 from tether.codecs.base import (
     Codec, EncodedTensor, Frame, check_frames, check_header, check_shape, frame_len,
-    require_tensor,
+    onnx_session, require_tensor,
 )
 
 MAX_BATCH = 4096
@@ -233,7 +233,7 @@ class BottleneckCodec(Codec):
         self.codec_id = codec_id
         self.model = model
         self.cfg = model.cfg
-        self._session = _onnx_session(onnx_path, threads) if onnx_path else None
+        self._session = onnx_session(onnx_path, threads, "ONNX encoder") if onnx_path else None
 
     @classmethod
     def from_entry(cls, entry: CodecEntry, bundle_dir: str | Path) -> "BottleneckCodec":
@@ -294,13 +294,3 @@ class BottleneckCodec(Codec):
                                f"truncated or corrupt")
         return bytes(frame) + bytes(rans_padding(n, symbols))
 
-
-def _onnx_session(path: str | Path, threads: int) -> Any:
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own zoo
-        raise WeightsError(f"cannot load ONNX encoder {path}: {exc}") from exc

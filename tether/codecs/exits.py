@@ -14,7 +14,6 @@ Runtime when the bundle has the export, else in torch.
 from __future__ import annotations
 
 import math
-import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from tether.core.bundle import ExitEntry, Manifest
 from tether.core.errors import BundleError, CodecError, WeightsError
+from tether.codecs.base import onnx_session
 from tether.codecs.training import Teacher, TrainConfig, batches, kd_loss
 
 METRICS = ("max_softmax", "entropy")
@@ -164,7 +164,7 @@ class EarlyExit:
         self.metric = entry.metric
         self.threshold = entry.threshold
         self.head = head.eval()
-        self._session = _session(onnx_path, threads) if onnx_path else None
+        self._session = onnx_session(onnx_path, threads, "ONNX exit head") if onnx_path else None
 
     def logits(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
         x = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) \
@@ -217,13 +217,3 @@ def load_exit(bundle_dir: str | Path, manifest: Manifest | None = None,
     onnx = Path(bundle_dir) / onnx_rel if onnx_rel else None
     return EarlyExit(entry, head, onnx if onnx and onnx.is_file() else None)
 
-
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own zoo
-        raise WeightsError(f"cannot load ONNX exit head {path}: {exc}") from exc

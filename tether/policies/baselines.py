@@ -30,19 +30,6 @@ class LocalOnly:
     def observe(self, obs: Observation) -> None:
         return None
 
-    def _true_latencies(self, hindsight: Hindsight, ctx: DecisionContext) -> np.ndarray:
-        """True latency per allowed action; for the latency objective, actions whose
-        lower bound cannot beat the best found so far are skipped (left at +inf)."""
-        lat = np.full(len(self.model.actions), np.inf)
-        prune = self.cfg.objective == "latency"
-        best = np.inf
-        for i in self._order:
-            if prune and self._bounds[i] >= best:
-                break                      # sorted by bound: nothing later can win
-            lat[i] = hindsight(self.model.actions[i], ctx)
-            best = min(best, lat[i])
-        return lat
-
 
 class StaticPolicy:
     """One fixed action (local when the cloud is unavailable)."""
@@ -56,19 +43,6 @@ class StaticPolicy:
 
     def observe(self, obs: Observation) -> None:
         return None
-
-    def _true_latencies(self, hindsight: Hindsight, ctx: DecisionContext) -> np.ndarray:
-        """True latency per allowed action; for the latency objective, actions whose
-        lower bound cannot beat the best found so far are skipped (left at +inf)."""
-        lat = np.full(len(self.model.actions), np.inf)
-        prune = self.cfg.objective == "latency"
-        best = np.inf
-        for i in self._order:
-            if prune and self._bounds[i] >= best:
-                break                      # sorted by bound: nothing later can win
-            lat[i] = hindsight(self.model.actions[i], ctx)
-            best = min(best, lat[i])
-        return lat
 
 
 def cloud_only(model: CostModel, cfg: PolicyConfig) -> StaticPolicy:
