@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Protocol
 
 from tether.core import protocol as P
 from tether.core.errors import DeadlineExceededError, PeerUnavailableError
-from tether.edge.link import (CloudReply, CloudRequest, RttCallback, message_error,
+from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, message_error,
                               reply_from_message, with_bytes)
 
 
@@ -25,24 +25,16 @@ class FramePeer(Protocol):
     def request_frames(self, frames: list[Any]) -> Awaitable[list[bytes]]: ...
 
 
-class InProcessLink:
+class InProcessLink(LinkReadiness):
     """:class:`~tether.edge.link.CloudLink` over an in-process peer."""
 
     def __init__(self, peer: FramePeer, bundle: P.BundleInfo, edge_id: str = "edge") -> None:
+        super().__init__()
         self.peer = peer
         self.bundle = bundle
         self.edge_id = edge_id
         self._ids = itertools.count(1)
-        self._ready = asyncio.Event()
-        self._rtt_callback: RttCallback | None = None
         self.last_refusal = ""
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def set_rtt_callback(self, callback: RttCallback | None) -> None:
-        self._rtt_callback = callback
 
     async def start(self) -> None:
         """Handshake now; a refusal leaves the link not ready (see ``last_refusal``)."""
@@ -53,13 +45,6 @@ class InProcessLink:
         else:
             error = message_error(reply)
             self.last_refusal = str(error) if error else "cloud does not serve this bundle"
-
-    async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        return self.ready
 
     def disconnect(self) -> None:
         """Simulate a lost cloud: requests fail with PeerUnavailableError until start()."""

@@ -9,6 +9,7 @@ or the error class the cloud reported.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -112,3 +113,25 @@ def reply_from_message(request_id: int, msg: Any, rtt: float, sent: int,
     logits = P.frame_array(msg.tensors[0], msg.payload[0])
     return CloudReply(request_id, logits.astype("float32"), msg.queue_s, msg.decode_s,
                       msg.tail_s, rtt, sent, received, {"batch_size": msg.batch_size})
+
+
+class LinkReadiness:
+    """What every :class:`CloudLink` shares: the handshake-ready flag and the RTT hook."""
+
+    def __init__(self) -> None:
+        self._ready = asyncio.Event()
+        self._rtt_callback: RttCallback | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def set_rtt_callback(self, callback: RttCallback | None) -> None:
+        self._rtt_callback = callback
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self.ready

@@ -29,7 +29,7 @@ from zmq.utils.monitor import parse_monitor_message
 from tether.core import protocol as P
 from tether.core.errors import (ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, TetherError)
-from tether.edge.link import (CloudReply, CloudRequest, RttCallback, message_error,
+from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, message_error,
                               reply_from_message, with_bytes)
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,14 @@ class CurveClientKeys:
         return cls(server_public, public, secret)
 
 
-class ZmqCloudLink:
+class ZmqCloudLink(LinkReadiness):
     """:class:`~tether.edge.link.CloudLink` over a ZeroMQ DEALER socket."""
 
     def __init__(self, endpoint: str, bundle: P.BundleInfo, edge_id: str = "edge",
                  timing: LinkTiming = LinkTiming(), curve: CurveClientKeys | None = None,
                  limits: P.Limits = P.DEFAULT_LIMITS,
                  context: zmq.asyncio.Context | None = None) -> None:
+        super().__init__()
         self.endpoint = endpoint
         self.bundle = bundle
         self.edge_id = edge_id
@@ -93,12 +94,10 @@ class ZmqCloudLink:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._sock: zmq.asyncio.Socket | None = None
-        self._ready = asyncio.Event()
         self._lost: asyncio.Event | None = None
         self._lost_reason = ""
         self._hello: asyncio.Future | None = None
         self._supervisor: asyncio.Task | None = None
-        self._rtt_callback: RttCallback | None = None
         self._last_seen = 0.0
         self.server: P.Ready | None = None
         self.last_refusal = ""
@@ -108,23 +107,9 @@ class ZmqCloudLink:
 
     # ---- CloudLink interface -----------------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def set_rtt_callback(self, callback: RttCallback | None) -> None:
-        self._rtt_callback = callback
-
     async def start(self) -> None:
         if self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name="tether-edge-link")
-
-    async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        return self.ready
 
     async def infer(self, request: CloudRequest) -> CloudReply:
         sock = self._sock
