@@ -114,6 +114,7 @@ class EdgeDaemon:
             self._http = _start_metrics_server(self.config.metrics_host,
                                                self.config.metrics_port, self.registry)
             self.metrics_port = int(self._http.server_port)
+        self.metrics.cloud_ready.set_function(lambda: 1.0 if self.agent.cloud_available else 0.0)
         self._gauges = asyncio.create_task(self._update_gauges())
         link = self.agent.link
         llm = (f" and LLM {self.config.llm_checkpoint} (layers [0, {self.llm.part.k}), "
@@ -167,7 +168,6 @@ class EdgeDaemon:
         connects = 0
         while True:
             link = self.agent.link
-            self.metrics.cloud_ready.set(1 if self.agent.cloud_available else 0)
             if link is not None and getattr(link, "connects", 0) > connects:
                 self.metrics.reconnects.inc(link.connects - connects)
                 connects = link.connects
