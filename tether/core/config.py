@@ -80,6 +80,10 @@ def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown config key {_join(where, unknown[0])!r}; "
                           f"valid keys: {sorted(known)}")
+    missing = [name for name, f in known.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {_join(where, missing[0])!r}")
     kwargs = {name: _coerce(hints[name], value, _join(where, name))
               for name, value in data.items()}
     try:
