@@ -85,7 +85,8 @@ def build_llm_edge(config: EdgeConfig) -> LLMEdge | None:
         return None
     return open_llm_edge(config.llm_checkpoint, config.llm_tokenizer, config.llm_split,
                          config.llm_codec, config.connect, config.llm_exit_head,
-                         config.llm_exit_threshold, config.llm_timeout_seconds)
+                         config.llm_exit_threshold, config.llm_timeout_seconds,
+                         config.llm_first_step_timeout_seconds)
 
 
 class EdgeDaemon:
