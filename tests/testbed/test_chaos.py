@@ -14,8 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the sha
 from edge.bundles import shared_bundle  # noqa: E402
 
 
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     return shared_bundle(tmp_path_factory)
