@@ -304,3 +304,38 @@ def test_a_refusing_cloud_means_local_tokens_or_its_error(stories, edges, with_e
         asyncio.run(main(EdgeLM(stories, 4, with_exit=False)))
     with pytest.raises(BundleError, match="deploy the same weights"):     # raw LM head: no guess
         asyncio.run(main(edges[4]))
+
+
+def test_generate_via_the_edge_endpoint_fails_with_one_line_when_it_cannot_go_on(stories, edges,
+                                                                                  capsys):
+    """The daemon path of `tether generate --edge`: an ERROR ends the stream, exit 1."""
+    import threading
+
+    from tether.cli import main
+    from tether.edge.llm import LLMEdgeServer
+
+    ready, stop = threading.Event(), threading.Event()
+    box = {}
+
+    async def daemon():
+        link = SessionLink("tcp://127.0.0.1:9")          # nothing listens there
+        edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
+                                         GenerateConfig(timeout_s=0.2, first_step_timeout_s=0.5),
+                                         link), "tcp://127.0.0.1:0")
+        box["endpoint"] = await edge_srv.start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+        await edge_srv.close()
+        await link.close()
+    thread = threading.Thread(target=asyncio.run, args=(daemon(),))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        assert main(["generate", "--edge", box["endpoint"], "--max-new-tokens", "4", "Once"]) == 1
+    finally:
+        stop.set()
+        thread.join(30)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(lines) == 1 and "no trained exit head" in lines[0], err
