@@ -43,3 +43,28 @@ def test_curve_keys_load_from_files_or_z85_and_fail_clearly(tmp_path):
         CurveClientKeys.load(z85, tmp_path / "missing.key_secret")
     with pytest.raises(ConfigError, match="Z85"):
         CurveClientKeys.load("short", client_sec)
+
+
+@pytest.mark.parametrize("action, says", [
+    ("offload:jpeg999", "unknown codec"), ("split:nosuch:fp16", "nosuch"),
+    ("split:layer2.2:nope", "nope"), ("exit:layer2.2:fp32", "no early exit"),
+    ("split:layer1.0:fp16", "no exported ONNX head"),
+    ("split:layer2.2:jpeg75", "input only")])
+def test_an_action_the_bundle_cannot_run_is_refused_at_start(bundle, action, says):
+    """Defect: these started, reported ready and answered 100 % by local fallback."""
+    with pytest.raises(ConfigError, match=says):
+        build_agent(EdgeConfig(bundle=bundle, connect="tcp://127.0.0.1:9", action=action))
+    assert build_agent(EdgeConfig(bundle=bundle, action="offload:jpeg90")).policy.decide(None) \
+        == Action.parse("offload:jpeg90")
+
+
+def test_tether_edge_with_a_bad_action_exits_with_one_line(bundle):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "tether", "edge", "--bundle", str(bundle),
+                           "--connect", "tcp://127.0.0.1:9", "--listen", "tcp://127.0.0.1:0",
+                           "--action", "split:nosuch:fp16"], capture_output=True, text=True,
+                          timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tether: error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "nosuch" in errors[0] and "Traceback" not in proc.stderr

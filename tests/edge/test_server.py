@@ -118,3 +118,47 @@ def test_full_queue_answers_busy_at_once_and_drain_refuses_new_work(bundle):
 def test_bad_server_sizes_are_rejected(queue_size):
     with pytest.raises(Exception):
         EdgeConfig(queue_size=queue_size)
+
+
+def _serve_for_client(compute, limits=P.DEFAULT_LIMITS):
+    agent = EdgeAgent(compute, FixedPolicy(LOCAL), EdgeConfig())
+    return agent, EdgeServer(agent, "tcp://127.0.0.1:0", 8, 2, limits=limits)
+
+
+def test_client_gets_an_error_for_oversized_or_non_finite_input_at_once(bundle):
+    """Defects: an oversized message got an ERROR with id 0 that EdgeClient ignored (it then
+    waited its whole timeout); a NaN image came back as a confident class-0 answer."""
+    from tether.core.errors import InputShapeError, ProtocolError
+    from tether.edge.client import EdgeClient
+
+    limits = P.Limits(max_message_bytes=64 * 1024)
+
+    async def scenario():
+        agent, server = _serve_for_client(EdgeCompute(bundle), limits)
+        endpoint = await server.start()
+        loop = asyncio.get_running_loop()
+        client = EdgeClient(endpoint, timeout=20)
+
+        def calls():
+            out = {}
+            t0 = time.monotonic()
+            with pytest.raises(ProtocolError, match="exceeds max_message_bytes"):
+                client.infer(np.zeros((1, 3, 128, 128), np.float32))      # 196 KiB
+            out["oversized_s"] = time.monotonic() - t0
+            nan = IMAGES[0].astype(np.float32).transpose(2, 0, 1)[None] / 255
+            nan[0, 1, 5, 5] = np.nan
+            with pytest.raises(InputShapeError, match="NaN/Inf"):
+                client.infer(nan)
+            with pytest.raises(InputShapeError, match="NaN/Inf"):
+                client.infer(np.full((1, 3, 32, 32), np.inf, np.float32))
+            out["after"] = client.infer(IMAGES[1]).prediction
+            return out
+        try:
+            return await loop.run_in_executor(None, calls)
+        finally:
+            client.close()
+            await server.stop(1.0)
+            await agent.close()
+    out = run(scenario())
+    assert out["oversized_s"] < 5.0           # not the 20 s timeout
+    assert out["after"] == int(np.argmax(reference_logits(bundle, IMAGES[1:2])[0]))

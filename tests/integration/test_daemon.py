@@ -112,3 +112,31 @@ def urllib_get(url: str) -> str:
     import urllib.request
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.read().decode()
+
+
+def test_client_of_a_sigkilled_edge_fails_fast(bundle, tmp_path):
+    """Defect: a client talking to a SIGKILLed edge waited its whole timeout."""
+    import signal
+    import time
+
+    from tether.core.errors import PeerUnavailableError
+
+    daemon = Daemon(["edge", "--bundle", str(bundle), "--action", "local",
+                     "--listen", f"tcp://127.0.0.1:{free_port()}"], tmp_path / "edge.log").start()
+    try:
+        with EdgeClient(daemon.endpoint, timeout=30) as client:
+            assert client.infer(IMAGES[0]).outcome == "local"
+            daemon.signal(signal.SIGSTOP)          # the request below stays pending...
+            t0 = time.monotonic()
+            import threading
+            threading.Timer(0.5, daemon.signal, (signal.SIGKILL,)).start()   # ...then it dies
+            with pytest.raises(PeerUnavailableError, match="closed the connection"):
+                client.infer(IMAGES[1])
+            pending = time.monotonic() - t0
+            t0 = time.monotonic()
+            with pytest.raises(PeerUnavailableError, match="refuses connections"):
+                client.infer(IMAGES[2])                # sent after it died
+            after = time.monotonic() - t0
+    finally:
+        daemon.kill()
+    assert pending < 5.0 and after < 5.0, (pending, after)

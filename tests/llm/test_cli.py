@@ -27,3 +27,14 @@ def test_llm_exit_then_generate_with_it(assets, monkeypatch, capsys, tmp_path):
     assert main(["generate", "--split", "3", "--exit-head", str(out), "Once"]) == 1
     assert "trained for split 4" in capsys.readouterr().err
     assert main(["generate", "--codec", "int3", "Once"]) == 1
+
+
+def test_generate_without_exit_head_and_no_cloud_fails_with_one_line(assets, monkeypatch, capsys):
+    """No READY from the cloud and no trained exit head: exit 1 and say why, no guessed text."""
+    monkeypatch.setenv("TETHER_ASSETS", str(assets))
+    assert main(["generate", "--cloud", "tcp://127.0.0.1:9", "--split", "3", "--timeout", "0.2",
+                 "--first-step-timeout", "0.5", "--max-new-tokens", "4", "Once"]) == 1
+    out = capsys.readouterr()
+    errors = [line for line in out.err.splitlines() if line.startswith("tether: error:")]
+    assert len(errors) == 1 and "no trained exit head" in errors[0], out.err
+    assert "Traceback" not in out.err and out.out.strip() == "Once"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
-from tether.core.errors import PeerUnavailableError
+from tether.core.errors import DeadlineExceededError, PeerUnavailableError
 from tether.edge.llm import GenerateConfig, LLMEdge, LocalSessionLink, SessionLink
-from tether.partitioner.llm import EdgeLM, split_llm, train_exit_head
+from tether.partitioner.llm import EdgeLM, new_exit_head, split_llm, train_exit_head
 
 STEPS = 24
 PATIENT = 30.0      # the shared 2-core machine can be very slow: never fall back by accident
@@ -25,6 +25,15 @@ def reference(stories, stories_full):
 @pytest.fixture(scope="module")
 def edges(stories):
     return {k: EdgeLM(stories, k) for k in (1, 2, 3, 4)}
+
+
+@pytest.fixture(scope="module")
+def with_exit(stories):
+    """Layers [0, 4) with an exit head attached (untrained adapter: these tests check the
+    mechanics of going local, not the exit's quality)."""
+    part = EdgeLM(stories, 4)
+    part.exit_head = new_exit_head(part)
+    return part
 
 
 async def _collect(edge, prompt=(1,), steps=STEPS, on_token=None):
@@ -87,12 +96,12 @@ def test_lost_session_is_reprefilled_and_output_unchanged(stories, edges, refere
     assert left == {}                                              # CLOSE ended the session
 
 
-def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, edges, reference):
+def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, with_exit, reference):
     async def main():
         server = _serve(stories)
         endpoint = await server.start()
         link = SessionLink(endpoint)
-        edge = LLMEdge(edges[4], stories.fingerprint, stories.tokenizer(),
+        edge = LLMEdge(with_exit, stories.fingerprint, stories.tokenizer(),
                        GenerateConfig(timeout_s=0.5, retry_after_s=0.0), link)
         state = {"server": server}
 
@@ -105,25 +114,84 @@ def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, edges
         events = await _collect(edge, on_token=outage)
         await link.close()
         await state["server"].close()
-        return events
-    events = asyncio.run(main())
+        return events, edge.records[-1]
+    events, record = asyncio.run(main())
     sources = [e.source for e in events]
     assert "cloud" in sources[:4] and sources[4:10] == ["local"] * 6   # server gone: edge alone
     assert sources[-1] == "cloud" and any(e.reprefilled for e in events[10:])
     assert len(events) == STEPS
+    assert record.local == 6 and record.cloud == STEPS - 6 and record.error == ""
 
 
-def test_unreachable_cloud_means_edge_only_generation(stories, edges):
+def test_unreachable_cloud_means_edge_only_generation(stories, edges, with_exit):
     async def main(part, link):
         edge = LLMEdge(part, stories.fingerprint, stories.tokenizer(),
-                       GenerateConfig(timeout_s=0.2, retry_after_s=60.0), link)
+                       GenerateConfig(timeout_s=0.2, retry_after_s=60.0, first_step_timeout_s=0.5),
+                       link)
         return await _collect(edge, steps=8)
     link = SessionLink("tcp://127.0.0.1:9")          # nothing listens on the discard port
-    events = asyncio.run(main(edges[4], link))
+    events = asyncio.run(main(with_exit, link))
     assert {e.source for e in events} == {"local"}
-    assert [e.token for e in events] == [e.token for e in asyncio.run(main(edges[4], None))]
-    with pytest.raises(PeerUnavailableError, match="no exit head"):
+    assert [e.token for e in events] == [e.token for e in asyncio.run(main(with_exit, None))]
+    with pytest.raises(PeerUnavailableError, match="no trained exit head"):
         asyncio.run(main(EdgeLM(stories, 4, with_exit=False), None))
+
+
+def test_without_exit_head_a_lost_cloud_ends_the_stream_with_an_error(stories, edges):
+    """Defect: the raw final norm + LM head at layer k answered "local" ("to to to...")."""
+    async def main():
+        server = _serve(stories)
+        link = SessionLink(await server.start())
+        edge = LLMEdge(edges[4], stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(timeout_s=0.3, first_step_timeout_s=PATIENT), link)
+
+        async def kill(n):
+            if n == 3:
+                await server.close()
+        try:
+            with pytest.raises((PeerUnavailableError, DeadlineExceededError),
+                               match="no trained exit head") as info:
+                await _collect(edge, on_token=kill)
+        finally:
+            await link.close()
+        return edge.records[-1], info.value
+    record, error = asyncio.run(main())
+    assert record.cloud == 3 and record.local == 0 and record.tokens == 3
+    assert record.error in ("unavailable", "deadline")
+    assert "token 4" in str(error)
+
+
+def test_a_cold_or_late_cloud_is_waited_for_on_the_first_step(stories, edges, reference):
+    """The cloud starts 1 s after the session and its first step is slower than a step's
+    timeout: the edge waits (readiness + first-step budget) instead of guessing locally."""
+    from tests.integration.procs import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+
+    async def main():
+        link = SessionLink(endpoint)
+        edge = LLMEdge(edges[3], stories.fingerprint, stories.tokenizer(),
+                       GenerateConfig(timeout_s=PATIENT / 4, first_step_timeout_s=PATIENT), link)
+        server = _serve(stories, endpoint)          # not preloaded: builds split 3 on first use
+
+        async def late_start():
+            await asyncio.sleep(1.0)
+            await server.start()
+        starter = asyncio.create_task(late_start())
+        events = await _collect(edge, steps=8)
+        await starter
+        await link.close()
+        await server.close()
+        return events, edge.records[-1]
+    events, record = asyncio.run(main())
+    assert [e.token for e in events] == reference[:8]
+    assert record.cloud == 8 and record.local == 0 and record.error == ""
+
+
+def test_exit_threshold_needs_a_trained_exit_head(stories, edges):
+    from tether.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="trained exit head"):
+        LLMEdge(edges[3], stories.fingerprint, stories.tokenizer(), GenerateConfig(exit_threshold=0.5))
 
 
 def test_early_exit_keeps_the_cloud_cache_consistent(stories, stories_full, exit_training_tokens):
@@ -206,6 +274,7 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
         client = LLMClient(box["endpoint"], timeout=20)
         tokens = list(client.generate("Once upon a time", max_new_tokens=STEPS))
         assert len(tokens) == STEPS and {s for _, _, s in tokens} == {"cloud"}
+        assert client.counts == {"cloud": STEPS, "exit": 0, "local": 0}
         text = "".join(t for _, t, _ in tokens)
         assert text.startswith(", there was a little girl named Lily")
         client._sock.send_multipart([b"\x0b", b"\x80"])          # garbage header: ERROR, still serving
@@ -217,7 +286,7 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
         thread.join(30)
 
 
-def test_a_refusing_cloud_means_local_tokens_or_its_error(stories, edges):
+def test_a_refusing_cloud_means_local_tokens_or_its_error(stories, edges, with_exit):
     """A cloud serving other weights answers ERROR: the edge goes on alone, or says why."""
     from tether.core.errors import BundleError
 
@@ -230,6 +299,43 @@ def test_a_refusing_cloud_means_local_tokens_or_its_error(stories, edges):
             return await _collect(edge, steps=4)
         finally:
             await engine.close()
-    assert {e.source for e in asyncio.run(main(edges[4]))} == {"local"}
+    assert {e.source for e in asyncio.run(main(with_exit))} == {"local"}
     with pytest.raises(BundleError, match="deploy the same weights"):
         asyncio.run(main(EdgeLM(stories, 4, with_exit=False)))
+    with pytest.raises(BundleError, match="deploy the same weights"):     # raw LM head: no guess
+        asyncio.run(main(edges[4]))
+
+
+def test_generate_via_the_edge_endpoint_fails_with_one_line_when_it_cannot_go_on(stories, edges,
+                                                                                  capsys):
+    """The daemon path of `tether generate --edge`: an ERROR ends the stream, exit 1."""
+    import threading
+
+    from tether.cli import main
+    from tether.edge.llm import LLMEdgeServer
+
+    ready, stop = threading.Event(), threading.Event()
+    box = {}
+
+    async def daemon():
+        link = SessionLink("tcp://127.0.0.1:9")          # nothing listens there
+        edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
+                                         GenerateConfig(timeout_s=0.2, first_step_timeout_s=0.5),
+                                         link), "tcp://127.0.0.1:0")
+        box["endpoint"] = await edge_srv.start()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+        await edge_srv.close()
+        await link.close()
+    thread = threading.Thread(target=asyncio.run, args=(daemon(),))
+    thread.start()
+    try:
+        assert ready.wait(30)
+        assert main(["generate", "--edge", box["endpoint"], "--max-new-tokens", "4", "Once"]) == 1
+    finally:
+        stop.set()
+        thread.join(30)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tether: error:")]
+    assert len(lines) == 1 and "no trained exit head" in lines[0], err

@@ -149,3 +149,18 @@ def test_calibration_on_a_short_synthetic_trace():
     assert report.within_5pct >= 2 / 3, report.summary()
     assert abs(report.delay_error_ms_median) <= 3.0, report.summary()
     assert report.delay_samples == 20
+
+
+def test_calibration_of_a_stalled_slow_trace_reports_instead_of_hanging():
+    """Defect: a low-rate trace with outages left a backlog the link never drained: the
+    calibration raised, then its sink died with a TimeoutExpired traceback after 30 s."""
+    trace = traces.steps([(1.0, 0.1), (3.0, 0.0), (1.0, 0.1), (20.0, 0.0)], name="stall")
+    t0 = time.monotonic()
+    report = calibrate(trace, LinkConfig(delay_ms=5), duration_s=5, probes=10, probe_gap_s=0.02)
+    took = time.monotonic() - t0
+    assert took < 20, took
+    assert [round(r["expected"]) for r in report.per_second] == [12500, 0, 0, 0, 12500]
+    assert report.outage_seconds == 3 and report.outage_leak_bytes <= 1500, report.per_second
+    assert report.within_5pct == 1.0, report.per_second
+    assert report.delay_samples == 10 and report.probes_lost == 0
+    assert "3 outage s" in report.summary()

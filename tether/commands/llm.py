@@ -74,6 +74,9 @@ def _add_edge_part(p: argparse.ArgumentParser) -> None:
                    help="answer on the edge when the exit's probability >= P "
                         "(default: the calibrated one saved with --exit-head; none otherwise)")
     p.add_argument("--timeout", type=float, default=2.0, metavar="S", help="per cloud step")
+    p.add_argument("--first-step-timeout", type=float, default=30.0, metavar="S",
+                   help="cloud readiness + first step of a session (a cold cloud loads its "
+                        "layers first; default 30)")
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -137,7 +140,8 @@ def _build_edge(args: argparse.Namespace):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return open_llm_edge(args.checkpoint or _assets() / "tinyllm" / "stories260K.bin",
                          args.tokenizer, args.split, args.codec, args.cloud or "",
-                         args.exit_head, args.exit_threshold, args.timeout)
+                         args.exit_head, args.exit_threshold, args.timeout,
+                         args.first_step_timeout)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -149,7 +153,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _generate_via_daemon(args: argparse.Namespace) -> int:
     from tether.edge.llm import LLMClient
 
-    client = LLMClient(args.edge, timeout=max(10.0, 5 * args.timeout))
+    client = LLMClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
     t0, counts = time.perf_counter(), {}
     sys.stdout.write(args.prompt)
     try:
@@ -157,8 +161,12 @@ def _generate_via_daemon(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
             counts[source] = counts.get(source, 0) + 1
+    except BaseException:
+        print()             # the error line (tether: error: ...) starts on its own line
+        raise
     finally:
         client.close()
+    counts = client.counts or counts
     n, dt = sum(counts.values()), time.perf_counter() - t0
     print()
     print(f"[{n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s via edge {args.edge}; "
@@ -195,6 +203,9 @@ async def _stream(edge, prompt: str, max_new_tokens: int) -> int:
             sys.stdout.flush()
             counts[ev.source] = counts.get(ev.source, 0) + 1
             sent += ev.bytes_sent
+    except BaseException:
+        print()             # the error line (tether: error: ...) starts on its own line
+        raise
     finally:
         if edge.link is not None:
             await edge.link.close()

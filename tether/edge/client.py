@@ -14,9 +14,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from tether.core import protocol as P
-from tether.core.errors import BusyError, DeadlineExceededError, ProtocolError
+from tether.core.errors import BusyError, DeadlineExceededError, PeerUnavailableError, ProtocolError
 
 LOCAL_CODEC = "tensor"   # the local endpoint's one codec id: a raw tensor frame
 
@@ -41,6 +42,68 @@ class EdgeAnswer:
                 if k.endswith("_seconds")}
 
 
+class PeerWatch:
+    """Connection events of a client's DEALER (a ZeroMQ socket monitor), so a request fails
+    fast when its peer goes away (SIGKILL, crash: the kernel closes the TCP connection)
+    instead of waiting a whole timeout for an answer that cannot come."""
+
+    _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.socket = sock.get_monitor_socket(self._EVENTS)
+        self.connected = self.ever_connected = False
+        self.lost = ""          # why the peer is gone for the pending request; "" = not gone
+
+    def begin(self) -> None:
+        """Call right before sending a request: forget what happened before it."""
+        self.update()
+        self.lost = ""
+
+    def update(self) -> None:
+        while self.socket.poll(0):
+            event = recv_monitor_message(self.socket)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.connected = self.ever_connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected, self.lost = False, self.lost or "closed the connection"
+            elif event == zmq.EVENT_CONNECT_RETRIED and self.ever_connected and not self.connected:
+                self.lost = self.lost or "refuses connections"
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def receive_matching(sock: zmq.Socket, watch: PeerWatch, rid: int, timeout: float,
+                     endpoint: str, what: str) -> tuple[list[bytes], Any]:
+    """Frames and message of the reply to ``rid``; an ERROR the peer could not tie to any
+    request (id 0: oversized or unreadable message) is ours too, as the only one pending.
+    Raises PeerUnavailableError as soon as the peer is gone, DeadlineExceededError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(watch.socket, zmq.POLLIN)
+    while (left := deadline - time.monotonic()) > 0:
+        ready = dict(poller.poll(int(left * 1000) + 1))
+        if watch.socket in ready:
+            watch.update()
+            if watch.lost:
+                raise PeerUnavailableError(f"the {what} at {endpoint} {watch.lost} while "
+                                           f"request {rid} was pending (stopped or crashed?)")
+        if sock not in ready:
+            continue
+        frames = sock.recv_multipart()
+        try:
+            msg = P.decode(frames)
+        except ProtocolError:
+            continue
+        if msg.request_id == rid or (msg.request_id == 0 and isinstance(msg, P.Error)):
+            return frames, msg
+    hint = "" if watch.ever_connected else " (no connection was ever made)"
+    raise DeadlineExceededError(f"no answer from the {what} at {endpoint} within {timeout} s"
+                                f"{hint}: is it running there?")
+
+
 class EdgeClient:
     """Sends images to a running edge daemon (``tether edge --listen ENDPOINT``)."""
 
@@ -51,6 +114,7 @@ class EdgeClient:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._watch = PeerWatch(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
 
@@ -63,6 +127,7 @@ class EdgeClient:
         rid = next(self._ids)
         desc, view = P.tensor_frame(np.asarray(image))
         msg = P.Infer(rid, "", "input", LOCAL_CODEC, desc.to_wire(), deadline_seconds, (view,))
+        self._watch.begin()
         self._sock.send_multipart(P.encode(msg), copy=False)
         frames, reply = self._receive(rid)
         if isinstance(reply, P.Error):
@@ -83,6 +148,7 @@ class EdgeClient:
     def info(self) -> P.BundleInfo:
         """What the edge serves: model id, fingerprint, split points, input shape."""
         rid = next(self._ids)
+        self._watch.begin()
         self._sock.send_multipart(P.encode(P.Hello(rid, "edge-client")))
         _, reply = self._receive(rid)
         if isinstance(reply, P.Error):
@@ -95,26 +161,17 @@ class EdgeClient:
         """Round trip to the edge daemon in seconds."""
         rid = next(self._ids)
         t0 = time.perf_counter()
+        self._watch.begin()
         self._sock.send_multipart(P.encode(P.Ping(rid, time.monotonic())))
         self._receive(rid)
         return time.perf_counter() - t0
 
     def _receive(self, rid: int) -> tuple[list[bytes], Any]:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
-                raise DeadlineExceededError(f"no answer from the edge at {self.endpoint} within "
-                                            f"{self.timeout} s: is `tether edge` running there?")
-            frames = self._sock.recv_multipart()
-            try:
-                msg = P.decode(frames)
-            except ProtocolError:
-                continue
-            if msg.request_id == rid:
-                return frames, msg
+        return receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
+                                "edge (`tether edge`)")
 
     def close(self) -> None:
+        self._watch.close()
         self._sock.close(linger=0)
 
     def __enter__(self) -> "EdgeClient":

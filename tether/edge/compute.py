@@ -100,7 +100,11 @@ class EdgeCompute:
             x = x[None]
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec):
             raise InputShapeError(f"float input must be NCHW with CHW={tuple(spec)}, got {x.shape}")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():    # a NaN image would come back as a confident class 0
+            bad = int(x.size - np.isfinite(x).sum())
+            raise InputShapeError(f"input holds {bad} NaN/Inf values: send finite pixels")
+        return x
 
     # ---- models ------------------------------------------------------------------------
 

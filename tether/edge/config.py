@@ -56,7 +56,8 @@ class EdgeConfig:
     llm_codec: str = "fp16"              # hidden-state codec on the wire
     llm_exit_head: Path | None = None    # trained exit head (`tether llm-exit`)
     llm_exit_threshold: float | None = None   # None: the exit head's calibrated one
-    llm_timeout_seconds: float = 2.0     # per cloud step; then the exit head answers
+    llm_timeout_seconds: float = 2.0     # per cloud step; then the exit head answers (or an ERROR)
+    llm_first_step_timeout_seconds: float = 30.0   # cloud readiness + a session's first step
     llm_max_new_tokens: int = 1024       # cap on tokens per request
 
     def __post_init__(self) -> None:
@@ -105,7 +106,8 @@ class EdgeConfig:
             raise ConfigError(f"llm_codec: {exc}") from exc
         if self.llm_split is not None and self.llm_split < 1:
             raise ConfigError(f"llm_split must be >= 1, got {self.llm_split}")
-        if self.llm_timeout_seconds <= 0 or self.llm_max_new_tokens < 1:
+        if min(self.llm_timeout_seconds, self.llm_first_step_timeout_seconds) <= 0 \
+                or self.llm_max_new_tokens < 1:
             raise ConfigError("llm_timeout_seconds must be > 0 and llm_max_new_tokens >= 1")
         if self.curve_client_cert is not None:
             raise ConfigError("the LLM session link has no CURVE support yet: serve the LLM "

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from tether.core.config import from_mapping
-from tether.core.errors import ConfigError
+from tether.core.errors import ConfigError, SplitError, TetherError
 from tether.core.metrics import EdgeMetrics
 from tether.core.policy import FixedPolicy, Policy
-from tether.core.types import LOCAL, Action
+from tether.core.types import LOCAL, Action, ActionKind
 from tether.edge.agent import EdgeAgent, default_edge_id
-from tether.edge.compute import EdgeCompute
+from tether.edge.compute import INPUT, EdgeCompute
 from tether.edge.config import EdgeConfig
 from tether.edge.llm import LLMEdge, open_llm_edge
 from tether.edge.records import RecordSink, open_sink
@@ -32,10 +33,38 @@ from tether.edge.zmq_link import CurveClientKeys, LinkTiming, ZmqCloudLink
 log = logging.getLogger(__name__)
 
 
+_IMAGE_CODEC = re.compile(r"^(png|(jpeg|webp)[0-9]+)$")
+
+
+def check_action(action: Action, compute: EdgeCompute) -> Action:
+    """Refuse at start what this bundle cannot run: an unknown split, one without exported
+    head or exit, an unknown codec (or an image codec on a tensor). ConfigError, one line."""
+    if action.kind is ActionKind.LOCAL:
+        return action
+    split = INPUT if action.kind is ActionKind.OFFLOAD else str(action.split)
+    try:
+        if split != INPUT and split not in compute.heads:
+            compute.manifest.split(split)      # SplitError listing the valid ones
+            raise SplitError(f"split {split!r} has no exported ONNX head in this bundle; "
+                             f"exported: {sorted(compute.heads)}")
+        if action.kind is ActionKind.EXIT and not compute.has_exit(split):
+            raise SplitError(f"no early exit at {split!r}; exits: {compute.exit_splits}")
+        if split != INPUT and _IMAGE_CODEC.match(action.codec):
+            raise SplitError(f"image codec {action.codec!r} compresses the input only "
+                             "(offload:...); at a split use fp32, fp16, int8 (+zlib) or a "
+                             "learned codec")
+        compute.codec(split, action.codec)
+    except TetherError as exc:
+        raise ConfigError(f"action {action.key!r} cannot run on bundle "
+                          f"{compute.bundle_dir}: {exc}") from exc
+    return action
+
+
 def fixed_action(config: EdgeConfig, compute: EdgeCompute) -> Action:
-    """The configured action; ``auto``: the smallest exported split (local without a cloud)."""
+    """The configured action (checked against the bundle); ``auto``: the smallest exported
+    split (local without a cloud)."""
     if config.action != "auto":
-        return Action.parse(config.action)
+        return check_action(Action.parse(config.action), compute)
     if not config.connect:
         return LOCAL
     return Action.parse(f"split:{compute.default_split()}:fp32")
@@ -85,7 +114,8 @@ def build_llm_edge(config: EdgeConfig) -> LLMEdge | None:
         return None
     return open_llm_edge(config.llm_checkpoint, config.llm_tokenizer, config.llm_split,
                          config.llm_codec, config.connect, config.llm_exit_head,
-                         config.llm_exit_threshold, config.llm_timeout_seconds)
+                         config.llm_exit_threshold, config.llm_timeout_seconds,
+                         config.llm_first_step_timeout_seconds)
 
 
 class EdgeDaemon:

@@ -12,9 +12,16 @@ streams tokens as they come (``async for event in edge.generate("prompt")``). Pe
   token is emitted (``source="cloud"``);
 * an unknown/expired/out-of-step session (SessionError) is re-prefilled from the edge's
   stored hidden states (also when more than ``max_catchup_tokens`` are pending);
-* when the cloud is unreachable, slow, busy or answers another ERROR, the exit head answers
-  (``source="local"``) and the cloud is retried after ``retry_after_s``: generation never
-  stops for the network (an edge part without exit head raises the cloud's error instead).
+* when the cloud is unreachable, slow, busy or answers another ERROR, a *trained* exit head
+  (``part.exit_head``) answers (``source="local"``) and the cloud is retried after
+  ``retry_after_s``. Without a trained exit head the stream ends with the typed error
+  (PeerUnavailableError, DeadlineExceededError, BusyError, or the cloud's own): the raw final
+  norm + LM head applied to layer-``k`` states is never passed off as the model's output;
+* before a session's first step the edge waits for the cloud's READY (HELLO), and the first
+  step may take ``first_step_timeout_s`` (a cold cloud builds its part of the model lazily).
+
+Every finished (or failed) stream leaves a :class:`GenerationRecord` in ``LLMEdge.records``
+(tokens by source); the local endpoint sends its counts in the RESULT that ends the stream.
 
 :class:`LLMEdgeServer` is the local endpoint applications stream tokens from (``tether
 llm-edge``), :class:`LLMClient` its synchronous client (``tether generate --edge``).
@@ -31,6 +38,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -41,6 +49,8 @@ import torch
 from tether.core import protocol as P
 from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, SessionError, TetherError)
+from tether.edge.client import PeerWatch, receive_matching
+from tether.edge.llm_link import LocalSessionLink, SessionLink  # noqa: F401 (public here too)
 from tether.partitioner.llm import EdgeLM, make_hidden_codec, split_name
 
 _UNREACHABLE = (PeerUnavailableError, DeadlineExceededError, BusyError)
@@ -54,6 +64,7 @@ class GenerateConfig:
     codec: str = "fp16"
     exit_threshold: float | None = None   # None: never exit early while the cloud answers
     timeout_s: float = 2.0                # per cloud step
+    first_step_timeout_s: float = 30.0    # readiness + first PREFILL (covers a cold cloud)
     retry_after_s: float = 1.0            # stay on the edge this long after a cloud failure
     max_catchup_tokens: int = 256         # more pending hidden states: re-prefill instead
 
@@ -63,6 +74,13 @@ class GenerateConfig:
             raise ConfigError(f"exit_threshold must be in [0, 1], got {self.exit_threshold}")
         if self.timeout_s <= 0 or self.retry_after_s < 0 or self.max_catchup_tokens < 1:
             raise ConfigError("timeout_s must be > 0, retry_after_s >= 0, max_catchup_tokens >= 1")
+        if self.first_step_timeout_s <= 0:
+            raise ConfigError(f"first_step_timeout_s must be > 0, got {self.first_step_timeout_s}")
+
+    @property
+    def first_timeout_s(self) -> float:
+        """Budget of a PREFILL (and of the readiness wait without exit head): never below a step's."""
+        return max(self.first_step_timeout_s, self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -78,105 +96,24 @@ class TokenEvent:
     reprefilled: bool = False  # the cloud session was rebuilt for this token
 
 
-class SessionLink:
-    """ZeroMQ DEALER carrying PREFILL/DECODE/CLOSE to an LLM cloud; replies matched by id."""
+@dataclass
+class GenerationRecord:
+    """One stream's outcome: tokens by source, and the error that ended it, if any."""
 
-    def __init__(self, endpoint: str, delay_s: float = 0.0, context: Any = None) -> None:
-        import zmq
-        import zmq.asyncio
-        self.endpoint, self.delay_s = endpoint, delay_s
-        self._sock = (context or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        self._sock.connect(endpoint)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
+    session_id: str
+    tokens: int = 0
+    cloud: int = 0
+    exit: int = 0
+    local: int = 0              # answered by the exit head because the cloud failed
+    error: str = ""             # error code that ended the stream ("" = completed)
+    seconds: float = 0.0
 
-    def next_id(self) -> int:
-        return next(self._ids)
+    def count(self, source: str) -> None:
+        self.tokens += 1
+        setattr(self, source, getattr(self, source) + 1)
 
-    async def call(self, msg: Any, timeout: float) -> tuple[Any, int, int]:
-        """Send ``msg``, await its reply: ``(Result, bytes sent, bytes received)``."""
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(), name="tether-llm-link")
-        future = asyncio.get_running_loop().create_future()
-        self._pending[msg.request_id] = future
-        frames = P.encode(msg)
-        try:
-            reply, received = await asyncio.wait_for(self._exchange(frames, future), timeout)
-        except asyncio.TimeoutError as exc:
-            raise DeadlineExceededError(f"no answer from {self.endpoint} in {timeout} s") from exc
-        finally:
-            self._pending.pop(msg.request_id, None)
-        if isinstance(reply, P.Error):
-            raise reply.to_exception()
-        if isinstance(reply, P.Busy):
-            raise BusyError(f"cloud {self.endpoint} busy ({reply.reason})")
-        return reply, P.wire_size(frames), received
-
-    async def _exchange(self, frames: list[Any], future: asyncio.Future) -> tuple[Any, int]:
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s / 2)
-        await self._sock.send_multipart(frames, copy=False)
-        reply = await future
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s / 2)
-        return reply
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                msg = P.decode(frames)
-            except ProtocolError:
-                continue
-            future = self._pending.get(msg.request_id)
-            if future is not None and not future.done():
-                future.set_result((msg, P.wire_size(frames)))
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        self._sock.close(linger=0)
-
-
-class LocalSessionLink:
-    """In-process twin of :class:`SessionLink`: frames go through the real protocol codec
-    to ``handler`` (e.g. ``LLMEngine.handle``) without sockets; same errors, same delay."""
-
-    def __init__(self, handler: Any, delay_s: float = 0.0) -> None:
-        self.handler, self.delay_s = handler, delay_s
-        self.endpoint = "inproc"
-        self._ids = itertools.count(1)
-
-    def next_id(self) -> int:
-        return next(self._ids)
-
-    async def call(self, msg: Any, timeout: float) -> tuple[Any, int, int]:
-        frames = P.encode(msg)
-        try:
-            reply_frames = await asyncio.wait_for(self._exchange(frames), timeout)
-        except asyncio.TimeoutError as exc:
-            raise DeadlineExceededError(f"no answer from the in-process cloud in {timeout} s") from exc
-        reply = P.decode(reply_frames)
-        if isinstance(reply, P.Error):
-            raise reply.to_exception()
-        if isinstance(reply, P.Busy):
-            raise BusyError(f"cloud busy ({reply.reason})")
-        return reply, P.wire_size(frames), P.wire_size(reply_frames)
-
-    async def _exchange(self, frames: list[Any]) -> list[Any]:
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s / 2)
-        reply = P.encode(await self.handler(P.decode([bytes(memoryview(f)) for f in frames])))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s / 2)
-        return [bytes(memoryview(f)) for f in reply]
-
-    async def close(self) -> None:
-        return None
+    def by_source(self) -> dict[str, int]:
+        return {s: getattr(self, s) for s in SOURCES}
 
 
 @dataclass
@@ -187,6 +124,7 @@ class _Session:
     hidden: list[torch.Tensor] = field(default_factory=list)   # [T_i, D] per edge step
     length: int = 0            # tokens the edge has processed
     cloud_length: int = 0      # tokens the cloud session holds
+    prompt_length: int = 0
 
     def pending(self) -> torch.Tensor:
         """Hidden states the cloud has not seen (only the tail segments are copied)."""
@@ -208,8 +146,20 @@ class LLMEdge:
         self.config, self.link = config, link
         self.codec = make_hidden_codec(config.codec)
         self.split = split_name(part.k)
+        if config.exit_threshold is not None and not self.has_exit:
+            raise ConfigError(f"exit_threshold needs a trained exit head at split {part.k} "
+                              "(`tether llm-exit`, then --exit-head): the raw final norm + LM "
+                              "head at an inner layer is not the model's answer")
+        self.records: deque[GenerationRecord] = deque(maxlen=1024)   # newest last
         self._down_until = 0.0
+        self._ready = False        # the cloud answered HELLO since it last failed
         self._lock = asyncio.Lock()
+
+    @property
+    def has_exit(self) -> bool:
+        """The edge may answer alone: a trained exit head, or the whole model is here."""
+        return self.part.lm_head is not None and (
+            self.part.exit_head is not None or self.part.k >= self.part.n_layers)
 
     @property
     def cloud_available(self) -> bool:
@@ -217,11 +167,17 @@ class LLMEdge:
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 64,
                        stop_at_eos: bool = True) -> AsyncIterator[TokenEvent]:
-        """Stream the greedy continuation of ``prompt`` token by token."""
+        """Stream the greedy continuation of ``prompt`` token by token.
+
+        Raises the typed cloud error (ending the stream) when the cloud fails and the edge
+        cannot answer alone; :attr:`records` gets the stream's :class:`GenerationRecord`.
+        """
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ConfigError("empty prompt: pass text or at least one token id (BOS)")
-        s = _Session(uuid.uuid4().hex[:16], self.part.new_cache(), list(ids))
+        s = _Session(uuid.uuid4().hex[:16], self.part.new_cache(), list(ids),
+                     prompt_length=len(ids))
+        record, started = GenerationRecord(s.id), time.perf_counter()
         detok = _Detokenizer(self.tokenizer, ids[-1])
         step_ids = ids
         try:
@@ -231,11 +187,20 @@ class LLMEdge:
                 token, source, sent, received, re = await self._next_token(s, h_last)
                 s.tokens.append(token)
                 step_ids = [token]
+                record.count(source)
                 yield TokenEvent(token, detok.feed(token), source, time.perf_counter() - t0,
                                  sent, received, re)
                 if stop_at_eos and token == getattr(self.tokenizer, "eos_id", None):
                     break
+        except TetherError as exc:
+            record.error = exc.code
+            raise
         finally:
+            record.seconds = time.perf_counter() - started
+            self.records.append(record)
+            if record.local:
+                log.warning("session %s: %d of %d tokens answered by the exit head while the "
+                            "cloud was unavailable", s.id, record.local, record.tokens)
             await self._close_session(s)
 
     async def _compute(self, fn: Any, *args: Any) -> Any:
@@ -250,10 +215,9 @@ class LLMEdge:
         return h[-1:]
 
     async def _next_token(self, s: _Session, h_last: torch.Tensor):
-        has_exit = self.part.lm_head is not None
         threshold = self.config.exit_threshold
         probs = None
-        if has_exit and threshold is not None:      # the exit runs only when it may answer
+        if self.has_exit and threshold is not None:   # the exit runs only when it may answer
             probs = (await self._compute(self.part.exit_logits, h_last))[0].softmax(-1)
             p, tok = probs.max(-1)
             if float(p) >= threshold:
@@ -262,21 +226,34 @@ class LLMEdge:
         if self.cloud_available:
             try:
                 return await self._cloud_token(s)
-            except TetherError as exc:      # unreachable, busy, slow or refusing: go on alone
+            except TetherError as exc:      # unreachable, busy, slow or refusing
                 failure = exc
+                self._ready = False
                 self._down_until = time.monotonic() + self.config.retry_after_s
                 if not isinstance(exc, _UNREACHABLE):
                     log.warning("cloud %s refused session %s: %s", self.link.endpoint, s.id, exc)
-        if not has_exit:
-            if failure is not None and not isinstance(failure, _UNREACHABLE):
-                raise failure
-            raise PeerUnavailableError(f"cloud unreachable and this edge part has no exit head "
-                                       f"to continue alone (split {self.split})")
+        if not self.has_exit:
+            raise self._no_local_answer(s, failure)
         if probs is None:
             probs = (await self._compute(self.part.exit_logits, h_last))[0]
         return int(probs.argmax()), "local", 0, 0, False
 
+    def _no_local_answer(self, s: _Session, failure: TetherError | None) -> TetherError:
+        """The typed error that ends a stream the edge cannot continue alone."""
+        where = self.link.endpoint if self.link is not None else "none configured"
+        why = (f"cloud ({where}) failed at token {len(s.tokens) - s.prompt_length + 1}: "
+               f"{failure}" if failure is not None else
+               f"cloud ({where}) unavailable (it failed less than {self.config.retry_after_s} s ago)"
+               if self.link is not None else "no cloud configured")
+        text = (f"{why}; this edge part (split {self.split}) has no trained exit head to "
+                "continue alone, so generation stops here (train one with `tether llm-exit`)")
+        if failure is not None and not isinstance(failure, _UNREACHABLE):
+            return type(failure)(text)
+        cls = type(failure) if failure is not None else PeerUnavailableError
+        return cls(text)
+
     async def _cloud_token(self, s: _Session):
+        await self._wait_ready()
         try:
             token, sent, received = await self._cloud_step(s)
             return token, "cloud", sent, received, False
@@ -284,6 +261,16 @@ class LLMEdge:
             s.cloud_length = 0
             token, sent, received = await self._cloud_step(s)
             return token, "cloud", sent, received, True
+
+    async def _wait_ready(self) -> None:
+        """Before a first step (and after a failure): the cloud's READY. Without an exit head
+        the edge has no alternative, so it waits the whole first-step budget for it."""
+        if self._ready or self.link is None:
+            return
+        wait = getattr(self.link, "wait_ready", None)
+        if wait is not None:
+            await wait(self.config.timeout_s if self.has_exit else self.config.first_timeout_s)
+        self._ready = True
 
     async def _cloud_step(self, s: _Session) -> tuple[int, int, int]:
         if self.link is None:
@@ -293,12 +280,14 @@ class LLMEdge:
             s.cloud_length, pending = 0, torch.cat(s.hidden)
         header, frames = self.codec.encode(pending)
         fingerprint = "" if s.cloud_length else self.fingerprint   # DECODE: bound by PREFILL
+        # a PREFILL may meet a cold cloud that builds its part of the model first
+        timeout = self.config.timeout_s if s.cloud_length else self.config.first_timeout_s
         common = dict(request_id=self.link.next_id(), session_id=s.id, fingerprint=fingerprint,
                       split=self.split, codec=self.config.codec, position=s.cloud_length,
                       token_count=len(pending), codec_header=header,
-                      deadline_s=self.config.timeout_s, payload=tuple(frames))
+                      deadline_s=timeout, payload=tuple(frames))
         msg = P.Decode(**common) if s.cloud_length else P.Prefill(**common)
-        reply, sent, received = await self.link.call(msg, self.config.timeout_s)
+        reply, sent, received = await self.link.call(msg, timeout)
         if not isinstance(reply, P.Result) or not reply.tensors:
             raise ProtocolError(f"expected a RESULT with the next token, got {type(reply).__name__}")
         s.cloud_length = s.length
@@ -320,7 +309,8 @@ class LLMEdge:
 
 def open_llm_edge(checkpoint: Path, tokenizer: Path | None = None, split: int | None = None,
                   codec: str = "fp16", cloud: str = "", exit_head: Path | None = None,
-                  exit_threshold: float | None = None, timeout_s: float = 2.0) -> LLMEdge:
+                  exit_threshold: float | None = None, timeout_s: float = 2.0,
+                  first_step_timeout_s: float = 30.0) -> LLMEdge:
     """An :class:`LLMEdge` for layers ``[0, split)`` of ``checkpoint`` (default: half the
     layers), with its exit head and threshold (``exit_head``'s calibrated one unless given)
     and a :class:`SessionLink` to ``cloud`` ("" = edge only)."""
@@ -335,7 +325,8 @@ def open_llm_edge(checkpoint: Path, tokenizer: Path | None = None, split: int | 
         if meta.get("split") not in (None, k):
             raise ConfigError(f"{exit_head} was trained for split {meta['split']}, not {k}")
         exit_threshold = exit_threshold if exit_threshold is not None else meta.get("threshold")
-    config = GenerateConfig(codec=codec, exit_threshold=exit_threshold, timeout_s=timeout_s)
+    config = GenerateConfig(codec=codec, exit_threshold=exit_threshold, timeout_s=timeout_s,
+                            first_step_timeout_s=first_step_timeout_s)
     tok = ckpt.tokenizer()
     if tok is None:
         raise ConfigError(f"{checkpoint} has no tokenizer: pass its tokenizer file")
@@ -376,21 +367,25 @@ async def stream_generation(edge: LLMEdge, msg: Any, send: Any, max_new_tokens: 
     """Answer one local generation request (see :class:`LLMEdgeServer`) through ``send``.
 
     ``send`` is an async callable taking a protocol message: one RESULT per token (token id,
-    new text, source code), then an empty RESULT; ERROR on failure. Shared by ``tether
-    llm-edge`` and ``tether edge --llm-checkpoint``.
+    new text, source code), then a RESULT with one tensor, the tokens per source (int64
+    ``[3]`` in :data:`SOURCES` order), that ends the stream; ERROR on failure (the stream
+    ends there). Shared by ``tether llm-edge`` and ``tether edge --llm-checkpoint``.
     """
     try:
         if len(msg.payload) != 1:
             raise ProtocolError("the prompt travels as exactly one UTF-8 payload frame")
         prompt = bytes(memoryview(msg.payload[0])).decode("utf-8")
         limit = max(1, min(msg.token_count or 64, max_new_tokens))
+        counts = dict.fromkeys(SOURCES, 0)
         async for ev in edge.generate(prompt, limit):
+            counts[ev.source] += 1
             frames = [P.tensor_frame(np.array([ev.token], dtype=np.int64)),
                       P.tensor_frame(np.frombuffer(ev.text.encode("utf-8"), dtype=np.uint8)),
                       P.tensor_frame(np.array([SOURCES.index(ev.source)], dtype=np.uint8))]
             await send(P.Result(msg.request_id, tuple(d for d, _ in frames),
                                 tuple(v for _, v in frames)))
-        await send(P.Result(msg.request_id))
+        desc, view = P.tensor_frame(np.array([counts[s] for s in SOURCES], dtype=np.int64))
+        await send(P.Result(msg.request_id, (desc,), (view,)))
     except UnicodeDecodeError as exc:
         await send(P.Error(msg.request_id, "bad_payload", f"prompt is not UTF-8: {exc}"))
     except TetherError as exc:
@@ -476,12 +471,16 @@ class LLMClient:
         self.endpoint, self.timeout = endpoint, timeout
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._watch = PeerWatch(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
 
     def generate(self, prompt: str, max_new_tokens: int = 64) -> Any:
-        """Yield ``(token, text, source)`` as the edge streams them."""
+        """Yield ``(token, text, source)`` as the edge streams them; :attr:`counts` then
+        holds the edge's tokens per source. An ERROR ends the stream as its typed error."""
         rid = next(self._ids)
+        self.counts: dict[str, int] = {}
+        self._watch.begin()
         self._sock.send_multipart(P.encode(P.Prefill(rid, "", "", "", TEXT_CODEC, 0, max_new_tokens,
                                                      payload=(prompt.encode("utf-8"),))))
         while True:
@@ -490,19 +489,17 @@ class LLMClient:
                 raise reply.to_exception()
             if not isinstance(reply, P.Result):
                 raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
-            if not reply.tensors:
+            if len(reply.tensors) < 3:       # end of stream: tokens per source
+                if reply.tensors:
+                    self.counts = dict(zip(SOURCES, (int(n) for n in reply.tensor(0))))
                 return
             token, text, source = (reply.tensor(i) for i in range(3))
             yield int(token[0]), bytes(text.numpy()).decode("utf-8"), SOURCES[int(source[0])]
 
     def _receive(self, rid: int) -> Any:
-        deadline = time.monotonic() + self.timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if self._sock.poll(int(left * 1000)):
-                msg = P.decode(self._sock.recv_multipart())
-                if msg.request_id == rid:
-                    return msg
-        raise DeadlineExceededError(f"no token from the edge {self.endpoint} in {self.timeout} s")
+        return receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
+                                "LLM edge")[1]
 
     def close(self) -> None:
+        self._watch.close()
         self._sock.close(linger=0)

@@ -135,8 +135,8 @@ class EdgeServer:
             try:
                 msg = P.decode(body, self.limits)
                 self._accept(identity, msg)
-            except TetherError as exc:
-                rid = getattr(msg, "request_id", 0)
+            except TetherError as exc:    # oversized/malformed: the header's id if readable
+                rid = msg.request_id if msg is not None else P.peek_request_id(body)
                 self._reply(identity, P.encode(P.Error.from_exception(rid, exc)))
 
     def _accept(self, identity: bytes, msg: Any) -> None:

@@ -95,6 +95,21 @@ class OutageTrace:
                 total -= self.trace.bytes_between(lo, hi)
         return max(total, 0.0)
 
+    @property
+    def name(self) -> str:
+        return getattr(self.trace, "name", "trace")
+
+    def transfer_time(self, t: float, nbytes: float) -> float:
+        """Seconds from trace time ``t`` until ``nbytes`` are carried (to 0.1 ms; at most
+        one hour, past which the trace is taken as stalled)."""
+        lo, hi = 0.0, 3600.0
+        if nbytes <= 0 or self.bytes_between(t, t + hi) < nbytes:
+            return 0.0 if nbytes <= 0 else hi
+        while hi - lo > 1e-4:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.bytes_between(t, t + mid) < nbytes else (lo, mid)
+        return hi
+
 
 class Pipe:
     """One direction of a link: bounded queue -> trace-driven shaper -> delay line."""
@@ -319,6 +334,7 @@ class Link:
         self.start_wall = 0.0
         self._server: asyncio.base_events.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        self._sides: list[_Side] = []
 
     @property
     def port(self) -> int:
@@ -343,6 +359,8 @@ class Link:
 
     def _accept(self) -> _Side:
         client = _Side(self.up)
+        self._sides = [x for x in self._sides if x.transport is None or not x.transport.is_closing()]
+        self._sides.append(client)
         asyncio.ensure_future(self._connect_upstream(client))
         return client
 
@@ -361,6 +379,7 @@ class Link:
                 client.transport.close()
             return
         self.connections += 1
+        self._sides.append(upstream)
         upstream.attach(client)
         client.attach(upstream)
 
@@ -373,8 +392,14 @@ class Link:
                 pipe.reset_clock(now)
 
     async def stop(self) -> None:
+        """Stop listening and shaping; close every relayed connection at once (bytes still
+        queued are dropped: a stalled trace would otherwise hold its peers open forever)."""
         if self._server is not None:
             self._server.close()
+        for side in self._sides:
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.abort()
+        self._sides.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
