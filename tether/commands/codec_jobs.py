@@ -26,7 +26,7 @@ from tether.codecs.training import (
 )
 
 log = logging.getLogger("tether.codec")
-TENSOR_BASELINES = ("fp16", "int8", "fp16+zlib", "int8+zlib")
+TENSOR_BASELINES = ("fp16", "int8", "fp16+zlib", "int8+zlib", "fp16+zstd", "int8+zstd")
 CALIBRATION_SIZE = 1000
 
 
@@ -50,6 +50,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError("--epochs and --exit-epochs must be >= 1")
     bm = _load_bundle(args.bundle)
     bm.manifest.split(args.split)
+    if args.family == "student":
+        from tether.commands.codec_student import run_train_student
+        return run_train_student(args, bm, _assets(args))
+    if args.latent is None:
+        args.latent = 12
     head, tail = bm.head(args.split), bm.tail(args.split)
     data = cifar_train_set(_assets(args), args.limit)
     evalset = cifar_eval_set(_assets(args), args.limit)
