@@ -130,6 +130,15 @@ def format_table(results: Sequence[CodecResult], full_accuracy: float | None = N
     return "\n".join(lines)
 
 
+def pareto_front(results: Sequence[CodecResult]) -> list[CodecResult]:
+    """Codecs no other codec beats on both payload bytes and top-1, by increasing bytes."""
+    front: list[CodecResult] = []
+    for r in sorted(results, key=lambda r: (r.payload_bytes, -r.accuracy)):
+        if not front or r.accuracy > front[-1].accuracy:
+            front.append(r)
+    return front
+
+
 def plot_rate_accuracy(results: Sequence[CodecResult], path: str | Path,
                        full_accuracy: float | None = None, title: str = "") -> None:
     """Top-1 vs payload bytes per sample (log x), one series per split point."""
@@ -144,6 +153,9 @@ def plot_rate_accuracy(results: Sequence[CodecResult], path: str | Path,
                 label=split, alpha=0.8)
         for r in rows:
             ax.annotate(r.codec, (r.payload_bytes, 100 * r.accuracy), fontsize=6)
+    front = pareto_front(results)
+    ax.step([r.payload_bytes for r in front], [100 * r.accuracy for r in front], "k-",
+            where="post", lw=1.5, alpha=0.6, label="Pareto front")
     if full_accuracy is not None:
         ax.axhline(100 * full_accuracy, color="grey", ls="--", lw=1, label="uncompressed")
     ax.set_xscale("log")

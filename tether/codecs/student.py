@@ -8,8 +8,9 @@ unchanged tail finishes the job.
 
 Layout (CIFAR ResNet names, so the stem and decoder blocks start from the teacher)::
 
-    encoder: normalize -> conv1 -> bn1 -> relu -> stem blocks (teacher layer1[:k])
-             -> conv5x5/2 -> GDN -> conv5x5/2 (or 3x3/1) -> latent (input / 4 or / 2)
+    encoder: normalize -> conv1 -> bn1 -> relu -> stem blocks (teacher layer1[:k], then
+             optionally the first blocks of layer2, layer3: ``stem_extra``)
+             -> conv (5x5/2 or 3x3/1) -> GDN -> conv -> latent (input / latent_stride)
     decoder: conv3x3 -> IGDN -> conv3x3 -> relu -> (conv + pixel shuffle) to split H x W
              -> decoder blocks (teacher blocks of the split's stage, fine-tuned: BottleFit)
 
@@ -52,9 +53,15 @@ class StudentConfig:
     latent: int = 32              # entropy-coded channels (latent is input H/4 x W/4)
     decoder_blocks: int = 2       # BasicBlocks at the split width closing the decoder
     latent_stride: int = 4        # latent grid = input H/stride x W/stride (2 or 4)
-    stem_transition: bool = False  # also the stride-2 block opening the teacher's layer2
+    stem_extra: tuple[int, ...] = ()  # blocks of the teacher's next stages in the encoder
+                                      # (each opens with its stride-2 block): (1,) = layer2.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stem_extra", tuple(int(b) for b in self.stem_extra))
+        if any(b < 1 for b in self.stem_extra) or \
+                2 ** len(self.stem_extra) > self.latent_stride:
+            raise CodecError(f"stem_extra {self.stem_extra}: counts >= 1, and at most "
+                             f"log2(latent_stride) stages")
         for name in ("input_shape", "split_shape"):
             shape = tuple(int(d) for d in getattr(self, name))
             object.__setattr__(self, name, shape)
@@ -83,7 +90,7 @@ class StudentConfig:
                 "stem_width": self.stem_width, "stem_blocks": self.stem_blocks,
                 "hidden": self.hidden, "latent": self.latent,
                 "decoder_blocks": self.decoder_blocks, "latent_stride": self.latent_stride,
-                "stem_transition": self.stem_transition}
+                "stem_extra": list(self.stem_extra)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudentConfig":
@@ -91,7 +98,7 @@ class StudentConfig:
             return cls(tuple(d["input_shape"]), tuple(d["split_shape"]), int(d["stem_width"]),
                        int(d["stem_blocks"]), int(d["hidden"]), int(d["latent"]),
                        int(d["decoder_blocks"]), int(d.get("latent_stride", 4)),
-                       bool(d.get("stem_transition", False)))
+                       tuple(d.get("stem_extra", [1] if d.get("stem_transition") else [])))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"invalid student codec config {d!r}: {exc}") from exc
 
@@ -138,9 +145,10 @@ def _encoder(cfg: StudentConfig) -> nn.Sequential:
                                nn.BatchNorm2d(c), nn.ReLU()]
     layers += [Block(c) for _ in range(cfg.stem_blocks)]
     downs = int(math.log2(cfg.latent_stride))
-    if cfg.stem_transition:
+    for blocks in cfg.stem_extra:
         layers.append(Block(c, transition=True))
         c, downs = 2 * c, downs - 1
+        layers += [Block(c) for _ in range(blocks - 1)]
     first = nn.Conv2d(c, n, 5, 2, 2) if downs >= 1 else nn.Conv2d(c, n, 3, 1, 1)
     last = nn.Conv2d(n, cfg.latent, 5, 2, 2) if downs == 2 else nn.Conv2d(n, cfg.latent, 3, 1, 1)
     layers += [first, GDN(n), last]
@@ -182,7 +190,7 @@ class StudentModel(CompressionModel):
     def stem_modules(self) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
         """(conv1, bn1, stem blocks): the parts initialised from the teacher's head."""
         enc = self.encoder
-        return enc[1], enc[2], list(enc[4:4 + self.cfg.stem_blocks + self.cfg.stem_transition])
+        return enc[1], enc[2], list(enc[4:4 + self.cfg.stem_blocks + sum(self.cfg.stem_extra)])
 
     @property
     def decoder_block_modules(self) -> list[nn.Module]:

@@ -34,13 +34,17 @@ def _teacher(head: nn.Module, tail: nn.Module) -> Any:
     return run
 
 
-def _stage_blocks(full: nn.Module, width: int) -> list[nn.Module]:
-    """Blocks 1.. of the teacher stage whose width is ``width`` (decoder initialisation)."""
-    for name in ("layer1", "layer2", "layer3"):
-        stage = getattr(full, name, None)
-        if stage is not None and stage[0].conv2.out_channels == width:
-            return list(stage[1:])
-    return []
+def _teacher_blocks(full: nn.Module, stem_blocks: int, extra: tuple[int, ...]
+                    ) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(blocks the encoder copies, the blocks after them in the same stage): the teacher
+    parts that initialise the student's stem and its decoder blocks."""
+    stages = [list(getattr(full, f"layer{i}")) for i in (1, 2, 3) if hasattr(full, f"layer{i}")]
+    counts = [stem_blocks, *extra]
+    if len(counts) > len(stages) or any(c > len(s) for c, s in zip(counts, stages)):
+        raise ConfigError(f"stem blocks {counts} exceed the teacher's stages "
+                          f"{[len(s) for s in stages]}")
+    stem = [b for c, s in zip(counts, stages) for b in s[:c]]
+    return stem, stages[len(counts) - 1][counts[-1]:]
 
 
 def build_student(bm: Any, split: str, args: argparse.Namespace) -> StudentModel:
@@ -54,12 +58,26 @@ def build_student(bm: Any, split: str, args: argparse.Namespace) -> StudentModel
     cfg = StudentConfig(tuple(bm.manifest.input.shape[1:]), split_shape,
                         full.conv1.out_channels, args.stem_blocks, args.hidden,
                         args.latent or 32, args.decoder_blocks, args.latent_stride,
-                        args.stem_transition)
+                        tuple(args.stem_extra))
     model = StudentModel(cfg)
-    stem = list(full.layer1[:args.stem_blocks]) + ([full.layer2[0]] if args.stem_transition else [])
-    init_from_teacher(model, full.conv1, full.bn1, stem,
-                      _stage_blocks(full, split_shape[0])[:args.decoder_blocks])
+    stem, after = _teacher_blocks(full, args.stem_blocks, cfg.stem_extra)
+    init_from_teacher(model, full.conv1, full.bn1, stem, after[:args.decoder_blocks])
+    spread_latent(model, bm.example().expand(16, -1, -1, -1).contiguous())
     return model
+
+
+@torch.no_grad()
+def spread_latent(model: StudentModel, images: torch.Tensor, target_std: float = 2.0) -> None:
+    """Scale the last encoder conv (and the first decoder conv inversely) so the latent
+    starts well above the quantization step: otherwise the uniform noise of the entropy
+    bottleneck drowns the signal and training crawls."""
+    model.eval()
+    std = float(model.encoder(images).std().clamp_min(1e-6))
+    gain = target_std / std
+    last, first = model.encoder[-1], model.decoder[0]
+    last.weight.mul_(gain)
+    last.bias.mul_(gain)
+    first.weight.div_(gain)
 
 
 def run_train_student(args: argparse.Namespace, bm: Any, assets: Path) -> int:
