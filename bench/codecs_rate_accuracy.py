@@ -9,7 +9,14 @@ Steps (each a normal `tether` command, so the numbers are what users get):
      input codec of at least its accuracy (ratio), fp16/int8 against fp32 at each split, and
      the exits' accuracy-vs-exit-rate curve.
 
+With ``--family student`` (issue 11) step 2 trains the student-encoder ladder instead (one
+shared stage 1, then one stage-2 codec per beta, `tether codec train --family student`), and
+step 4 checks the targets: >= full-1.0 pt at <= 200 B/sample, <= 0.5 pt loss at <= 400 B,
+>= 3x fewer bytes than WebP at every accuracy WebP reaches, and the edge cost (student encoder
+FLOPs and ONNX ms against the original head at the same split).
+
 Run: .venv/bin/python bench/codecs_rate_accuracy.py [--assets DIR] [--bundle DIR] [--no-train]
+     .venv/bin/python bench/codecs_rate_accuracy.py --family student --model cifar_resnet20
 """
 
 from __future__ import annotations
@@ -37,7 +44,11 @@ def _args() -> argparse.Namespace:
     default_assets = os.environ.get("TETHER_ASSETS", str(REPO.parent / "shared" / "assets"))
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--assets", type=Path, default=Path(default_assets))
-    p.add_argument("--bundle", type=Path, help="existing cifar_resnet20 bundle (else partition)")
+    p.add_argument("--bundle", type=Path, help="existing bundle (else partition --model)")
+    p.add_argument("--model", default="cifar_resnet20", help="cifar_resnet20|32|44|56")
+    p.add_argument("--family", choices=("bottleneck", "student"), default="bottleneck")
+    p.add_argument("--student-args", default="--stem-extra 3 1 --stage1-epochs 8 --epochs 4",
+                   help="extra `codec train --family student` arguments (one string)")
     p.add_argument("--no-train", action="store_true", help="evaluate what the bundle holds")
     p.add_argument("--codec-split", default="layer3.1")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0003, 0.001, 0.003])
@@ -60,18 +71,24 @@ def _run(argv: list[str]) -> None:
 def _bundle(args: argparse.Namespace) -> Path:
     if args.bundle:
         return args.bundle
-    weights = sorted((args.assets / "resnet_cifar").glob("resnet20-*.th"))
+    depth = args.model.removeprefix("cifar_resnet")
+    weights = sorted((args.assets / "resnet_cifar").glob(f"resnet{depth}-*.th"))
     if not weights:
-        raise SystemExit(f"no resnet20 weights under {args.assets}/resnet_cifar")
+        raise SystemExit(f"no resnet{depth} weights under {args.assets}/resnet_cifar")
     out = Path(tempfile.mkdtemp(prefix="tether-codec-bench-")) / "bundle"
-    _run(["partition", "cifar_resnet20", "--weights", str(weights[0]), "--out", str(out),
-          "--repeats", "5", "--no-progress"])
+    splits = ",".join(dict.fromkeys([*args.eval_splits, args.codec_split]))
+    _run(["partition", args.model, "--weights", str(weights[0]), "--out", str(out),
+          "--repeats", "5", "--no-progress", "--splits", splits])
     return out
 
 
 def _train(args: argparse.Namespace, bundle: Path) -> None:
     common = ["--assets", str(args.assets), "--threads", str(args.threads), "--no-progress"]
     common += ["--limit", str(args.limit)] if args.limit else []
+    if args.family == "student":
+        _run(["codec", "train", str(bundle), "--family", "student", "--split", args.codec_split,
+              "--betas", *map(str, args.betas), *args.student_args.split(), *common])
+        return
     exit_here = args.codec_split in args.exit_splits
     _run(["codec", "train", str(bundle), "--split", args.codec_split, "--epochs",
           str(args.epochs), "--betas", *map(str, args.betas), *(["--exit"] if exit_here else []),
@@ -95,7 +112,7 @@ def _report(bundle: Path) -> None:
     full = max(r["accuracy"] for r in rows if r["codec"] == "fp32")
     print(f"\nuncompressed top-1 {100 * full:.2f} %")
     print("\nlearned codecs vs the smallest input codec with at least the same accuracy:")
-    for r in sorted((r for r in rows if r["codec"].startswith("bottleneck")),
+    for r in sorted((r for r in rows if r["codec"].startswith(("bottleneck", "student"))),
                     key=lambda r: r["payload_bytes"]):
         rivals = [i for i in inputs if i["accuracy"] >= r["accuracy"]]
         best = min(rivals, key=lambda i: i["payload_bytes"]) if rivals else None
@@ -110,7 +127,8 @@ def _report(bundle: Path) -> None:
         base = at["fp32"]["payload_bytes"]
         print("  " + split.ljust(10) + "  ".join(
             f"{c} {at[c]['payload_bytes'] / base:.3f} ({100 * at[c]['accuracy']:.2f} %)"
-            for c in ("fp16", "int8", "fp16+zlib", "int8+zlib") if c in at))
+            for c in ("fp16", "int8", "fp16+zlib", "int8+zlib", "fp16+zstd", "int8+zstd")
+            if c in at))
     exits = bundle / "eval" / "exits.csv"
     if exits.is_file():
         print("\nearly exits (lossless eval): threshold, exit rate, exit top-1, overall top-1")
@@ -132,6 +150,10 @@ def main() -> None:
           str(args.threads), "--splits", *args.eval_splits, "--input-codecs", *INPUT_CODECS,
           *extra])
     _report(bundle)
+    if args.family == "student":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from student_report import report_student
+        report_student(bundle)
 
 
 if __name__ == "__main__":

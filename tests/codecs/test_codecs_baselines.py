@@ -11,7 +11,8 @@ import torch
 from tether.core.errors import CodecError, PayloadError, UnknownCodecError
 from tether.codecs import EncodedTensor, make_codec
 
-TENSOR_IDS = ["fp32", "fp16", "int8", "fp32+zlib", "fp16+zlib", "int8+zlib"]
+TENSOR_IDS = ["fp32", "fp16", "int8", "fp32+zlib", "fp16+zlib", "int8+zlib", "fp32+zstd",
+              "fp16+zstd", "int8+zstd"]
 
 
 def _roundtrip(codec_id: str, x: torch.Tensor) -> tuple[torch.Tensor, EncodedTensor]:
@@ -72,6 +73,27 @@ def test_zlib_shrinks_sparse_features_and_stays_exact() -> None:
         a = make_codec(base).decode(plain.header, plain.payload)
         b = make_codec(base + "+zlib").decode(packed.header, packed.payload)
         assert torch.equal(a, b)
+
+
+def test_zstd_bombs_and_corruption_are_rejected() -> None:
+    import zstandard
+    codec = make_codec("int8+zstd")
+    enc = codec.encode(torch.randn(1, 2, 4, 4))
+    bomb = zstandard.ZstdCompressor().compress(bytes(10_000_000))
+    for bad in ([bomb], [b"not zstd at all"], [bytes(enc.payload[0])[:-3]]):
+        with pytest.raises(PayloadError, match="zstd"):
+            codec.decode(enc.header, bad)
+    with pytest.raises(PayloadError):
+        codec.decode({**enc.header, "raw_sizes": [10**12]}, enc.payload)
+
+
+def test_zstd_beats_or_matches_zlib_on_sparse_features() -> None:
+    x = torch.randn(1, 32, 16, 16).relu()
+    x[:, ::2] = 0
+    zl, zs = make_codec("int8+zlib").encode(x), make_codec("int8+zstd").encode(x)
+    assert zs.payload_bytes <= zl.payload_bytes * 1.05
+    assert torch.equal(make_codec("int8+zstd").decode(zs.header, zs.payload),
+                       make_codec("int8").decode(*make_codec("int8").encode(x).__dict__.values()))
 
 
 def test_fp16_clamps_instead_of_overflowing() -> None:
@@ -161,7 +183,7 @@ def test_zlib_bombs_and_corruption_are_rejected() -> None:
 
 
 @pytest.mark.parametrize("codec_id", ["fp8", "int4", "png+zlib", "jpeg0", "jpeg101", "webp",
-                                      "fp16+zstd", "bottleneck-b0.01", "", "int8+zlib+zlib"])
+                                      "fp16+lz4", "bottleneck-b0.01", "", "int8+zlib+zlib"])
 def test_unknown_codec_ids_name_the_known_ones(codec_id: str) -> None:
     with pytest.raises(UnknownCodecError, match="known ids: fp32, fp16, int8"):
         make_codec(codec_id)

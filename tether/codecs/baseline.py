@@ -1,11 +1,13 @@
-"""Baseline tensor codecs: fp32 passthrough, fp16, per-channel int8 and a zlib stage.
+"""Baseline tensor codecs: fp32 passthrough, fp16, per-channel int8, zlib and zstd stages.
 
 Headers carry ``codec``, ``shape`` and ``dtype`` (the dtype ``decode`` restores), plus the
-codec's own fields (int8: per-channel ``scale`` and ``zero_point``; zlib: raw frame sizes).
+codec's own fields (int8: per-channel ``scale`` and ``zero_point``; zlib/zstd: raw frame
+sizes).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import zlib
 from typing import Any, Sequence
@@ -186,3 +188,51 @@ def _inflate(frame: Frame, size: Any, limit: int) -> bytes:
         raise PayloadError(f"zlib frame inflates to {len(out)}+ bytes, header says {size} "
                            f"(truncated or wrong length)")
     return out
+
+
+class ZstdCodec(ZlibCodec):
+    """A lossless Zstandard stage after ``inner`` (the ``zstandard`` package), frame by frame."""
+
+    def __init__(self, inner: Codec, level: int = 10) -> None:
+        import zstandard
+        if not 1 <= level <= 22:
+            raise CodecError(f"zstd level must be 1..22, got {level}")
+        self.inner = inner
+        self.level = level
+        self.codec_id = f"{inner.codec_id}+zstd"
+        self.lossless = inner.lossless
+        self._zstd = zstandard
+        self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=False)
+
+    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
+        enc = self.inner.encode(tensor)
+        sizes = [frame_len(f) for f in enc.payload]
+        frames = [self._compressor.compress(bytes(f)) for f in enc.payload]
+        header = dict(enc.header, codec=self.codec_id, raw_sizes=sizes)
+        return EncodedTensor(header, frames)
+
+    def decode(self, header: dict[str, Any], payload: Sequence[Frame]) -> torch.Tensor:
+        check_header(header, self.codec_id)
+        sizes = header.get("raw_sizes")
+        if not isinstance(sizes, list):
+            raise PayloadError("header raw_sizes must be a list of frame sizes")
+        frames = check_frames(payload, len(sizes))
+        limit = math.prod(check_shape(header.get("shape"))) * 8 + 1024
+        raw = [self._unpack(f, n, limit) for f, n in zip(frames, sizes)]
+        inner_header = {k: v for k, v in header.items() if k != "raw_sizes"}
+        inner_header["codec"] = self.inner.codec_id
+        return self.inner.decode(inner_header, raw)
+
+    def _unpack(self, frame: Frame, size: Any, limit: int) -> bytes:
+        """Decompress one frame to exactly ``size`` bytes, never more than ``limit``."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= limit:
+            raise PayloadError(f"zstd raw size {size!r} is invalid (limit {limit} bytes)")
+        reader = self._zstd.ZstdDecompressor().stream_reader(io.BytesIO(bytes(frame)))
+        try:
+            out, extra = reader.read(size + 1), reader.read(1) if size else b""
+        except self._zstd.ZstdError as exc:
+            raise PayloadError(f"corrupt zstd frame: {exc}") from exc
+        if len(out) != size or extra:
+            raise PayloadError(f"zstd frame decompresses to {len(out)}+ bytes, header says "
+                               f"{size} (truncated or wrong length)")
+        return out

@@ -32,11 +32,14 @@ class CodecResult:
     encode_seconds: float       # mean per sample
     decode_seconds: float
     samples: int
+    payload_p95: float = 0.0    # 95th percentile per sample
 
-    def to_cost(self) -> CodecCost:
+    def to_cost(self, encoder_flops: int | None = None, replaces_head: bool = False) -> CodecCost:
         return CodecCost(split=self.split, codec=self.codec, bytes=self.payload_bytes,
                          encode_seconds=self.encode_seconds, decode_seconds=self.decode_seconds,
-                         accuracy=self.accuracy, header_bytes=round(self.header_bytes))
+                         accuracy=self.accuracy, header_bytes=round(self.header_bytes),
+                         bytes_p95=self.payload_p95, encoder_flops=encoder_flops,
+                         replaces_head=replaces_head)
 
 
 @torch.no_grad()
@@ -52,7 +55,8 @@ def measure_codec(codec: Codec, split: str, inputs: torch.Tensor, tail: nn.Modul
     """Encode/decode each sample alone, then classify the decoded tensors with ``tail``."""
     payload = header = 0
     t_enc = t_dec = 0.0
-    decoded = []
+    decoded: list[torch.Tensor] = []
+    sizes: list[int] = []
     for i in range(len(inputs)):
         t0 = time.perf_counter()
         enc = codec.encode(inputs[i:i + 1])
@@ -61,12 +65,14 @@ def measure_codec(codec: Codec, split: str, inputs: torch.Tensor, tail: nn.Modul
         t_dec += time.perf_counter() - t1
         t_enc += t1 - t0
         payload += enc.payload_bytes
+        sizes.append(enc.payload_bytes)
         header += enc.header_bytes
     n = max(len(inputs), 1)
     preds = predict(tail, torch.cat(decoded).float())
     acc = float((preds == labels).double().mean())
+    p95 = float(torch.tensor(sizes, dtype=torch.float64).quantile(0.95)) if sizes else 0.0
     return CodecResult(split, codec.codec_id, acc, payload / n, header / n, t_enc / n,
-                       t_dec / n, len(inputs))
+                       t_dec / n, len(inputs), p95)
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,15 @@ def format_table(results: Sequence[CodecResult], full_accuracy: float | None = N
     return "\n".join(lines)
 
 
+def pareto_front(results: Sequence[CodecResult]) -> list[CodecResult]:
+    """Codecs no other codec beats on both payload bytes and top-1, by increasing bytes."""
+    front: list[CodecResult] = []
+    for r in sorted(results, key=lambda r: (r.payload_bytes, -r.accuracy)):
+        if not front or r.accuracy > front[-1].accuracy:
+            front.append(r)
+    return front
+
+
 def plot_rate_accuracy(results: Sequence[CodecResult], path: str | Path,
                        full_accuracy: float | None = None, title: str = "") -> None:
     """Top-1 vs payload bytes per sample (log x), one series per split point."""
@@ -138,6 +153,9 @@ def plot_rate_accuracy(results: Sequence[CodecResult], path: str | Path,
                 label=split, alpha=0.8)
         for r in rows:
             ax.annotate(r.codec, (r.payload_bytes, 100 * r.accuracy), fontsize=6)
+    front = pareto_front(results)
+    ax.step([r.payload_bytes for r in front], [100 * r.accuracy for r in front], "k-",
+            where="post", lw=1.5, alpha=0.6, label="Pareto front")
     if full_accuracy is not None:
         ax.axhline(100 * full_accuracy, color="grey", ls="--", lw=1, label="uncompressed")
     ax.set_xscale("log")

@@ -1,8 +1,9 @@
 """``make_codec``: the one literal mapping from codec ids to codec classes.
 
-Ids: ``fp32``, ``fp16``, ``int8``; any of them followed by ``+zlib`` (lossless stage);
+Ids: ``fp32``, ``fp16``, ``int8``; any of them followed by ``+zlib`` or ``+zstd`` (lossless
+stage);
 input codecs ``jpeg<q>``, ``webp<q>`` (q = 1..100) and ``png``; learned codecs
-(``bottleneck-b<beta>``, ...) as listed in a bundle manifest's ``codecs`` entries.
+(``bottleneck-b<beta>``, ``student-b<beta>``) as listed in a bundle manifest's ``codecs`` entries.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 from tether.core.bundle import CodecEntry, Manifest
 from tether.core.errors import CodecError, UnknownCodecError
 from tether.codecs.base import Codec
-from tether.codecs.baseline import Fp16Codec, Fp32Codec, Int8Codec, ZlibCodec
+from tether.codecs.baseline import Fp16Codec, Fp32Codec, Int8Codec, ZlibCodec, ZstdCodec
 from tether.codecs.image import ImageCodec
 
 TENSOR_CODECS: dict[str, Callable[[], Codec]] = {
@@ -22,11 +23,12 @@ TENSOR_CODECS: dict[str, Callable[[], Codec]] = {
     "fp16": lambda: Fp16Codec("fp16"),
     "int8": lambda: Int8Codec("int8"),
 }
-LOSSLESS_STAGES = ("zlib",)
+LOSSLESS_STAGES = ("zlib", "zstd")
 INPUT_CODEC_RE = re.compile(r"^(jpeg|webp)([1-9][0-9]?|100)$")
 #: Learned codec kinds: manifest ``kind`` -> loader module attribute (imported lazily).
-LEARNED_KINDS = ("bottleneck",)
-KNOWN_IDS_TEXT = ("fp32, fp16, int8, <any of those>+zlib, jpeg<1-100>, webp<1-100>, png")
+LEARNED_KINDS = ("bottleneck", "student")
+KNOWN_IDS_TEXT = ("fp32, fp16, int8, <any of those>+zlib or +zstd, jpeg<1-100>, webp<1-100>, "
+                  "png")
 
 
 def make_codec(codec_id: str, bundle_dir: str | Path | None = None,
@@ -44,7 +46,7 @@ def make_codec(codec_id: str, bundle_dir: str | Path | None = None,
     if stage:
         if stage not in LOSSLESS_STAGES or base not in TENSOR_CODECS:
             raise _unknown(codec_id, bundle_dir, manifest)
-        return ZlibCodec(TENSOR_CODECS[base]())
+        return (ZlibCodec if stage == "zlib" else ZstdCodec)(TENSOR_CODECS[base]())
     if codec_id in TENSOR_CODECS:
         return TENSOR_CODECS[codec_id]()
     if codec_id == "png":
@@ -81,6 +83,9 @@ def _find_entry(codec_id: str, bundle_dir: str | Path | None, manifest: Manifest
 
 
 def _load_learned(entry: CodecEntry, bundle_dir: Path) -> Codec:
+    if entry.kind == "student":
+        from tether.codecs.student_codec import StudentCodec
+        return StudentCodec.from_entry(entry, bundle_dir)
     from tether.codecs.bottleneck import BottleneckCodec   # compressai is imported lazily
     return BottleneckCodec.from_entry(entry, bundle_dir)
 

@@ -17,7 +17,7 @@ import dataclasses
 import fcntl
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 
@@ -26,6 +26,9 @@ from tether.core.errors import CodecError
 from tether.core.types import CodecCost, CostTable, ExitCost
 from tether.codecs.bottleneck import BottleneckAutoencoder, export_encoder_onnx
 from tether.codecs.exits import Calibration, ExitHead, export_exit_onnx
+
+if TYPE_CHECKING:
+    from tether.codecs.student import StudentModel
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,28 @@ def save_bottleneck(bundle_dir: str | Path, split: str, codec_id: str,
         manifest = Manifest.load(bundle_dir).with_codec(entry)
         manifest.save(bundle_dir)
     return manifest
+
+
+def save_student(bundle_dir: str | Path, split: str, codec_id: str, model: "StudentModel",
+                 params: dict[str, Any], export: bool = True) -> CodecEntry:
+    """Write a student codec (weights with its integer CDF tables, ONNX encoder) and its
+    manifest entry (kind ``student``, ``replaces_head``); returns the entry."""
+    from tether.codecs.student import export_student_onnx
+    if not model.ready:
+        raise CodecError("Uninitialized CDFs. Run update() first: refusing to save the codec")
+    bundle_dir = Path(bundle_dir)
+    folder = codec_dir(bundle_dir, split)
+    stem = safe_name(codec_id)
+    onnx_rel = f"codecs/{safe_name(split)}/{stem}.encoder.onnx"
+    if export:
+        torch.save(model.state_dict(), folder / f"{stem}.pt")
+        export_student_onnx(model, bundle_dir / onnx_rel)   # the edge needs it: errors propagate
+    entry = CodecEntry(split=split, codec=codec_id, kind="student", params={
+        **params, "config": model.cfg.to_dict(), "replaces_head": True,
+        "weights": f"codecs/{safe_name(split)}/{stem}.pt", "encoder_onnx": onnx_rel})
+    with bundle_lock(bundle_dir):
+        Manifest.load(bundle_dir).with_codec(entry).save(bundle_dir)
+    return entry
 
 
 def save_exit(bundle_dir: str | Path, split: str, head: ExitHead, calib: Calibration,

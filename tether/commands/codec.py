@@ -25,12 +25,35 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--split", required=True, metavar="NAME", help="split point name")
     t.add_argument("--betas", type=float, nargs="*", default=[0.001], metavar="B",
                    help="rate weights (loss per estimated byte); one codec each; none = no codec")
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--latent", type=int, default=12, help="latent channels (default 12)")
+    t.add_argument("--family", choices=("bottleneck", "student"), default="bottleneck",
+                   help="bottleneck: codec on the head's features; student: an encoder from "
+                   "the image that replaces the head (CIFAR ResNets), decoder feeds --split")
+    t.add_argument("--epochs", type=int, default=8, help="epochs (student: stage-2 epochs per beta)")
+    t.add_argument("--minutes", type=float, help="time budget per stage: stop at an epoch "
+                   "boundary after it (re-run the same command to resume)")
+    t.add_argument("--latent", type=int, help="latent channels (default 12; student 32)")
     t.add_argument("--hidden", type=int, default=64, help="encoder/decoder width (default 64)")
     t.add_argument("--stride", type=int, default=2, choices=(1, 2, 4))
     t.add_argument("--tag", default="", help="suffix of the codec id (bottleneck-b<beta>-<tag>) "
                    "to keep several architectures per split")
+    s = t.add_argument_group("student family")
+    s.add_argument("--stage1-epochs", type=int, default=10, help="shared stage-1 epochs")
+    s.add_argument("--stage1-beta", type=float, default=0.0, help="rate weight in stage 1")
+    s.add_argument("--stage1-kd", type=float, default=0.0, help="KD weight in stage 1")
+    s.add_argument("--stem-blocks", type=int, default=3, help="teacher layer1 blocks in the encoder")
+    s.add_argument("--decoder-blocks", type=int, default=2,
+                   help="split-width blocks closing the decoder (from the teacher)")
+    s.add_argument("--stem-extra", type=int, nargs="*", default=[], metavar="N",
+                   help="blocks of the teacher's layer2 (and layer3) the encoder also keeps, "
+                   "e.g. 1 (layer2.0) or 3 1 (layer2, layer3.0)")
+    s.add_argument("--latent-stride", type=int, default=4, choices=(2, 4),
+                   help="latent grid = input / stride")
+    s.add_argument("--feature-weight", type=float, default=0.1, help="stage-2 feature MSE weight")
+    s.add_argument("--temperature", type=float, default=1.0, help="stage-2 KD temperature")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--stage2-lr-scale", type=float, default=0.5)
+    s.add_argument("--no-resume", action="store_true", help="start every stage afresh")
     t.add_argument("--exit", action="store_true", help="also train and calibrate an early exit")
     t.add_argument("--exit-target", type=float, default=0.95,
                    help="accuracy the exit's local answers must reach on the calibration slice")

@@ -16,8 +16,8 @@ from tether.codecs import make_codec
 from tether.codecs.bottleneck import BottleneckConfig, BottleneckCodec
 from tether.codecs.data import cifar_eval_set, cifar_train_set, to_float
 from tether.codecs.evaluate import (
-    CodecResult, exit_cost, exit_curve, format_table, measure_codec, plot_rate_accuracy, predict,
-    write_csv,
+    CodecResult, exit_cost, exit_curve, format_table, measure_codec, pareto_front,
+    plot_rate_accuracy, predict, write_csv,
 )
 from tether.codecs.exits import ExitConfig, calibrate, load_exit, train_exit
 from tether.codecs.store import codec_dir, safe_name, save_bottleneck, save_exit, update_costs
@@ -26,7 +26,7 @@ from tether.codecs.training import (
 )
 
 log = logging.getLogger("tether.codec")
-TENSOR_BASELINES = ("fp16", "int8", "fp16+zlib", "int8+zlib")
+TENSOR_BASELINES = ("fp16", "int8", "fp16+zlib", "int8+zlib", "fp16+zstd", "int8+zstd")
 CALIBRATION_SIZE = 1000
 
 
@@ -50,6 +50,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError("--epochs and --exit-epochs must be >= 1")
     bm = _load_bundle(args.bundle)
     bm.manifest.split(args.split)
+    if args.family == "student":
+        from tether.commands.codec_student import run_train_student
+        return run_train_student(args, bm, _assets(args))
+    if args.latent is None:
+        args.latent = 12
     head, tail = bm.head(args.split), bm.tail(args.split)
     data = cifar_train_set(_assets(args), args.limit)
     evalset = cifar_eval_set(_assets(args), args.limit)
@@ -144,8 +149,11 @@ def run_eval(args: argparse.Namespace) -> int:
     write_csv(out / "exits.csv", exit_rows)
     plot_rate_accuracy(results, out / "codecs.png", full_acc,
                        f"{bm.manifest.model_id}: top-1 vs wire bytes ({len(labels)} lossless)")
-    update_costs(args.bundle, codecs=[r.to_cost() for r in results])
+    update_costs(args.bundle, codecs=[_cost(bm, r) for r in results])
     print(format_table(results, full_acc))
+    print("\nPareto front (top-1 vs payload bytes; every codec above is a candidate):")
+    for r in pareto_front(results):
+        print(f"  {r.payload_bytes:9.1f} B  {100 * r.accuracy:6.2f} %  {r.split}:{r.codec}")
     for p in exit_rows:
         print(f"exit {p.split} {p.metric}>={p.threshold:.3f}: rate {p.exit_rate:.3f} "
               f"exit top-1 {_pct(p.exit_accuracy)} overall {_pct(p.overall_accuracy)}")
@@ -155,18 +163,30 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _eval_split(args: argparse.Namespace, bm: Any, split: str, x: torch.Tensor,
                 labels: torch.Tensor) -> list[CodecResult]:
+    """Every codec at ``split``: tensor baselines and bottlenecks on the head's output,
+    student codecs (which replace the head) on the images themselves."""
     head, tail = bm.head(split), bm.tail(split)
     with torch.no_grad():
         feats = torch.cat([head(x[i:i + 256]) for i in range(0, len(x), 256)])
-    ids = ["fp32", *TENSOR_BASELINES]
-    ids += [c.codec for c in bm.manifest.codecs if c.split == split and c.kind == "bottleneck"]
+    ids = [(cid, feats) for cid in ("fp32", *TENSOR_BASELINES)]
+    ids += [(c.codec, x if c.kind == "student" else feats) for c in bm.manifest.codecs
+            if c.split == split and c.kind in ("bottleneck", "student")]
     out = []
-    for cid in ids:
+    for cid, inputs in ids:
         codec = make_codec(cid, args.bundle, bm.manifest, split=split)
-        out.append(measure_codec(codec, split, feats, tail, labels))
-        log.info("%s %s: %.1f B, %.2f %%", split, cid, out[-1].payload_bytes,
-                 100 * out[-1].accuracy)
+        result = measure_codec(codec, split, inputs, tail, labels)
+        out.append(result)
+        log.info("%s %s: %.1f B, %.2f %%", split, cid, result.payload_bytes,
+                 100 * result.accuracy)
     return out
+
+
+def _cost(bm: Any, result: CodecResult) -> Any:
+    entry = next((c for c in bm.manifest.codecs
+                  if c.split == result.split and c.codec == result.codec), None)
+    if entry is None or entry.kind != "student":
+        return result.to_cost()
+    return result.to_cost(encoder_flops=entry.params.get("encoder_flops"), replaces_head=True)
 
 
 def _eval_exit(args: argparse.Namespace, bm: Any, split: str, x: torch.Tensor,

@@ -195,7 +195,11 @@ class EdgeAgent:
         if action.kind is not ActionKind.EXIT and not self.cloud_available:
             raise _Fallback("disconnected")          # known down: no head work wasted
         try:
-            features = await self._head(split, x, timing)
+            if action.kind is not ActionKind.EXIT and \
+                    self.compute.replaces_head(split, str(action.codec)):
+                features = x                         # student codec: its encoder is the head
+            else:
+                features = await self._head(split, x, timing)
             if action.kind is ActionKind.EXIT:
                 answer = await self._exit(split, features, timing)
                 if answer.confident:

@@ -169,6 +169,12 @@ class EdgeCompute:
                 self._codecs[key] = codec
             return codec
 
+    def replaces_head(self, split: str, codec_id: str) -> bool:
+        """True for student codecs: they encode the model input, the head is not run."""
+        if split == INPUT:
+            return False
+        return bool(getattr(self.codec(split, codec_id), "replaces_head", False))
+
     def encode(self, split: str, codec_id: str, features: np.ndarray) -> Any:
         """Encode the crossing tensor: an ``EncodedTensor(header, payload)``."""
         with torch.inference_mode():
