@@ -62,6 +62,7 @@ class _Job:
     future: asyncio.Future
     bytes_in: int
     nbytes: int = 0                       # payload bytes (the cost model's unit)
+    answered: bool = False
 
 
 @dataclass
@@ -426,9 +427,11 @@ class CloudCore:
 
     def _finish(self, job: _Job, reply: Reply) -> None:
         """Answer ``job`` (once: a second answer is ignored)."""
-        if job.future.done():
+        if job.answered:
             return
-        job.future.set_result(reply)
+        job.answered = True
+        if not job.future.done():        # a caller may have cancelled its wait
+            job.future.set_result(reply)
         self._record(job.msg, reply, job.bytes_in)
         self._inflight -= 1
         if self._inflight == 0:
