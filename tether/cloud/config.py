@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.core.config import from_mapping, load_toml
+from tether.core.config import component_table, from_mapping, load_toml
 from tether.core.errors import ConfigError
 from tether.core.protocol import Limits
 
@@ -64,11 +64,11 @@ class CloudConfig:
 
 
 def load_cloud_config(path: str | Path | None) -> CloudConfig:
-    """CloudConfig from a TOML file (its ``[cloud]`` table if present), defaults if ``None``."""
+    """CloudConfig from a TOML file (its ``[cloud]`` table if present), defaults if ``None``.
+
+    Unknown keys and unknown sections (e.g. ``[policy]``: the cloud has no policy) are errors.
+    """
     if path is None:
         return CloudConfig()
-    data = load_toml(path)
-    table = data.get("cloud", data)
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [cloud] must be a table")
-    return from_mapping(CloudConfig, table, where="cloud" if "cloud" in data else "")
+    table, where = component_table(load_toml(path), "cloud", path)
+    return from_mapping(CloudConfig, table, where=where)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import socket
 import time
@@ -29,11 +28,14 @@ from typing import Any, Awaitable, Iterable, Protocol
 
 import torch
 
+from tether.cloud.admission import CostModel, completion_estimate
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
 from tether.core import protocol as P
+from tether.core.checks import require_finite
 from tether.core.errors import (
-    BundleError, InputShapeError, PayloadError, ProtocolError, SessionError, TetherError,
+    BundleError, DeadlineExceededError, InputShapeError, PayloadError, ProtocolError,
+    SessionError, TetherError,
 )
 from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
 
@@ -59,6 +61,8 @@ class _Job:
     deadline: float | None
     future: asyncio.Future
     bytes_in: int
+    nbytes: int = 0                       # payload bytes (the cost model's unit)
+    answered: bool = False
 
 
 @dataclass
@@ -68,7 +72,14 @@ class _Group:
     codec_id: str
     codec: Any
     jobs: deque = field(default_factory=deque)
-    ema_seconds: float = 0.0              # decode + tail time of one batch, smoothed
+    queued_bytes: int = 0                 # payload bytes of ``jobs``
+    costs: CostModel = field(default_factory=CostModel)
+
+
+@dataclass
+class _Running:
+    jobs: list[_Job]
+    until: float                          # expected end (clock), for the admission estimate
 
 
 class CloudCore:
@@ -89,8 +100,7 @@ class CloudCore:
         self._queued = 0
         self._queued_bytes = 0
         self._inflight = 0
-        self._busy_workers = 0
-        self._queue_ema = 0.0
+        self._running: dict[int, _Running] = {}   # worker index -> the batch it computes
         self._accepting = True
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -112,7 +122,7 @@ class CloudCore:
             loop = asyncio.get_running_loop()
             for bundle in self.bundles.values():
                 await loop.run_in_executor(self._executor, bundle.warm)
-        self._workers = [asyncio.create_task(self._worker(), name=f"tether-cloud-worker-{i}")
+        self._workers = [asyncio.create_task(self._worker(i), name=f"tether-cloud-worker-{i}")
                          for i in range(self.config.workers)]
         if self.metrics:
             self.metrics.ready.set(1)
@@ -130,20 +140,27 @@ class CloudCore:
             return False
 
     async def close(self) -> None:
-        """Cancel the workers and release the compute threads (after :meth:`drain`)."""
+        """Cancel the workers and release the compute threads (after :meth:`drain`).
+
+        Every admitted request still unanswered, queued or in a batch being computed, gets
+        BUSY "draining" now: exactly one reply each, even when the drain timed out.
+        """
         self._accepting = False
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
+        running, self._running = list(self._running.values()), {}
+        for batch in running:
+            for job in batch.jobs:
+                self._finish(job, P.Busy(job.msg.request_id, "draining", self._queued))
         for group in self._groups.values():
             while group.jobs:
-                job = group.jobs.popleft()
-                self._queued -= 1
-                self._queued_bytes -= job.bytes_in
-                self._finish(job, P.Busy(job.msg.request_id, "draining"))
+                job = self._pop(group)
+                self._finish(job, P.Busy(job.msg.request_id, "draining", self._queued))
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # a batch cut off above may still run in its thread: its result is discarded
+            self._executor.shutdown(wait=not running, cancel_futures=True)
             self._executor = None
 
     @property
@@ -160,8 +177,8 @@ class CloudCore:
 
     @property
     def queue_estimate_s(self) -> float:
-        """Smoothed queue delay of recent requests (reported in PONG)."""
-        return self._queue_ema
+        """Seconds until the work queued and running now is done (reported in PONG; 0 idle)."""
+        return self._backlog(time.perf_counter())
 
     def info(self) -> tuple[P.BundleInfo, ...]:
         session = (self.sessions.bundle,) if self.sessions is not None else ()
@@ -177,7 +194,7 @@ class CloudCore:
         if isinstance(msg, P.Hello):
             return _done(self.hello(msg))
         if isinstance(msg, P.Ping):
-            return _done(P.Pong(msg.request_id, msg.t, self._queue_ema))
+            return _done(P.Pong(msg.request_id, msg.t, self.queue_estimate_s))
         if isinstance(msg, (P.Prefill, P.Decode, P.Close)):
             return self._session(msg)
         if self.metrics:
@@ -209,13 +226,16 @@ class CloudCore:
         if self._queued >= self.config.max_queue or \
                 self._queued_bytes + bytes_in > self.config.max_queue_bytes:
             return self._reject(msg, self._busy(msg, "queue_full", group), bytes_in)
+        nbytes = P.wire_size(msg.payload)
         deadline = None
         if msg.deadline_s is not None:
-            if msg.deadline_s <= self._estimate(group):
-                return self._reject(msg, self._busy(msg, "deadline", group), bytes_in)
+            if msg.deadline_s <= self._estimate(group, nbytes):
+                return self._reject(msg, self._busy(msg, "deadline", group, nbytes), bytes_in)
             deadline = received + msg.deadline_s
-        job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in)
+        job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in,
+                   nbytes)
         group.jobs.append(job)
+        group.queued_bytes += nbytes
         self._queued += 1
         self._queued_bytes += bytes_in
         self._inflight += 1
@@ -236,15 +256,24 @@ class CloudCore:
             group = self._groups[key] = _Group(bundle, msg.split, msg.codec, codec)
         return group
 
-    def _estimate(self, group: _Group) -> float:
-        """Seconds until a request admitted now would be answered (0 when unknown)."""
-        batches = math.ceil((self._queued + 1) / self.config.max_batch_size)
-        running = 1 if self._busy_workers >= self.config.workers else 0
-        per_batch = group.ema_seconds
-        return per_batch * (batches + running) / self.config.workers
+    def _backlog(self, now: float, own_s: float = 0.0) -> float:
+        """Seconds until the queued and running work is done (see :mod:`.admission`)."""
+        queued_s = sum(g.costs.cost(len(g.jobs), g.queued_bytes, self.config.max_batch_size, now)
+                       for g in self._groups.values() if g.jobs)
+        return completion_estimate([r.until for r in self._running.values()], queued_s, own_s,
+                                   self.config.workers, now)
 
-    def _busy(self, msg: P.Infer, reason: str, group: _Group) -> P.Busy:
-        return P.Busy(msg.request_id, reason, self._queued, self._estimate(group))
+    def _estimate(self, group: _Group, nbytes: int) -> float:
+        """Seconds until a request of ``nbytes`` admitted now would be answered (0: unknown).
+
+        On an idle cloud this is the request's own compute time, which decays toward zero
+        while nothing refreshes it: a refusal for "deadline" can never stick.
+        """
+        now = time.perf_counter()
+        return self._backlog(now, group.costs.cost(1, nbytes, self.config.max_batch_size, now))
+
+    def _busy(self, msg: P.Infer, reason: str, group: _Group, nbytes: int = 0) -> P.Busy:
+        return P.Busy(msg.request_id, reason, self._queued, self._estimate(group, nbytes))
 
     def _reject(self, msg: P.Infer, reply: Reply, bytes_in: int) -> asyncio.Future:
         self._record(msg, reply, bytes_in)
@@ -258,35 +287,57 @@ class CloudCore:
 
     # ---- compute --------------------------------------------------------------------------
 
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _worker(self, index: int) -> None:
         while True:
             group = await self._next_group()
-            jobs = [group.jobs.popleft() for _ in range(min(len(group.jobs),
-                                                            self.config.max_batch_size))]
-            self._queued -= len(jobs)
-            self._queued_bytes -= sum(j.bytes_in for j in jobs)
-            self._busy_workers += 1
-            try:
-                if 0 < group.ema_seconds <= self.config.inline_compute_s:
-                    replies, batch = self._run_batch(group, jobs)   # cheaper than a thread hop
-                else:
-                    replies, batch = await loop.run_in_executor(
-                        self._executor, self._run_batch, group, jobs)
-            except Exception as exc:   # noqa: BLE001 - never lose a request
-                log.exception("batch failed")
-                replies, batch = [P.Error.from_exception(j.msg.request_id, exc) for j in jobs], None
-            finally:
-                self._busy_workers -= 1
+            jobs = self._take_batch(group)
+            if not jobs:
+                continue
+            now = time.perf_counter()
+            nbytes = sum(j.nbytes for j in jobs)
+            self._running[index] = _Running(jobs, now + group.costs.cost(
+                len(jobs), nbytes, self.config.max_batch_size, now))
+            replies, batch = await self._compute(group, jobs)   # cancelled: close() answers
+            del self._running[index]
             if batch is not None:
                 seconds = batch.tail_seconds + sum(getattr(r, "decode_s", 0.0) for r in replies)
-                group.ema_seconds = seconds if group.ema_seconds == 0 else \
-                    0.8 * group.ema_seconds + 0.2 * seconds
+                done = sum(j.nbytes for j, r in zip(jobs, replies) if isinstance(r, P.Result))
+                group.costs.learn(seconds, done, time.perf_counter())
                 if self.metrics:
                     self.metrics.observe_batch(batch)
             for job, reply in zip(jobs, replies):
                 self._finish(job, reply)
             await asyncio.sleep(0)      # let the replies go out and IO run between batches
+
+    async def _compute(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], Any]:
+        """Run one batch: inline when measured cheaper than a thread hop, else in a thread."""
+        try:
+            if 0 < group.costs.batch_s <= self.config.inline_compute_s:
+                return self._run_batch(group, jobs)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, group, jobs)
+        except Exception as exc:   # noqa: BLE001 - never lose a request
+            log.exception("batch failed")
+            return [P.Error.from_exception(j.msg.request_id, exc) for j in jobs], None
+
+    def _pop(self, group: _Group) -> _Job:
+        job = group.jobs.popleft()
+        group.queued_bytes -= job.nbytes
+        self._queued -= 1
+        self._queued_bytes -= job.bytes_in
+        return job
+
+    def _take_batch(self, group: _Group) -> list[_Job]:
+        """Up to ``max_batch_size`` jobs of ``group``; the expired ones answered DEADLINE."""
+        jobs: list[_Job] = []
+        now = time.perf_counter()
+        while group.jobs and len(jobs) < self.config.max_batch_size:
+            job = self._pop(group)
+            if job.deadline is not None and now > job.deadline:
+                self._finish(job, _expired(job, now))
+            else:
+                jobs.append(job)
+        return jobs
 
     async def _next_group(self) -> _Group:
         delay = self.config.max_queue_delay_s
@@ -316,17 +367,18 @@ class CloudCore:
         replies: list[Reply] = [None] * len(jobs)
         inputs: list[tuple[int, torch.Tensor, float]] = []
         for i, job in enumerate(jobs):
-            if job.deadline is not None and start > job.deadline:
-                replies[i] = P.Busy(job.msg.request_id, "deadline", self._queued)
-                continue
             t0 = time.perf_counter()
+            if job.deadline is not None and t0 > job.deadline:
+                replies[i] = _expired(job, t0)
+                continue
             try:
                 inputs.append((i, self._decode(group, job.msg), time.perf_counter() - t0))
             except Exception as exc:  # noqa: BLE001 - a bad payload hurts only its sender
                 replies[i] = P.Error.from_exception(job.msg.request_id, _as_payload_error(exc))
+        t0 = time.perf_counter()
+        inputs = [inp for inp in inputs if not _expired_now(jobs[inp[0]], t0, replies, inp[0])]
         if not inputs:
             return replies, None
-        t0 = time.perf_counter()
         try:
             out = self._tail(group, torch.cat([x for _, x, _ in inputs]) if len(inputs) > 1
                              else inputs[0][1])
@@ -360,6 +412,7 @@ class CloudCore:
                                   f"samples, got {x.shape[0]}")
         if not x.is_floating_point():
             raise InputShapeError(f"split {group.split!r} takes floating tensors, got {x.dtype}")
+        require_finite(x, f"the tensor at split {group.split!r}")
         return x.float() if spec.dtype == "float32" and x.dtype != torch.float32 else x
 
     def _tail(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
@@ -373,9 +426,11 @@ class CloudCore:
     # ---- bookkeeping ----------------------------------------------------------------------
 
     def _finish(self, job: _Job, reply: Reply) -> None:
-        if isinstance(reply, P.Result):
-            self._queue_ema = 0.9 * self._queue_ema + 0.1 * reply.queue_s
-        if not job.future.done():
+        """Answer ``job`` (once: a second answer is ignored)."""
+        if job.answered:
+            return
+        job.answered = True
+        if not job.future.done():        # a caller may have cancelled its wait
             job.future.set_result(reply)
         self._record(job.msg, reply, job.bytes_in)
         self._inflight -= 1
@@ -411,6 +466,21 @@ async def _guarded(request_id: int, reply: Awaitable[Reply]) -> Reply:
         return await reply
     except Exception as exc:  # noqa: BLE001 - an error reply, never a lost request
         return P.Error.from_exception(request_id, exc)
+
+
+def _expired(job: _Job, now: float) -> P.Error:
+    """The typed DEADLINE reply for a request whose deadline passed before compute."""
+    return P.Error(job.msg.request_id, DeadlineExceededError.code,
+                   f"deadline of {job.msg.deadline_s:.3f} s passed after {now - job.received:.3f} s "
+                   "in the cloud's queue; dropped before compute")
+
+
+def _expired_now(job: _Job, now: float, replies: list[Reply], i: int) -> bool:
+    """True (and ``replies[i]`` set) when ``job`` expired while its batch was decoded."""
+    if job.deadline is None or now <= job.deadline:
+        return False
+    replies[i] = _expired(job, now)
+    return True
 
 
 def _as_payload_error(exc: Exception) -> TetherError:

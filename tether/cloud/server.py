@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Any, Iterable
 
 import zmq
@@ -31,6 +30,7 @@ import zmq.asyncio
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
 from tether.cloud.core import CloudCore, SessionHandler
+from tether.cloud.curve import AllowList, load_allowed_keys, load_server_keys
 from tether.cloud.http import HealthServer
 from tether.core import protocol as P
 from tether.core.errors import ConfigError, ProtocolError
@@ -69,7 +69,11 @@ class CloudServer:
     # ---- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load tails, bind the socket and the HTTP endpoint, start serving."""
+        """Check the keys, load tails, bind the socket and the HTTP endpoint, start serving."""
+        curve = None
+        if self.config.curve:        # every key file parsed before anything starts
+            curve = (load_server_keys(self.config.curve_secret_key),
+                     load_allowed_keys(self.config.curve_allowed_keys))
         await self.core.start()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -78,8 +82,8 @@ class CloudServer:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.RCVHWM, 10000)
-        if self.config.curve:
-            await self._setup_curve(sock)
+        if curve is not None:
+            await self._setup_curve(sock, *curve)
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError as exc:
@@ -152,19 +156,14 @@ class CloudServer:
         """(alive, ready) for /healthz and /readyz."""
         return self._sock is not None, self._sock is not None and self.core.accepting
 
-    async def _setup_curve(self, sock: zmq.Socket) -> None:
+    async def _setup_curve(self, sock: zmq.Socket, keys: tuple[bytes, bytes],
+                           allowed: AllowList) -> None:
         from zmq.auth.asyncio import AsyncioAuthenticator
-        public, secret = _load_server_keys(self.config.curve_secret_key)
-        allowed = Path(self.config.curve_allowed_keys)
-        if not allowed.is_dir() or not any(allowed.glob("*.key")):
-            raise ConfigError(f"curve_allowed_keys: {allowed} must be a directory holding client "
-                              "public keys (*.key from `tether keys generate`)")
         # ZAP is per libzmq context: the authenticator shares ours through a shadow
         self._auth = AsyncioAuthenticator(zmq.asyncio.Context.shadow(self._ctx.underlying))
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(allowed))
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
+        self._auth.configure_curve_callback(domain="*", credentials_provider=allowed)
+        sock.curve_publickey, sock.curve_secretkey = keys
         sock.curve_server = True
 
     # ---- IO -------------------------------------------------------------------------------
@@ -242,18 +241,6 @@ class CloudServer:
             if self.metrics:
                 self.metrics.observe_bytes(sent=P.wire_size(frames))
         self._schedule_drain()      # a send can consume the edge-triggered FD's read event
-
-
-def _load_server_keys(path: Path | None) -> tuple[bytes, bytes]:
-    import zmq.auth
-    try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"curve_secret_key: cannot read {path}: {exc}; create one with "
-                          "`tether keys generate --out DIR`") from exc
-    if secret is None:
-        raise ConfigError(f"curve_secret_key: {path} holds no secret key; use the .key_secret file")
-    return public, secret
 
 
 async def serve(config: CloudConfig, bundles: list[ServedBundle], metrics: CloudMetrics,

@@ -40,6 +40,8 @@ def add_parsers(sub: Any) -> None:
     gen = ksub.add_parser("generate", help="write a CurveZMQ key pair NAME.key / NAME.key_secret")
     gen.add_argument("--out", type=Path, required=True, help="directory to write into")
     gen.add_argument("--name", default="server", help="key pair name (default: server)")
+    gen.add_argument("--force", action="store_true",
+                     help="overwrite an existing key pair of that name (its holders lose access)")
     gen.set_defaults(handler=run_keys_generate)
     keys.set_defaults(handler=lambda a: keys.print_help() or 2)
 
@@ -63,6 +65,10 @@ def run_cloud(args: argparse.Namespace) -> int:
     config = build_config(args)      # validated: CloudConfig.__post_init__ runs on the merge
     if not config.bundles and args.llm_checkpoint is None:
         raise ConfigError("no bundle to serve: pass --bundle DIR (or `bundles` in the config)")
+    if config.curve:                 # fail fast, before the (slow) bundle loading
+        from tether.cloud.curve import load_allowed_keys, load_server_keys
+        load_server_keys(config.curve_secret_key)
+        load_allowed_keys(config.curve_allowed_keys)
     import torch
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -111,6 +117,12 @@ def run_keys_generate(args: argparse.Namespace) -> int:
     import zmq.auth
 
     from tether.core.errors import ConfigError
+    existing = [p for p in (args.out / f"{args.name}.key", args.out / f"{args.name}.key_secret")
+                if p.exists()]
+    if existing and not args.force:
+        raise ConfigError(f"{existing[0]} already exists: refusing to overwrite a key pair "
+                          "(edges and clouds holding it would be locked out); pass --force to "
+                          "replace it or --name for another pair")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         public, secret = zmq.auth.create_certificates(str(args.out), args.name)

@@ -17,11 +17,12 @@ another component to read it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tether.core.errors import BundleError, SplitError
+from tether.core.config import from_mapping
+from tether.core.errors import BundleError, ConfigError, SplitError
 from tether.core.types import TensorSpec, read_json, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -105,24 +106,20 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        """Validate every field's type (errors name the field, e.g. ``split_points[0].shape``)."""
+        if not isinstance(d, dict):
+            raise BundleError(f"invalid bundle manifest: expected a JSON object, "
+                              f"got {type(d).__name__}")
         if d.get("format") != FORMAT:
-            raise BundleError(f"not a tether bundle manifest (format={d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise BundleError(f"bundle version {d.get('version')} unsupported; this tether "
+            raise BundleError(f"not a tether bundle manifest (format={d.get('format')!r:.60})")
+        if type(d.get("version")) is not int or d.get("version") != VERSION:
+            raise BundleError(f"bundle version {d.get('version')!r:.20} unsupported; this tether "
                               f"reads version {VERSION}: re-run `tether partition`")
+        known = {f.name for f in fields(cls)}
+        data = {"full_onnx": None, "cost_table": None} | {k: v for k, v in d.items() if k in known}
         try:
-            return cls(
-                model_id=d["model_id"], fingerprint=d["fingerprint"],
-                input=TensorSpec.from_dict(d["input"]),
-                split_points=tuple(SplitEntry(**{**s, "shape": tuple(s["shape"])})
-                                   for s in d["split_points"]),
-                source=dict(d.get("source", {})), weights=d.get("weights", "model.pt"),
-                full_onnx=d.get("full_onnx"), cost_table=d.get("cost_table"),
-                codecs=tuple(CodecEntry(**c) for c in d.get("codecs", ())),
-                exits=tuple(ExitEntry(**e) for e in d.get("exits", ())),
-                preprocess=dict(d.get("preprocess", {})), extra=dict(d.get("extra", {})),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            return from_mapping(cls, data)
+        except ConfigError as exc:
             raise BundleError(f"invalid bundle manifest: {exc}") from exc
 
     def save(self, bundle_dir: str | Path) -> None:
@@ -134,7 +131,12 @@ class Manifest:
         if not path.is_file():
             raise BundleError(f"{bundle_dir} is not a complete bundle: no {MANIFEST} "
                               f"(create one with `tether partition MODEL --out DIR`)")
-        return cls.from_dict(read_json(path))
+        try:
+            return cls.from_dict(read_json(path))
+        except BundleError as exc:
+            if str(path) in str(exc):
+                raise
+            raise BundleError(f"{path}: {exc}") from exc
 
 
 def _split_dict(e: SplitEntry) -> dict[str, Any]:

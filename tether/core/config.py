@@ -48,6 +48,28 @@ def load_config(cls: type[T], path: str | Path, table: str | None = None) -> T:
     return from_mapping(cls, data, where=table or "")
 
 
+def component_table(data: dict[str, Any], section: str, path: str | Path,
+                    siblings: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The ``[section]`` table of a component's config file and its dotted prefix.
+
+    A file either holds the component's keys at the top level (prefix ``""``) or in
+    ``[section]``; beside that table only the ``siblings`` sections may appear. Anything else
+    (a ``[policy]`` table in a cloud config, a misspelt ``[clod]``) is a :class:`ConfigError`,
+    never silently ignored.
+    """
+    if section not in data:
+        return data, ""
+    table = data[section]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table")
+    unknown = sorted(set(data) - {section, *siblings})
+    if unknown:
+        allowed = ", ".join(f"[{s}]" for s in (section, *siblings))
+        raise ConfigError(f"{path}: unknown config section or key {unknown[0]!r} beside "
+                          f"[{section}]; this file may hold {allowed} only")
+    return table, section
+
+
 def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; errors name the offending dotted key."""
     if not isinstance(data, dict):
@@ -58,6 +80,10 @@ def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown config key {_join(where, unknown[0])!r}; "
                           f"valid keys: {sorted(known)}")
+    missing = [name for name, f in known.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {_join(where, missing[0])!r}")
     kwargs = {name: _coerce(hints[name], value, _join(where, name))
               for name, value in data.items()}
     try:

@@ -12,6 +12,7 @@ protocol's ERROR message carries that code so the peer can rebuild the same clas
     │   ├── UnknownModelError
     │   ├── NotTraceableError
     │   └── InputShapeError
+    │       └── NonFiniteInputError   NaN/Inf in an input tensor
     ├── WeightsError           unreadable, corrupt or mismatched weights file
     ├── SplitError             unknown split point (message lists the valid ones)
     ├── BundleError            missing/corrupt bundle or manifest, fingerprint mismatch
@@ -57,6 +58,10 @@ class NotTraceableError(ModelError):
 
 class InputShapeError(ModelError):
     code = "bad_input"
+
+
+class NonFiniteInputError(InputShapeError):
+    code = "non_finite"
 
 
 class WeightsError(TetherError):
@@ -125,7 +130,7 @@ class PlatformError(TetherError):
 
 _ALL: tuple[type[TetherError], ...] = (
     TetherError, ConfigError, ModelError, UnknownModelError, NotTraceableError,
-    InputShapeError, WeightsError, SplitError, BundleError, CodecError,
+    InputShapeError, NonFiniteInputError, WeightsError, SplitError, BundleError, CodecError,
     UnknownCodecError, CodecStateError, PayloadError, ProtocolError,
     VersionMismatchError, SessionError, BusyError, DeadlineExceededError,
     PeerUnavailableError, RemoteError, TraceError, PlatformError,

@@ -67,6 +67,10 @@ class CloudMetrics:
                             ("reason",), registry=registry)
         self.errors = Counter("tether_cloud_errors_total", "ERROR answers by error code",
                               ("code",), registry=registry)
+        self.expired = Counter("tether_cloud_deadline_expired_total",
+                               "Requests dropped before compute: their deadline passed in the queue "
+                               "(answered with a DEADLINE error)", ("model", "split"),
+                               registry=registry)
         self.queue_depth = Gauge("tether_cloud_queue_depth", "Requests waiting for a tail",
                                  registry=registry)
         self.queue_bytes = Gauge("tether_cloud_queue_bytes", "Bytes of requests waiting for a tail",
@@ -103,6 +107,8 @@ class CloudMetrics:
             self._child(self.busy, s.reason or "queue_full").inc()
         elif s.outcome == "error":
             self._child(self.errors, s.reason or "internal").inc()
+            if s.reason == "deadline":
+                self._child(self.expired, s.model, s.split).inc()
         else:
             self._child(self.queue_seconds, s.model, s.split).observe(s.queue_seconds)
             self._child(self.decode_seconds, s.model, s.split, s.codec).observe(s.decode_seconds)

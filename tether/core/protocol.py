@@ -103,8 +103,9 @@ class TensorDesc(TensorSpec):
         if not isinstance(d, dict):
             raise ProtocolError(f"{where}: tensor descriptor must be a map")
         shape, dtype = d.get("shape"), d.get("dtype")
-        if dtype not in DTYPE_SIZES:
-            raise ProtocolError(f"{where}: dtype {dtype!r} not allowed; allowed: {sorted(DTYPE_SIZES)}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise ProtocolError(f"{where}: dtype {dtype!r:.40} not allowed; "
+                                f"allowed: {sorted(DTYPE_SIZES)}")
         if not isinstance(shape, list) or len(shape) > limits.max_rank:
             raise ProtocolError(f"{where}: shape must be a list of at most {limits.max_rank} dims")
         if not all(type(n) is int and 0 <= n <= limits.max_elements for n in shape):
@@ -412,6 +413,8 @@ def _unpack_header(view: memoryview, limits: Limits) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ProtocolError("header must be a msgpack map")
     version = header.get("v")
+    if type(version) is not int:            # strict: a bool or 1.0 is not a version
+        raise ProtocolError(f"header 'v' (protocol version) must be an int, got {version!r:.40}")
     if version != PROTOCOL_VERSION:
         raise VersionMismatchError(f"peer speaks protocol version {version!r}, this tether "
                                    f"speaks {PROTOCOL_VERSION}: upgrade the older side")

@@ -243,5 +243,5 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise BundleError(f"missing file {path}") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:   # ValueError: JSON or not UTF-8
         raise BundleError(f"unreadable JSON {path}: {exc}") from exc

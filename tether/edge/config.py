@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.core.config import from_mapping, load_toml
+from tether.core.config import component_table, from_mapping, load_toml
 from tether.core.errors import ConfigError
 from tether.core.types import Action
 
@@ -128,11 +128,9 @@ def load_edge_config(path: str | Path | None = None, **overrides: Any) -> EdgeCo
     where = ""
     if path is not None:
         raw = load_toml(path)
-        if isinstance(raw.get("edge"), dict):
-            data, where = dict(raw["edge"]), "edge"
-            if isinstance(raw.get("policy"), dict):
-                data.setdefault("policy", raw["policy"])
-        else:
-            data = dict(raw)
+        table, where = component_table(raw, "edge", path, siblings=("policy",))
+        data = dict(table)
+        if where and "policy" in raw:
+            data.setdefault("policy", raw["policy"])
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_mapping(EdgeConfig, data, where=where)
