@@ -63,11 +63,13 @@ def main() -> int:
     print(f"lost {summary['lost']}  duplicates {summary['duplicates']}  mismatches "
           f"{summary['mismatches']}  errors {summary['errors']}  refusals {summary['refusals']} "
           f"(while healthy {summary['healthy_refusals']})")
-    print("| process | RSS start MB | warm | peak | end |")
-    print("|---|---|---|---|---|")
+    print("| process | life s | RSS start MB | warm | peak | end | peak 1st half | "
+          "peak last quarter |")
+    print("|---|---|---|---|---|---|---|---|")
     for proc, rss in summary["rss_kb"].items():
-        print(f"| {proc} | {rss['start'] / 1024:.0f} | {rss['warm'] / 1024:.0f} | "
-              f"{rss['peak'] / 1024:.0f} | {rss['end'] / 1024:.0f} |")
+        mb = [f"{rss[k] / 1024:.0f}" for k in ("start", "warm", "peak", "end",
+                                                 "first_half_peak", "last_quarter_peak")]
+        print(f"| {proc} | {rss['seconds']} | " + " | ".join(mb) + " |")
     print(f"load average start {summary['loadavg_start']} end {summary['loadavg_end']}")
     print("rules:", "all kept" if not broken else broken)
     (args.out / "soak-summary.json").write_text(json.dumps(summary | {"broken": broken}, indent=2))

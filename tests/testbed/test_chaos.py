@@ -62,15 +62,20 @@ def test_fuzz_frames_are_seeded_and_mostly_malformed():
 def test_check_names_every_broken_rule():
     from tether.testbed.chaos import Fault, in_fault
 
+    def rss(warm, peak, first, last, seconds):
+        return {"start": 1, "warm": warm << 10, "peak": peak << 10, "end": 1, "seconds": seconds,
+                "first_half_peak": first << 10, "last_quarter_peak": last << 10}
     ok = {"lost": 0, "duplicates": 0, "mismatches": 0, "healthy_refusals": 0, "errors": 0,
-          "rss_kb": {"cloud:1": {"start": 1000, "warm": 900_000, "peak": 950_000, "end": 1}},
+          "rss_kb": {"cloud:1": rss(900, 1400, 1350, 1390, 1200),     # one burst's high-water
+                     "cloud:2": rss(900, 1000, 900, 1000, 60)},      # too short to call a leak
           "alive": {"cloud": True}}
     assert check(ok) == []
     bad = ok | {"lost": 2, "duplicates": 1, "healthy_refusals": 3, "alive": {"edge0": False},
-                "rss_kb": {"edge0:7": {"start": 1, "warm": 100_000, "peak": 400_000, "end": 1}}}
+                "rss_kb": {"edge0:7": rss(100, 1000, 150, 160, 60),
+                           "edge1:8": rss(100, 300, 150, 300, 1200)}}
     text = " | ".join(check(bad))
     for words in ("2 requests never answered", "1 answered twice", "3 refused", "edge0:7 grew",
-                  "died"):
+                  "edge1:8 kept growing", "died"):
         assert words in text, text
     faults = [Fault("cloud_stop", 10.0, 12.0), Fault("fuzz", 20.0, 21.0)]
     assert in_fault({"sent": 9.0}, faults, 3.0, 2.0) == "cloud_stop"     # still waiting at 10

@@ -17,6 +17,7 @@ import torch
 
 from tether.core import protocol as P
 from tether.core.bundle import Manifest
+from tether.core.checks import require_finite
 from tether.core.errors import BundleError, InputShapeError, SplitError, TetherError
 from tether.core.types import CostTable
 
@@ -101,9 +102,7 @@ class EdgeCompute:
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec):
             raise InputShapeError(f"float input must be NCHW with CHW={tuple(spec)}, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():    # a NaN image would come back as a confident class 0
-            bad = int(x.size - np.isfinite(x).sum())
-            raise InputShapeError(f"input holds {bad} NaN/Inf values: send finite pixels")
+        require_finite(x, "the image")   # NaN would come back as a confident class 0
         return x
 
     # ---- models ------------------------------------------------------------------------

@@ -17,8 +17,8 @@ reason, replies received, prediction, whether the logits equal the whole model's
 fault to ``faults.jsonl``, the RSS of every daemon each second to ``rss.csv``, and the
 totals to ``summary.json``. :func:`check` lists what broke the rules: a request not
 answered exactly once, an answer that is not the whole model's (cloud, split or local), a
-refusal (BUSY, or a fallback for "busy") while the cloud was idle and healthy, memory that
-grew without bound.
+refusal (BUSY, or a fallback for "busy") while the cloud was idle and healthy, memory above
+a high-water bound or still growing late in a long-lived process (a leak).
 """
 
 from __future__ import annotations
@@ -356,19 +356,24 @@ def _refused(row: dict[str, Any]) -> bool:
 
 def rss_summary(samples: list[tuple[float, str, int, int]],
                 warm_s: float = 10.0) -> dict[str, dict[str, int]]:
-    """Per process (name:pid): RSS kB at the first sample, once warm (the most in its first
-    ``warm_s`` seconds: a restarted cloud is still loading at its first sample), peak, last."""
-    out: dict[str, dict[str, Any]] = {}
+    """Per process (name:pid), RSS kB: at the first sample; once warm (the most in its first
+    ``warm_s`` seconds: a restarted cloud is still loading at its first sample); the peak;
+    the last; the peaks of the first half and of the last quarter of its life (a leak
+    shows as the second above the first), and its life in seconds."""
+    series: dict[str, list[tuple[float, int]]] = {}
     for t, name, pid, kb in samples:
-        if kb <= 0:
-            continue
-        entry = out.setdefault(f"{name}:{pid}", {"start": kb, "warm": kb, "peak": kb,
-                                                 "end": kb, "t0": t})
-        if t - entry["t0"] <= warm_s:
-            entry["warm"] = max(entry["warm"], kb)
-        entry["peak"], entry["end"] = max(entry["peak"], kb), kb
-    for entry in out.values():
-        del entry["t0"]
+        if kb > 0:
+            series.setdefault(f"{name}:{pid}", []).append((t, kb))
+    out = {}
+    for proc, points in series.items():
+        t0, t1 = points[0][0], points[-1][0]
+        half, quarter = t0 + (t1 - t0) / 2, t1 - (t1 - t0) / 4
+        out[proc] = {"start": points[0][1], "peak": max(kb for _, kb in points),
+                     "warm": max(kb for t, kb in points if t - t0 <= warm_s),
+                     "end": points[-1][1],
+                     "first_half_peak": max(kb for t, kb in points if t <= half),
+                     "last_quarter_peak": max(kb for t, kb in points if t >= quarter),
+                     "seconds": int(t1 - t0)}
     return out
 
 
@@ -386,7 +391,8 @@ def write_ledger(out: Path, ledger: Ledger, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def check(summary: dict[str, Any], max_growth_mb: float = 200.0) -> list[str]:
+def check(summary: dict[str, Any], max_growth_mb: float = 800.0, max_leak_mb: float = 50.0,
+          leak_min_s: int = 300) -> list[str]:
     """The rules a chaos run must keep; each broken one as a sentence (empty: all kept)."""
     broken = []
     for key, what in (("lost", "requests never answered"), ("duplicates", "answered twice"),
@@ -396,8 +402,12 @@ def check(summary: dict[str, Any], max_growth_mb: float = 200.0) -> list[str]:
         if summary[key]:
             broken.append(f"{summary[key]} {what}")
     for proc, rss in summary["rss_kb"].items():
-        if (rss["peak"] - rss["warm"]) / 1024 > max_growth_mb:
+        if (rss["peak"] - rss["warm"]) / 1024 > max_growth_mb:      # high-water bound
             broken.append(f"{proc} grew from {rss['warm'] // 1024} to {rss['peak'] // 1024} MB")
+        growth = (rss["last_quarter_peak"] - rss["first_half_peak"]) / 1024
+        if rss["seconds"] >= leak_min_s and growth > max_leak_mb:   # still growing: a leak
+            broken.append(f"{proc} kept growing: {growth:.0f} MB more in its last quarter "
+                          f"than in its first half")
     dead = [name for name, ok in summary["alive"].items() if not ok]
     if dead:
         broken.append(f"processes died: {dead}")
