@@ -16,7 +16,8 @@ step 4 checks the targets: >= full-1.0 pt at <= 200 B/sample, <= 0.5 pt loss at 
 FLOPs and ONNX ms against the original head at the same split).
 
 Run: .venv/bin/python bench/codecs_rate_accuracy.py [--assets DIR] [--bundle DIR] [--no-train]
-     .venv/bin/python bench/codecs_rate_accuracy.py --family student --model cifar_resnet20
+     .venv/bin/python bench/codecs_rate_accuracy.py --family student --codec-split layer3.2 \
+         --eval-splits layer3.2 --betas 0.0003 0.001 0.003 0.01 [--model cifar_resnet56 ...]
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import torch  # noqa: E402
 
 from tether.cli import main as tether  # noqa: E402
 
-INPUT_CODECS = ["png", "jpeg50", "jpeg75", "jpeg90", "jpeg95", "webp50", "webp75", "webp90",
-                "webp95"]
+INPUT_CODECS = ["png", "jpeg10", "jpeg25", "jpeg50", "jpeg75", "jpeg90", "jpeg95", "webp5",
+                "webp10", "webp25", "webp50", "webp75", "webp90", "webp95"]
 
 
 def _args() -> argparse.Namespace:
@@ -47,7 +48,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--bundle", type=Path, help="existing bundle (else partition --model)")
     p.add_argument("--model", default="cifar_resnet20", help="cifar_resnet20|32|44|56")
     p.add_argument("--family", choices=("bottleneck", "student"), default="bottleneck")
-    p.add_argument("--student-args", default="--stem-extra 3 1 --stage1-epochs 8 --epochs 4",
+    p.add_argument("--student-args", default="--stem-extra 3 2 --decoder-blocks 1 --freeze-stem --stage1-epochs 6 "
+                   "--epochs 5 --batch-size 32 --stage2-lr-scale 1.0",
                    help="extra `codec train --family student` arguments (one string)")
     p.add_argument("--no-train", action="store_true", help="evaluate what the bundle holds")
     p.add_argument("--codec-split", default="layer3.1")

@@ -48,3 +48,14 @@ def test_parser_does_not_import_torch_or_compressai() -> None:
             "print(sorted(m for m in ('torch', 'compressai', 'zmq') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_student_family_arguments_parse() -> None:
+    args = _parser().parse_args(["codec", "train", "B", "--split", "layer3.2", "--family",
+                                 "student", "--stem-extra", "3", "2", "--freeze-stem",
+                                 "--minutes", "5", "--betas", "0.001", "0.01"])
+    assert args.family == "student" and args.stem_extra == [3, 2] and args.freeze_stem
+    assert args.minutes == 5.0 and args.latent is None and args.stage1_epochs == 10
+    assert _parser().parse_args(["codec", "train", "B", "--split", "x"]).family == "bottleneck"
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["codec", "train", "B", "--split", "x", "--family", "nope"])

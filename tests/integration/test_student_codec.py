@@ -145,3 +145,25 @@ def test_socket_predictions_equal_in_process_evaluation(server, ladder_bundle):
         in_process = measure_codec(codec, SPLIT, x, bm.tail(SPLIT), labels)
         socket_top1 = float((torch.tensor(got) == labels).double().mean())
         assert socket_top1 == in_process.accuracy, (codec_id, socket_top1, in_process.accuracy)
+
+
+@pytest.mark.assets
+def test_cli_student_training_smoke_then_resume(bundle, assets, tmp_path, capsys):
+    """`tether codec train --family student` on 32 images, 1 + 1 epochs; re-running resumes."""
+    from tether.cli import main
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    argv = ["codec", "train", str(out), "--family", "student", "--split", SPLIT, "--betas",
+            "0.01", "--stage1-epochs", "1", "--epochs", "1", "--limit", "32", "--stem-extra",
+            "3", "1", "--latent", "8", "--hidden", "16", "--assets", str(assets), "--threads",
+            "1", "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "student-b0.01" in first and "B/sample" in first
+    work = out / "codecs" / SPLIT / "student"
+    logs = (work / "b0.01.log.jsonl").read_text().splitlines()
+    assert len(logs) == 1 and (work / "stage1.ckpt").is_file()
+    entry = next(c for c in Manifest.load(out).codecs if c.codec == "student-b0.01")
+    assert entry.params["encoder_flops"] > 0 and entry.params["rate_bytes_p95"] > 0
+    assert main(argv) == 0                                      # resumes: no new epochs
+    assert (work / "b0.01.log.jsonl").read_text().splitlines() == logs

@@ -52,7 +52,7 @@ class StudentConfig:
     hidden: int = 64              # channels inside the compressor and decoder
     latent: int = 32              # entropy-coded channels (latent is input H/4 x W/4)
     decoder_blocks: int = 2       # BasicBlocks at the split width closing the decoder
-    latent_stride: int = 4        # latent grid = input H/stride x W/stride (2 or 4)
+    latent_stride: int = 4        # latent grid = input H/stride x W/stride (2, 4 or 8)
     stem_extra: tuple[int, ...] = ()  # blocks of the teacher's next stages in the encoder
                                       # (each opens with its stride-2 block): (1,) = layer2.0
 
@@ -69,8 +69,9 @@ class StudentConfig:
                 raise CodecError(f"{name} must be (C, H, W), got {shape}")
         h, w = self.input_shape[1:]
         st = self.latent_stride
-        if st not in (2, 4) or h % st or w % st:
-            raise CodecError(f"latent_stride must be 2 or 4 and divide the input {h}x{w}")
+        if st not in (2, 4, 8) or h % st or w % st or st > 4 * 2 ** len(self.stem_extra):
+            raise CodecError(f"latent_stride must be 2, 4 or 8 (8 needs stem_extra), divide "
+                             f"the input {h}x{w}")
         up = self.split_shape[1] // (h // st)
         if up < 1 or self.split_shape[1] != up * (h // st) or up & (up - 1) or \
                 self.split_shape[2] != up * (w // st):

@@ -43,6 +43,7 @@ class StudentTrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     pretrained_lr_scale: float = 0.2     # stem and decoder blocks start from the teacher
+    freeze_stem: bool = False            # keep the teacher's stem (conv1, blocks) as it is
     aux_lr: float = 1e-3
     seed: int = 0
     beta: float = 0.0                    # loss per estimated byte
@@ -75,9 +76,13 @@ def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.T
 
 
 def _optimizers(model: StudentModel, cfg: StudentTrainConfig, steps: int) -> tuple[Any, ...]:
-    pretrained = {id(p) for m in (*model.stem_modules[:2], *model.stem_modules[2],
-                                  *model.decoder_block_modules) for p in m.parameters()}
-    main = [p for n, p in model.named_parameters() if not n.endswith("quantiles")]
+    stem = [p for m in (*model.stem_modules[:2], *model.stem_modules[2]) for p in m.parameters()]
+    for p in stem:                       # frozen: no gradient, no backward through the stem
+        p.requires_grad_(not cfg.freeze_stem)
+    pretrained = {id(p) for m in model.decoder_block_modules for p in m.parameters()}
+    pretrained |= {id(p) for p in stem}
+    main = [p for n, p in model.named_parameters()
+            if not n.endswith("quantiles") and p.requires_grad]
     groups = [{"params": [p for p in main if id(p) not in pretrained], "lr": cfg.lr},
               {"params": [p for p in main if id(p) in pretrained],
                "lr": cfg.lr * cfg.pretrained_lr_scale}]

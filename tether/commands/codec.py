@@ -46,7 +46,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--stem-extra", type=int, nargs="*", default=[], metavar="N",
                    help="blocks of the teacher's layer2 (and layer3) the encoder also keeps, "
                    "e.g. 1 (layer2.0) or 3 1 (layer2, layer3.0)")
-    s.add_argument("--latent-stride", type=int, default=4, choices=(2, 4),
+    s.add_argument("--freeze-stem", action="store_true",
+                   help="keep the teacher's stem blocks frozen (train compressor and decoder)")
+    s.add_argument("--latent-stride", type=int, default=4, choices=(2, 4, 8),
                    help="latent grid = input / stride")
     s.add_argument("--feature-weight", type=float, default=0.1, help="stage-2 feature MSE weight")
     s.add_argument("--temperature", type=float, default=1.0, help="stage-2 KD temperature")

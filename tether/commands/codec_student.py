@@ -89,7 +89,8 @@ def run_train_student(args: argparse.Namespace, bm: Any, assets: Path) -> int:
     eval_x = to_float(evalset.images)
     work = codec_dir(args.bundle, split) / safe_name("student" + (f"-{args.tag}" if args.tag else ""))
     model = build_student(bm, split, args)
-    common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes)
+    common = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes,
+                  freeze_stem=args.freeze_stem)
     stage1 = StudentTrainConfig(epochs=args.stage1_epochs, beta=args.stage1_beta,
                                 feature_weight=1.0, kd_weight=args.stage1_kd, **common)
     model, hist1 = train_student(model, teacher, tail, data.images, stage1, work, "stage1",
