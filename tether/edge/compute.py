@@ -82,11 +82,14 @@ class EdgeCompute:
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Validate and convert an application's image(s) to float32 NCHW in [0, 1].
 
-        Accepts uint8 HWC / NHWC (as decoded from image files) or float NCHW / CHW.
+        Accepts uint8 HWC / NHWC (as decoded from image files) or float NCHW / CHW; bundles
+        whose input is integer (token ids of a text model) take integer ``[N, L]`` / ``[L]``.
         """
         spec = self.manifest.input.shape[1:]   # (C, H, W)
         if not isinstance(x, np.ndarray):
             raise InputShapeError(f"input must be a numpy array, got {type(x).__name__}")
+        if self.manifest.input.dtype.startswith("int"):
+            return self._prepare_ids(x, tuple(spec))
         if x.dtype == np.uint8:
             if x.ndim == 3:
                 x = x[None]
@@ -101,6 +104,15 @@ class EdgeCompute:
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(spec):
             raise InputShapeError(f"float input must be NCHW with CHW={tuple(spec)}, got {x.shape}")
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _prepare_ids(self, x: np.ndarray, spec: tuple[int, ...]) -> np.ndarray:
+        if x.dtype.kind not in "iu":
+            raise InputShapeError(f"this bundle takes integer token ids, got dtype {x.dtype}")
+        x = x[None] if x.ndim == len(spec) else x
+        if tuple(x.shape[1:]) != spec:
+            raise InputShapeError(f"token ids must be [N, {', '.join(map(str, spec))}], "
+                                  f"got {x.shape}")
+        return np.ascontiguousarray(x, dtype=self.manifest.input.dtype)
 
     # ---- models ------------------------------------------------------------------------
 
@@ -177,7 +189,7 @@ class EdgeCompute:
         if self.costs is not None and self.costs.edge_full_seconds > 0:
             return float(self.costs.edge_full_seconds)
         import time
-        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=np.float32)
+        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=self.manifest.input.dtype)
         self.full(x)
         t0 = time.perf_counter()
         self.full(x)
