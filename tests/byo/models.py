@@ -33,8 +33,17 @@ USER_MODEL = textwrap.dedent('''
             self.classifier = nn.Linear(2 * width, 5)
 
         def forward(self, x):
-            y = self.down(self.stem(x) + x.mean(1, keepdim=True))
+            y = self.down(self.stem(x))
             return self.classifier(y.mean((2, 3)))
+
+
+    class ShapeBranch(MyNet):
+        """Python control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+        def forward(self, x):
+            if x.shape[-1] > 8:
+                x = x * 0.5
+            return super().forward(x)
 
 
     def build():
@@ -76,21 +85,30 @@ def tiny_bert(folder: Path) -> torch.nn.Module:
     return model
 
 
-def serve_and_ask(bundle: Path, action: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Edge agent + in-process cloud twin on ``bundle``: the logits of each input."""
+def serve_and_ask(bundle: Path, action: str, inputs: list[np.ndarray],
+                  endpoint: str | None = None) -> list[np.ndarray]:
+    """Edge agent + cloud on ``bundle``: the logits of each input. The cloud is the in-process
+    twin, or the real server at ``endpoint`` (over ZeroMQ sockets)."""
     async def scenario():
         compute = EdgeCompute(bundle)
-        cloud = InProcessCloud([ServedBundle.load(bundle)], CloudConfig(max_queue_delay_s=0.0))
-        await cloud.start()
-        link = InProcessLink(cloud, compute.bundle_info(), "edge-byo")
+        cloud = None
+        if endpoint is None:
+            cloud = InProcessCloud([ServedBundle.load(bundle)], CloudConfig(max_queue_delay_s=0.0))
+            await cloud.start()
+            link = InProcessLink(cloud, compute.bundle_info(), "edge-byo")
+        else:
+            from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
+            link = ZmqCloudLink(endpoint, compute.bundle_info(), "edge-byo", LinkTiming())
         agent = EdgeAgent(compute, FixedPolicy(Action.parse(action)),
                           EdgeConfig(deadline_seconds=30.0), link, [])
         await agent.start()
         try:
+            assert await link.wait_ready(30.0)
             results = [await agent.infer(x) for x in inputs]
         finally:
             await agent.close()
-            await cloud.close()
+            if cloud is not None:
+                await cloud.close()
         assert [r.record.outcome for r in results] == ["cloud"] * len(inputs), \
             [(r.record.outcome, r.record.fallback_reason) for r in results]
         return [r.logits[0] for r in results]

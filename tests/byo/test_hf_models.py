@@ -42,6 +42,21 @@ def test_vit_split_and_offload_equal_the_model(vit):
         np.testing.assert_allclose(np.stack(got), want, rtol=1e-4, atol=1e-5, err_msg=action)
 
 
+def test_vit_over_real_sockets(vit):
+    from cloud.helpers import ServerThread
+
+    from tether.cloud import CloudConfig, ServedBundle
+    model, out = vit
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(pixel_values=x).logits.numpy()
+    config = CloudConfig(bind="tcp://127.0.0.1:*", max_queue_delay_s=0.0)
+    with ServerThread(config, [ServedBundle.load(out)]) as server:
+        got = serve_and_ask(out, "split:model.vit.layers.0:fp16", [r[None].numpy() for r in x],
+                            endpoint=server.endpoint)
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-2, atol=1e-3)
+
+
 def test_bert_token_ids_split_equal_the_model(tmp_path):
     model = tiny_bert(tmp_path / "bert_tiny")
     out = tmp_path / "bundle"

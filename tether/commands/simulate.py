@@ -98,4 +98,9 @@ def _load_table(args: argparse.Namespace):  # noqa: ANN202 - CostTable, imported
         table = CostTable.load(args.bundle / manifest.cost_table)
     else:
         table = CostTable.load(args.cost_table)
+    if table.meta.get("busy"):
+        import sys
+        print("warning: this cost table was profiled on a busy machine (meta.busy in costs.json: "
+              "the timings spread widely); the simulation inherits its noise. Re-run "
+              "`tether profile DIR` on an idle machine.", file=sys.stderr)
     return scale_edge(table, args.edge_scale) if args.edge_scale != 1.0 else table

@@ -37,7 +37,7 @@ class ExitAnswer:
 class EdgeCompute:
     """Runs one bundle's edge side. Thread-safe: ONNX sessions and codecs are shared."""
 
-    def __init__(self, bundle_dir: str | Path, onnx_threads: int = 1) -> None:
+    def __init__(self, bundle_dir: str | Path, onnx_threads: int = 1, warm: bool = True) -> None:
         from tether.partitioner import BundleModel, OnnxModule   # heavy: torch, onnxruntime
 
         self.bundle_dir = Path(bundle_dir)
@@ -56,6 +56,8 @@ class EdgeCompute:
         self._codecs: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.costs = self._load_costs()
+        if warm:
+            self.warm()
         log.info("edge bundle %s (%s, fingerprint %s): heads %s, exits %s", self.bundle_dir,
                  self.manifest.model_id, self.fingerprint[:12], sorted(self.heads),
                  sorted(self._exits))
@@ -63,6 +65,13 @@ class EdgeCompute:
     @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
+
+    def warm(self) -> None:
+        """Run the whole model and every head once on a dummy input (ONNX Runtime allocates
+        and picks kernels on the first run), so the first request is not cold."""
+        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=self.manifest.input.dtype)
+        for module in (self.full_model, *self.heads.values()):
+            module(x)
 
     def _load_costs(self) -> CostTable | None:
         try:

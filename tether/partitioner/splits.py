@@ -80,11 +80,17 @@ class _Tracer(fx.Tracer):
 
 
 def _untraceable_message(qualname: str, m: nn.Module, exc: Exception) -> str:
-    return (f"torch.fx cannot trace module {qualname!r} ({type(m).__name__}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+    cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not qualname:     # the root's own forward(): no module to mark as a leaf
+        return (f"torch.fx cannot trace the forward() of the root module "
+                f"({type(m).__name__}): {cause}. Use the torch.export path (CLI: --method "
+                f"export; Python: method='export'), or remove data-dependent Python control "
+                f"flow from its forward()")
+    return (f"torch.fx cannot trace module {qualname!r} ({type(m).__name__}): {cause}. "
             f"Mark it as a leaf so it runs as one opaque step: "
-            f"leaf_modules=[{qualname!r}] (CLI: --leaf {qualname}), or remove data-dependent "
-            f"Python control flow from its forward()")
+            f"leaf_modules=[{qualname!r}] (CLI: --leaf {qualname}), use the torch.export path "
+            f"(--method export), or remove data-dependent Python control flow from its "
+            f"forward()")
 
 
 def trace(module: nn.Module,
@@ -96,8 +102,7 @@ def trace(module: nn.Module,
     except NotTraceableError:
         raise
     except Exception as exc:
-        raise NotTraceableError(_untraceable_message("", module, exc).replace(
-            "module ''", "the forward() of the root module")) from exc
+        raise NotTraceableError(_untraceable_message("", module, exc)) from exc
     return fx.GraphModule(module, graph, class_name=type(module).__name__), tracer
 
 
