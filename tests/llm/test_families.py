@@ -45,3 +45,28 @@ def test_greedy_tokens_through_edge_and_cloud_equal_the_whole_model(family):
         events = asyncio.run(run())
         assert [e.token for e in events] == ref, (family, k)
         assert all(e.source == "cloud" for e in events), [e.source for e in events]
+
+
+def test_gpt_neox_folder_with_legacy_head_name_splits_like_the_model(tmp_path):
+    """A save_pretrained folder whose LM head is stored as ``embed_out`` (Pythia checkpoints)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from tether.partitioner.llm import open_llm, split_llm
+
+    from .llm_tiny import tiny_config
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_neox")).eval()
+    model.save_pretrained(tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    state = load_file(str(weights))
+    state = {("embed_out." + k[len("lm_head."):] if k.startswith("lm_head.") else k): v
+             for k, v in state.items()}
+    assert "embed_out.weight" in state
+    save_file(state, str(weights), metadata={"format": "pt"})
+    ckpt = open_llm(tmp_path)
+    edge, cloud = split_llm(ckpt, 2)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        got = cloud(edge(ids, edge.new_cache(), 0), cloud.new_cache(), last_only=False)
+        torch.testing.assert_close(got, model(ids).logits, atol=1e-4, rtol=1e-4)

@@ -265,8 +265,8 @@ class BundleModel:
                 raise BundleError(f"bundle {self.dir} has bad weights: {exc}") from exc
         got = fingerprint(module)
         if got != self.manifest.fingerprint:
-            raise BundleError(f"bundle {self.dir}: model.pt fingerprint {got[:12]} does not "
-                              f"match the manifest's {self.manifest.fingerprint[:12]}; "
+            raise BundleError(f"bundle {self.dir}: {self.manifest.weights} fingerprint {got[:12]} "
+                              f"does not match the manifest's {self.manifest.fingerprint[:12]}; "
                               f"re-run `tether partition`")
         return module
 

@@ -158,7 +158,8 @@ class _quiet:
         import logging
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
