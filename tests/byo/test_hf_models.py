@@ -23,7 +23,7 @@ def vit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / "vit_tiny"
     model = tiny_vit(folder)
     out = folder.parent / "vit_bundle"
-    export_bundle(f"hf:{folder}", out, splits=["model.vit.layers.0"], **QUICK)
+    export_bundle(f"hf:{folder}", out, splits=["vit.layers.0"], **QUICK)
     return model, out
 
 
@@ -33,11 +33,11 @@ def test_vit_split_and_offload_equal_the_model(vit):
     assert m.source["kind"] == "hf" and m.source["graph"] == "export"
     assert m.input.shape == (1, 3, 32, 32) and m.preprocess["normalization"] == "none"
     names = m.split_names
-    assert {"model.vit.layers.0", "model.vit.layers.1"} <= set(names), names
+    assert {"vit.layers.0", "vit.layers.1"} <= set(names), names
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model(pixel_values=x).logits.numpy()
-    for action in ("split:model.vit.layers.0:fp32", "offload:fp32"):
+    for action in ("split:vit.layers.0:fp32", "offload:fp32"):
         got = serve_and_ask(out, action, [row[None].numpy() for row in x])
         np.testing.assert_allclose(np.stack(got), want, rtol=1e-4, atol=1e-5, err_msg=action)
 
@@ -52,7 +52,7 @@ def test_vit_over_real_sockets(vit):
         want = model(pixel_values=x).logits.numpy()
     config = CloudConfig(bind="tcp://127.0.0.1:*", max_queue_delay_s=0.0)
     with ServerThread(config, [ServedBundle.load(out)]) as server:
-        got = serve_and_ask(out, "split:model.vit.layers.0:fp16", [r[None].numpy() for r in x],
+        got = serve_and_ask(out, "split:vit.layers.0:fp16", [r[None].numpy() for r in x],
                             endpoint=server.endpoint)
     np.testing.assert_allclose(np.stack(got), want, rtol=1e-2, atol=1e-3)
 
@@ -60,14 +60,14 @@ def test_vit_over_real_sockets(vit):
 def test_bert_token_ids_split_equal_the_model(tmp_path):
     model = tiny_bert(tmp_path / "bert_tiny")
     out = tmp_path / "bundle"
-    export_bundle(str(tmp_path / "bert_tiny"), out, splits=["model.bert.encoder.layer.0"],
+    export_bundle(str(tmp_path / "bert_tiny"), out, splits=["bert.encoder.layer.0"],
                   **QUICK)
     m = Manifest.load(out)
     assert m.input.dtype == "int64" and m.preprocess["layout"] == "NL"
     ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(input_ids=ids).logits.numpy()
-    got = serve_and_ask(out, "split:model.bert.encoder.layer.0:fp32", [r[None].numpy() for r in ids])
+    got = serve_and_ask(out, "split:bert.encoder.layer.0:fp32", [r[None].numpy() for r in ids])
     np.testing.assert_allclose(np.stack(got), want, rtol=1e-4, atol=1e-5)
 
 

@@ -107,9 +107,7 @@ def batch_dim(node: fx.Node, symbols: set[str]) -> int | None:
 def point_name(node: fx.Node, last_index: dict[str, int], index: int, prefix: str) -> str:
     """Outermost module (``nn_module_stack``) whose last computation is ``node``, containers
     giving way to their last child (as on the fx path); else the node name."""
-    stack = node.meta.get("nn_module_stack") or {}
-    ends = [(path, str(kind)) for path, kind in stack.values()
-            if path and last_index.get(path) == index]
+    ends = [(path, str(kind)) for path, kind in _stack(node) if last_index.get(path) == index]
     plain = [path for path, kind in ends if not kind.endswith(_CONTAINERS)]
     for path in plain[:1] or [p for p, _ in ends[-1:]]:
         return path.removeprefix(prefix) or path
@@ -119,17 +117,24 @@ def point_name(node: fx.Node, last_index: dict[str, int], index: int, prefix: st
 _CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
 
 
+def _stack(node: fx.Node) -> list[tuple[str, Any]]:
+    """(module path, type) of the modules ``node`` ran inside, outermost first (the root and
+    the exporter's own bookkeeping entries left out)."""
+    return [(path, kind) for path, kind in (node.meta.get("nn_module_stack") or {}).values()
+            if path and not path.startswith("_")]
+
+
 def module_last_index(nodes: list[fx.Node]) -> dict[str, int]:
     last: dict[str, int] = {}
     for i, n in enumerate(nodes):
-        for path, _type in (n.meta.get("nn_module_stack") or {}).values():
+        for path, _type in _stack(n):
             last[path] = i
     return last
 
 
 def common_prefix(nodes: list[fx.Node]) -> str:
     """The wrapper prefix shared by every module path (``m.`` for a wrapped HF model)."""
-    paths = [p for n in nodes for p, _ in (n.meta.get("nn_module_stack") or {}).values() if p]
+    paths = [p for n in nodes for p, _ in _stack(n) if p != "normalize"]  # tether's own step
     if not paths:
         return ""
     first = min(paths, key=len)
