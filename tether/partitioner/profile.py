@@ -217,7 +217,8 @@ def _profile_all(graph: SplitGraph, points: list[SplitPoint], example: torch.Ten
         _add_full(graph, example, full_onnx, Path(tmp), opts, rounds)
         stats = rounds.run()
     costs = tuple(_cost(p, stats, flops[p.name], params[p.name]) for p in points)
-    meta = {**_meta(opts), **_spread_meta(stats, load_before, model_id)}
+    loads = [x for x in (load_before, _loadavg()) if x is not None]
+    meta = {**_meta(opts), **_spread_meta(stats, loads, model_id)}
     return CostTable(model_id=model_id, input=TensorSpec(tuple(example.shape),
                                                          str(example.dtype).removeprefix("torch.")),
                      edge_full_seconds=stats["edge_full"]["median"],
@@ -231,15 +232,15 @@ def _loadavg() -> float | None:
         return None
 
 
-def _spread_meta(stats: dict[str, dict[str, float]], load_before: float | None,
+def _spread_meta(stats: dict[str, dict[str, float]], load: list[float],
                  model_id: str) -> dict[str, Any]:
-    """p10/p90/spread per measurement; ``busy`` when the spread (or load) says so."""
+    """p10/p90/spread per measurement; ``busy`` when the spread (or the load average before
+    and after, ``load``) says so."""
     spread = {k: {"p10_seconds": v["p10"], "p90_seconds": v["p90"],
                   "median_seconds": v["median"], "spread": round(v["spread"], 4)}
               for k, v in stats.items()}
     timed = {k: v for k, v in stats.items() if v["median"] >= MIN_JUDGED_SECONDS} or stats
     worst = max(timed.items(), key=lambda kv: kv[1]["spread"])
-    load = [x for x in (load_before, _loadavg()) if x is not None]
     busy_load = bool(load) and max(load) > 0.75 * (os.cpu_count() or 1)
     busy = worst[1]["spread"] > BUSY_SPREAD or busy_load
     if busy:
