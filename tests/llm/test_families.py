@@ -35,14 +35,16 @@ def test_greedy_tokens_through_edge_and_cloud_equal_the_whole_model(family):
     ref = ids[len(prompt):]
     assert len(set(ref)) > 1       # a degenerate reference would prove little
     engine = LLMEngine(ckpt, LLMEngineConfig(), f"tiny-{family}")
-    for k in (1, num_layers(ckpt.config) - 1):
+
+    async def run(k):
         edge = LLMEdge(EdgeLM(ckpt, k), ckpt.fingerprint, _IdsTokenizer(),
                        GenerateConfig(codec="fp32", timeout_s=30.0), LocalSessionLink(engine.handle))
+        return [ev async for ev in edge.generate(prompt, STEPS, stop_at_eos=False)]
 
-        async def run():
-            return [ev async for ev in edge.generate(prompt, STEPS, stop_at_eos=False)]
+    async def both():            # one event loop: the engine lives on it, as in a daemon
+        return {k: await run(k) for k in (1, num_layers(ckpt.config) - 1)}
 
-        events = asyncio.run(run())
+    for k, events in asyncio.run(both()).items():
         assert [e.token for e in events] == ref, (family, k)
         assert all(e.source == "cloud" for e in events), [e.source for e in events]
 
