@@ -97,30 +97,56 @@ def first_request(warm: bool) -> dict[str, float]:
     z = split_at(module, x, SPLIT)[0](x)
     enc = make_codec("fp32").encode(z)
 
-    async def main() -> P.Result:
+    infer = P.Infer(2, served.fingerprint, SPLIT, "fp32", enc.header, 10.0, tuple(enc.payload))
+
+    async def twin() -> P.Result:
         cloud = InProcessCloud([served], CloudConfig(max_queue_delay_s=0.0))
         t0 = time.perf_counter()
         await cloud.start()
         start_s = time.perf_counter() - t0
         await cloud.request(P.Hello(1, "bench"))
-        reply = await cloud.request(P.Infer(2, served.fingerprint, SPLIT, "fp32", enc.header,
-                                            10.0, tuple(enc.payload)))
+        reply = await cloud.request(infer)
         await cloud.close()
         return reply, start_s
 
-    reply, start_s = asyncio.run(main())
+    async def sockets() -> P.Result:
+        import zmq
+        import zmq.asyncio
+        from prometheus_client import CollectorRegistry
+
+        from tether.cloud.server import CloudServer
+        from tether.core.metrics import CloudMetrics
+        server = CloudServer(CloudConfig(bind="tcp://127.0.0.1:*", max_queue_delay_s=0.0),
+                             [served], CloudMetrics(CollectorRegistry()))
+        t0 = time.perf_counter()
+        await server.start()
+        start_s = time.perf_counter() - t0
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(server.endpoint)
+        await sock.send_multipart(P.encode(P.Hello(1, "bench")))
+        P.decode(await sock.recv_multipart())
+        await sock.send_multipart(P.encode(infer))
+        reply = P.decode(await sock.recv_multipart())
+        sock.close(0)
+        await server.stop()
+        return reply, start_s
+
+    reply, start_s = asyncio.run(sockets() if os.environ.get("BENCH_SOCKETS") else twin())
     return {"queue_ms": reply.queue_s * 1e3, "tail_ms": reply.tail_s * 1e3,
             "start_ms": start_s * 1e3}
 
 
-def first_requests(runs: int, bundle: Path) -> dict[str, dict[str, float]]:
+def first_requests(runs: int, bundle: Path, sockets: bool) -> dict[str, dict[str, float]]:
     out = {}
+    env = {**os.environ, "BENCH_BUNDLE": str(bundle)}
+    if sockets:
+        env["BENCH_SOCKETS"] = "1"
     for label, flag in (("built only (before)", "cold"), ("warmed up (after)", "warm")):
         rows = []
         for _ in range(runs):
             cmd = [sys.executable, __file__, "--child-first", flag]
-            text = subprocess.check_output(cmd, text=True, env={**os.environ,
-                                                                "BENCH_BUNDLE": str(bundle)})
+            text = subprocess.check_output(cmd, text=True, env=env)
             rows.append(json.loads(text.splitlines()[-1]))
         out[label] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return out
@@ -131,6 +157,7 @@ def main() -> None:
     ap.add_argument("--load", type=int, default=2, help="busy-loop processes (default 2)")
     ap.add_argument("--samples", type=int, default=200, help="tail timings (default 200)")
     ap.add_argument("--runs", type=int, default=5, help="fresh processes per variant (default 5)")
+    ap.add_argument("--skip-threads", action="store_true", help="only the first-request part")
     ap.add_argument("--child-tail", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-first", choices=("cold", "warm"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -144,19 +171,23 @@ def main() -> None:
 
     from tether.partitioner import export_bundle
     print(f"machine: {os.cpu_count()} CPUs, load average before {os.getloadavg()}")
-    res = threads_under_load(args.load, args.samples)
-    print(f"resnet20 tail at {SPLIT}, batch 1, under {args.load} busy processes (ms):")
-    for k, v in res.items():
-        print(f"  {k:32s} {v:8.2f}")
+    if not args.skip_threads:
+        res = threads_under_load(args.load, args.samples)
+        print(f"resnet20 tail at {SPLIT}, batch 1, under {args.load} busy processes (ms):")
+        for k, v in res.items():
+            print(f"  {k:32s} {v:8.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "r20"
         export_bundle("cifar_resnet20", bundle, splits=[SPLIT], repeats=2, warmup=0, rounds=1,
                       progress=False)
-        first = first_requests(args.runs, bundle)
-    print(f"first request after start, median of {args.runs} fresh processes (ms):")
-    for label, row in first.items():
-        print(f"  {label:22s} queue {row['queue_ms']:7.2f}  tail {row['tail_ms']:7.2f}  "
-              f"start {row['start_ms']:7.1f}")
+        for sockets in (False, True):
+            first = first_requests(args.runs, bundle, sockets)
+            where = "CloudServer over ZeroMQ" if sockets else "in-process twin"
+            print(f"first request after start ({where}), median of {args.runs} fresh "
+                  f"processes (ms):")
+            for label, row in first.items():
+                print(f"  {label:22s} queue {row['queue_ms']:7.2f}  tail "
+                      f"{row['tail_ms']:7.2f}  start {row['start_ms']:7.1f}")
     print(f"load average after {os.getloadavg()}")
 
 
