@@ -18,6 +18,14 @@ def tiny_config(family: str):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if family == "mistral":
         return MistralConfig(**common)
+    if family == "phi":
+        from transformers import PhiConfig
+        return PhiConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                         partial_rotary_factor=0.5)
+    if family == "gpt_neox":
+        from transformers import GPTNeoXConfig
+        return GPTNeoXConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                             rotary_pct=0.25, tie_word_embeddings=False)
     return GPT2Config(vocab_size=97, n_embd=32, n_layer=4, n_head=4, n_positions=128,
                       bos_token_id=1, eos_token_id=2)
 
@@ -29,4 +37,4 @@ def tiny_checkpoint(family: str, seed: int = 0) -> StateDictCheckpoint:
     return StateDictCheckpoint.from_model(model)
 
 
-FAMILY_NAMES = ("llama", "qwen2", "mistral", "gpt2")
+FAMILY_NAMES = ("llama", "qwen2", "mistral", "gpt2", "phi", "gpt_neox")

@@ -46,8 +46,12 @@ def test_bad_input_fails_cleanly(tmp_path, capsys, args, message):
 
 def test_malformed_shape_and_missing_bundle(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["partition", "cifar_resnet20", "--input-shape", "1,3,32",
+        main(["partition", "cifar_resnet20", "--input-shape", "1,3,a",
               "--out", str(tmp_path / "b")])
     assert exc.value.code == 2 and "N,C,H,W" in capsys.readouterr().err
+    # any rank parses (token ids, user models), but an image model refuses a non-NCHW shape
+    assert main(["partition", "cifar_resnet20", "--input-shape", "1,3,32",
+                 "--out", str(tmp_path / "b")]) == 1
+    assert "N,C,H,W" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert main(["profile", str(tmp_path), *FAST]) == 1
     assert "not a complete bundle" in capsys.readouterr().err

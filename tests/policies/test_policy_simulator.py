@@ -176,3 +176,28 @@ def test_summary_table_without_accuracy(table):
     text = format_table(summarize(results))
     assert text.splitlines()[1].split()[5] == "-"       # accuracy column: unknown
     assert "1.000" in text.splitlines()[2]              # the oracle against itself
+
+
+def test_cli_without_oracle_still_writes_what_it_announces(tmp_path, table, capsys):
+    costs = tmp_path / "costs.json"
+    table.save(costs)
+    out = tmp_path / "sim"
+    rc = main(["simulate", "--cost-table", str(costs), "--trace", "constant:5",
+               "--policies", "local,cloud", "--requests", "50", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "nan" not in text.lower()
+    announced = text.strip().splitlines()[-1]
+    assert "regret.png" in announced and (out / "regret.png").stat().st_size > 5000
+    assert announced.startswith(f"wrote {out}/")
+    for name in announced.removeprefix(f"wrote {out}/").split(", "):
+        assert (out / name.strip()).is_file(), name
+
+
+def test_summary_table_without_an_oracle_prints_dashes(table):
+    from tether.policies.report import format_table
+    results = run_policies(table, T.constant(5.0, 30), ("local", "cloud"),
+                           sim_config=SimConfig(n_requests=20))
+    text = format_table(summarize(results))
+    assert "nan" not in text.lower()
+    assert text.splitlines()[1].split()[-2:] == ["-", "-"]

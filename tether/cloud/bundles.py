@@ -122,17 +122,27 @@ class ServedBundle:
 
     def warm(self) -> None:
         """Build the tails edges can ask for now (splits with exported heads, or all when the
-        bundle has no manifest) so the first requests do not pay for them."""
+        bundle has no manifest) and run each once on a dummy batch (first-call allocations,
+        kernel selection), so the first requests are not cold."""
         splits = list(self.splits)
         if self.manifest is not None:
             splits = [e.name for e in self.manifest.split_points if e.head] or splits
         for split in (INPUT, *splits):
-            self.tail(split)
+            self._run_once(split, self.tail(split))
         for entry in self.manifest.codecs if self.manifest is not None else ():
             try:                                   # learned codecs load weights: do it now
                 self.codec(entry.split, entry.codec)
             except TetherError as exc:
                 log.warning("codec %s at %s unavailable: %s", entry.codec, entry.split, exc)
+
+    def _run_once(self, split: str, tail: Callable[[Any], Any]) -> None:
+        import torch
+        spec = self.expected(split)
+        try:
+            with torch.inference_mode():
+                tail(torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)))
+        except Exception as exc:  # a tail that cannot run on zeros will say so on real input
+            log.warning("warm-up of %s at %s failed: %s", self.model_id, split, exc)
 
     def info(self) -> BundleInfo:
         """What READY says about this bundle."""

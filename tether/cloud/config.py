@@ -29,7 +29,8 @@ class CloudConfig:
     max_request_samples: int = 64           # batch dimension of one request
     workers: int = 1                        # compute threads running tails
     inline_compute_s: float = 0.001         # batches measured faster than this skip the thread
-    torch_threads: int = 0                  # intra-op threads per process; 0: torch default
+    torch_threads: int = 1                  # torch intra-op threads; 0: torch default (every
+                                            # core: collapses under concurrent load)
     max_message_bytes: int = 64 * 1024 * 1024
     drain_timeout_s: float = 10.0           # SIGTERM: finish queued work for at most this
     preload: bool = True                    # build every tail at start
@@ -63,6 +64,13 @@ class CloudConfig:
         return Limits(max_message_bytes=self.max_message_bytes)
 
 
+#: TOML spellings in the ``_seconds`` style of the edge config -> the field they set (the
+#: ``_s`` names keep working; giving both is refused)
+SECONDS_ALIASES = {"max_queue_delay_seconds": "max_queue_delay_s",
+                   "drain_timeout_seconds": "drain_timeout_s",
+                   "inline_compute_seconds": "inline_compute_s"}
+
+
 def load_cloud_config(path: str | Path | None) -> CloudConfig:
     """CloudConfig from a TOML file (its ``[cloud]`` table if present), defaults if ``None``.
 
@@ -71,4 +79,15 @@ def load_cloud_config(path: str | Path | None) -> CloudConfig:
     if path is None:
         return CloudConfig()
     table, where = component_table(load_toml(path), "cloud", path)
-    return from_mapping(CloudConfig, table, where=where)
+    return from_mapping(CloudConfig, _unalias(table, where), where=where)
+
+
+def _unalias(table: dict, where: str) -> dict:
+    table = dict(table)
+    for alias, name in SECONDS_ALIASES.items():
+        if alias in table:
+            if name in table:
+                raise ConfigError(f"{where + '.' if where else ''}{alias} and {name} set the "
+                                  f"same value: keep only {alias}")
+            table[name] = table.pop(alias)
+    return table

@@ -410,8 +410,12 @@ class CloudCore:
         if not 1 <= x.shape[0] <= self.config.max_request_samples:
             raise InputShapeError(f"a request carries 1..{self.config.max_request_samples} "
                                   f"samples, got {x.shape[0]}")
-        if not x.is_floating_point():
+        integer = spec.dtype.startswith(("int", "uint"))   # token ids of a text model
+        if not x.is_floating_point() and not integer:
             raise InputShapeError(f"split {group.split!r} takes floating tensors, got {x.dtype}")
+        if integer and x.is_floating_point():
+            raise InputShapeError(f"split {group.split!r} takes {spec.dtype} token ids, "
+                                  f"got {x.dtype}")
         require_finite(x, f"the tensor at split {group.split!r}")
         return x.float() if spec.dtype == "float32" and x.dtype != torch.float32 else x
 

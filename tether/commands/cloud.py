@@ -18,15 +18,19 @@ def add_parsers(sub: Any) -> None:
                        "batching, Prometheus /metrics, /healthz, /readyz. SIGTERM drains and exits.")
     p.add_argument("--bundle", action="append", type=Path, metavar="DIR",
                    help="bundle directory from `tether partition` (repeatable)")
-    p.add_argument("--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555")
+    p.add_argument("--bind", help="ZeroMQ endpoint, e.g. tcp://0.0.0.0:5555 "
+                                  "(default: tcp://127.0.0.1:5555, from the config)")
     p.add_argument("--metrics-port", type=int, help="HTTP port for /metrics and probes (0: any)")
     p.add_argument("--metrics-host", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--config", type=Path, help="TOML config ([cloud] table); flags override it")
-    p.add_argument("--max-batch-size", type=int, help="requests per tail execution")
+    p.add_argument("--max-batch-size", type=int,
+                   help="requests per tail execution (default: 16, from the config)")
     p.add_argument("--max-queue-delay-ms", type=float, help="how long a partial batch may wait")
     p.add_argument("--max-queue", type=int, help="queued requests before answering BUSY")
-    p.add_argument("--workers", type=int, help="compute threads")
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (0: default)")
+    p.add_argument("--workers", type=int, help="compute threads (default: 1, from the config)")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch intra-op threads; 0: torch's default, every core, which "
+                        "collapses under concurrent load (default: 1, from the config)")
     p.add_argument("--curve-secret-key", type=Path, help="server .key_secret (enables CURVE)")
     p.add_argument("--curve-allowed-keys", type=Path, help="directory of allowed client .key files")
     p.add_argument("--llm-checkpoint", type=Path, metavar="BIN",

@@ -46,7 +46,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
                    help="a running `tether llm-edge`, or `tether edge --llm-checkpoint` daemon, "
                         "e.g. tcp://127.0.0.1:5571 (the "
                         "daemon holds the edge part; the options below are then ignored)")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate")
     _add_edge_part(g)
     g.set_defaults(handler=_run_generate)
 
@@ -58,7 +59,8 @@ def _add_edge(subparsers: argparse._SubParsersAction) -> None:
                     "`tether generate --edge ENDPOINT` / tether.edge.llm.LLMClient on --listen. "
                     "LLM only; `tether edge --llm-checkpoint` serves it beside a DNN bundle.")
     _add_edge_part(d)
-    d.add_argument("--listen", default="tcp://127.0.0.1:5571", metavar="ENDPOINT")
+    d.add_argument("--listen", default="tcp://127.0.0.1:5571", metavar="ENDPOINT",
+                   help="ZeroMQ endpoint applications connect to")
     d.set_defaults(handler=_run_edge)
 
 
@@ -73,7 +75,8 @@ def _add_edge_part(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-threshold", type=float, metavar="P",
                    help="answer on the edge when the exit's probability >= P "
                         "(default: the calibrated one saved with --exit-head; none otherwise)")
-    p.add_argument("--timeout", type=float, default=2.0, metavar="S", help="per cloud step")
+    p.add_argument("--timeout", type=float, default=2.0, metavar="S",
+                   help="seconds to wait for the cloud per generation step")
     p.add_argument("--first-step-timeout", type=float, default=30.0, metavar="S",
                    help="cloud readiness + first step of a session (a cold cloud loads its "
                         "layers first; default 30)")
@@ -85,11 +88,15 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         description="Bind a ZeroMQ ROUTER and serve layers [k, L) of the checkpoint for any "
                     "split k the edges ask for, with a KV cache per session and batched decode.")
     _add_checkpoint(s)
-    s.add_argument("--listen", default="tcp://127.0.0.1:5570", metavar="ENDPOINT")
-    s.add_argument("--max-sessions", type=int, default=64)
+    s.add_argument("--listen", default="tcp://127.0.0.1:5570", metavar="ENDPOINT",
+                   help="ZeroMQ endpoint the ROUTER binds (edges connect here)")
+    s.add_argument("--max-sessions", type=int, default=64, metavar="N",
+                   help="concurrent generation sessions (KV caches) before BUSY")
     s.add_argument("--max-kv-mib", type=int, default=256, help="KV cache memory bound (MiB)")
-    s.add_argument("--idle-timeout", type=float, default=120.0, metavar="S")
-    s.add_argument("--max-batch", type=int, default=16)
+    s.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds after which an idle session's KV cache is freed")
+    s.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="decode steps of different sessions batched together")
     s.set_defaults(handler=_run_serve)
 
 
@@ -100,15 +107,19 @@ def _add_exit(subparsers: argparse._SubParsersAction) -> None:
                     "calibrate the confidence threshold on --calibration-text for the target "
                     "agreement with the whole model, and save FILE (+ FILE.json).")
     _add_checkpoint(e)
-    e.add_argument("--split", type=int, required=True, metavar="K")
+    e.add_argument("--split", type=int, required=True, metavar="K",
+                   help="the exit sits after decoder layer K (required)")
     e.add_argument("--train-text", type=Path, help="default: assets' tinystories_validation_head")
     e.add_argument("--calibration-text", type=Path,
                    help="stories split on <|endoftext|> (default: the 100 training-text "
                         "paragraphs after the training ones)")
     e.add_argument("--paragraphs", type=int, default=300, help="training paragraphs (default 300)")
-    e.add_argument("--steps", type=int, default=300)
-    e.add_argument("--target-agreement", type=float, default=0.9)
-    e.add_argument("--out", type=Path, required=True, metavar="FILE")
+    e.add_argument("--steps", type=int, default=300, metavar="N", help="training steps")
+    e.add_argument("--target-agreement", type=float, default=0.9, metavar="P",
+                   help="calibrate the threshold so exit tokens agree with the whole model "
+                        "this often")
+    e.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="where to save the exit head (required)")
     e.set_defaults(handler=_run_exit)
 
 

@@ -25,22 +25,29 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", required=True, metavar="FILE|SPEC", help="uplink trace")
     p.add_argument("--downlink", metavar="FILE|SPEC", help="downlink trace (default: the uplink)")
     p.add_argument("--policies", default=POLICY_NAMES, metavar="A,B,...",
-                   help=f"policies to run (default {POLICY_NAMES}); 'static' = best static in hindsight")
+                   help=f"policies to run (default {POLICY_NAMES}); 'static' = best static in "
+                        "hindsight; the oracle always runs as the reference of the ratios")
     p.add_argument("--policy-config", type=Path, metavar="TOML",
                    help="TOML file with a [policy] table (objective, accuracy floor, estimator...)")
-    p.add_argument("--requests", type=int, default=2000, metavar="N")
-    p.add_argument("--rate", type=float, default=2.0, metavar="HZ", help="mean arrival rate")
-    p.add_argument("--arrival", choices=("poisson", "periodic"), default="poisson")
+    p.add_argument("--requests", type=int, default=2000, metavar="N",
+                   help="requests simulated per policy")
+    p.add_argument("--rate", type=float, default=2.0, metavar="HZ",
+                   help="mean arrival rate, requests per second")
+    p.add_argument("--arrival", choices=("poisson", "periodic"), default="poisson",
+                   help="arrival process")
     p.add_argument("--rtt-ms", type=float, default=40.0, help="propagation RTT (default 40)")
-    p.add_argument("--cloud-queue-ms", type=float, default=0.0)
+    p.add_argument("--cloud-queue-ms", type=float, default=0.0, metavar="MS",
+                   help="queueing delay added at the cloud per offload")
     p.add_argument("--deadline", type=float, default=1.0, metavar="S",
                    help="per-request deadline; offloads fall back locally before it (default 1.0)")
     p.add_argument("--edge-scale", type=float, default=1.0, metavar="X",
                    help="multiply every edge-side time (emulate a slower edge device)")
-    p.add_argument("--trace-offset", type=float, default=0.0, metavar="S")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--trace-offset", type=float, default=0.0, metavar="S",
+                   help="start the replay this many seconds into the trace")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder (required)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(handler=_run)
 
 
@@ -61,18 +68,20 @@ def _run(args: argparse.Namespace) -> int:
                         cloud_queue_seconds=args.cloud_queue_ms / 1000,
                         deadline_seconds=args.deadline, trace_offset_seconds=args.trace_offset)
     names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
+    if "oracle" not in names:         # the reference of the ratio columns and regret.png
+        names += ("oracle",)
     results = run_policies(table, uplink, names, policy_cfg, sim_cfg, downlink)
     rows = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_requests_csv(results, args.out / "requests.csv")
     write_summary_csv(rows, args.out / "summary.csv")
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    if not args.no_plots:
-        plot_all(results, uplink, args.out, args.trace_offset)
+    plots = [] if args.no_plots else plot_all(results, uplink, args.out, args.trace_offset)
     print(f"{table.model_id} on {uplink!r}, {args.requests} requests at {args.rate:g} Hz")
     print(format_table(rows))
-    print(f"wrote {args.out}/requests.csv, summary.csv, summary.json"
-          + ("" if args.no_plots else ", latency_cdf.png, actions.png, regret.png"))
+    written = ["requests.csv", "summary.csv", "summary.json"] + [p.name for p in plots
+                                                                   if p.is_file()]
+    print(f"wrote {args.out}/{', '.join(written)}")
     return 0
 
 
@@ -89,4 +98,9 @@ def _load_table(args: argparse.Namespace):  # noqa: ANN202 - CostTable, imported
         table = CostTable.load(args.bundle / manifest.cost_table)
     else:
         table = CostTable.load(args.cost_table)
+    if table.meta.get("busy"):
+        import sys
+        print("warning: this cost table was profiled on a busy machine (meta.busy in costs.json: "
+              "the timings spread widely); the simulation inherits its noise. Re-run "
+              "`tether profile DIR` on an idle machine.", file=sys.stderr)
     return scale_edge(table, args.edge_scale) if args.edge_scale != 1.0 else table

@@ -25,7 +25,8 @@ def _add_link_parser(sub: argparse._SubParsersAction) -> None:
     link = sub.add_parser("link", help="run a userspace trace-driven TCP relay (no root needed)",
                           description="Listen on --listen, relay to --target, shaping the "
                                       "uplink (client->target) and downlink by their traces.")
-    link.add_argument("--target", required=True, metavar="HOST:PORT", type=_hostport)
+    link.add_argument("--target", required=True, metavar="HOST:PORT", type=_hostport,
+                      help="address to relay to (required)")
     link.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", type=_hostport,
                       help="listen address (port 0: any free port; default 127.0.0.1:0)")
     link.add_argument("--count", type=int, default=1, metavar="N",
@@ -41,7 +42,7 @@ def _add_link_parser(sub: argparse._SubParsersAction) -> None:
 def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     cal = sub.add_parser("calibrate", help="bulk data through the userspace link vs its trace",
                          description="Per-second delivered throughput against the trace "
-                                     "(target within 5 %%) and added one-way delay (target 1 ms).")
+                                     "(target within 5%) and added one-way delay (target 1 ms).")
     _add_link_args(cal, trace_flag="--trace")
     cal.add_argument("--duration", type=float, default=10.0, metavar="S",
                      help="seconds of bulk transfer (default 10)")
@@ -63,7 +64,8 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
                          description="Run each policy of SCENARIO on the same traces and seed; "
                                      "write requests.csv, summary.csv/.md, plots and meta.json.")
     run.add_argument("scenario", type=Path, metavar="SCENARIO.toml")
-    run.add_argument("--out", type=Path, required=True, metavar="DIR")
+    run.add_argument("--out", type=Path, required=True, metavar="DIR",
+                     help="results folder (required)")
     run.add_argument("--duration", type=float, metavar="S", help="override duration_s")
     run.add_argument("--assets", type=Path, metavar="DIR",
                      help="shared assets folder (CIFAR-10 images, pretrained weights, traces)")
@@ -94,7 +96,7 @@ def _add_link_args(p: argparse.ArgumentParser, trace_flag: str = "--up") -> None
                    help="start this many seconds into the trace")
     p.add_argument("--outage", action="append", default=[], metavar="START:DURATION",
                    help="extra outage window in trace seconds; repeatable")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the loss process")
 
 
 def _hostport(text: str) -> tuple[str, int]:

@@ -38,7 +38,7 @@ class ExitAnswer:
 class EdgeCompute:
     """Runs one bundle's edge side. Thread-safe: ONNX sessions and codecs are shared."""
 
-    def __init__(self, bundle_dir: str | Path, onnx_threads: int = 1) -> None:
+    def __init__(self, bundle_dir: str | Path, onnx_threads: int = 1, warm: bool = True) -> None:
         from tether.partitioner import BundleModel, OnnxModule   # heavy: torch, onnxruntime
 
         self.bundle_dir = Path(bundle_dir)
@@ -57,6 +57,8 @@ class EdgeCompute:
         self._codecs: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
         self.costs = self._load_costs()
+        if warm:
+            self.warm()
         log.info("edge bundle %s (%s, fingerprint %s): heads %s, exits %s", self.bundle_dir,
                  self.manifest.model_id, self.fingerprint[:12], sorted(self.heads),
                  sorted(self._exits))
@@ -64,6 +66,13 @@ class EdgeCompute:
     @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
+
+    def warm(self) -> None:
+        """Run the whole model and every head once on a dummy input (ONNX Runtime allocates
+        and picks kernels on the first run), so the first request is not cold."""
+        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=self.manifest.input.dtype)
+        for module in (self.full_model, *self.heads.values()):
+            module(x)
 
     def _load_costs(self) -> CostTable | None:
         try:
@@ -83,11 +92,14 @@ class EdgeCompute:
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Validate and convert an application's image(s) to float32 NCHW in [0, 1].
 
-        Accepts uint8 HWC / NHWC (as decoded from image files) or float NCHW / CHW.
+        Accepts uint8 HWC / NHWC (as decoded from image files) or float NCHW / CHW; bundles
+        whose input is integer (token ids of a text model) take integer ``[N, L]`` / ``[L]``.
         """
         spec = self.manifest.input.shape[1:]   # (C, H, W)
         if not isinstance(x, np.ndarray):
             raise InputShapeError(f"input must be a numpy array, got {type(x).__name__}")
+        if self.manifest.input.dtype.startswith("int"):
+            return self._prepare_ids(x, tuple(spec))
         if x.dtype == np.uint8:
             if x.ndim == 3:
                 x = x[None]
@@ -104,6 +116,15 @@ class EdgeCompute:
         x = np.ascontiguousarray(x, dtype=np.float32)
         require_finite(x, "the image")   # NaN would come back as a confident class 0
         return x
+
+    def _prepare_ids(self, x: np.ndarray, spec: tuple[int, ...]) -> np.ndarray:
+        if x.dtype.kind not in "iu":
+            raise InputShapeError(f"this bundle takes integer token ids, got dtype {x.dtype}")
+        x = x[None] if x.ndim == len(spec) else x
+        if tuple(x.shape[1:]) != spec:
+            raise InputShapeError(f"token ids must be [N, {', '.join(map(str, spec))}], "
+                                  f"got {x.shape}")
+        return np.ascontiguousarray(x, dtype=self.manifest.input.dtype)
 
     # ---- models ------------------------------------------------------------------------
 
@@ -186,7 +207,7 @@ class EdgeCompute:
         if self.costs is not None and self.costs.edge_full_seconds > 0:
             return float(self.costs.edge_full_seconds)
         import time
-        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=np.float32)
+        x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=self.manifest.input.dtype)
         self.full(x)
         t0 = time.perf_counter()
         self.full(x)

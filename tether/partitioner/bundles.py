@@ -14,17 +14,25 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from tether import __version__
 from tether.core.bundle import MANIFEST, Manifest
-from tether.core.errors import BundleError, InputShapeError, SplitError, WeightsError
+from tether.core.errors import (
+    BundleError, InputShapeError, ModelError, NotTraceableError, SplitError, WeightsError,
+)
 from tether.core.types import CostTable, TensorSpec
+from tether.partitioner.exported import (
+    PROGRAM_FILE, export_program, graph_of, load_program, save_program,
+)
 from tether.partitioner.models import (
-    LoadedModel, build_model, fingerprint, load_model, load_state, read_state_dict,
+    LoadedModel, fingerprint, load_state, read_state_dict,
+)
+from tether.partitioner.sources import (
+    REBUILDABLE, default_kind_is_rgb, image_contract, load_reference, rebuild, resolve_model,
 )
 from tether.partitioner.onnxrt import OPSET, OnnxModule, check_onnx_matches, export_onnx
 from tether.partitioner.profile import example_input, pareto_front, profile_graph, split_flops
@@ -35,11 +43,16 @@ HEADS = "heads"
 FULL_ONNX = "heads/full.onnx"
 
 
-def input_spec(shape: Sequence[int] | None, default: TensorSpec) -> TensorSpec:
-    """Validated batch-1 input spec from ``N,C,H,W`` (the batch is dynamic in the heads)."""
+def input_spec(shape: Sequence[int] | None, default: TensorSpec, rgb: bool = True) -> TensorSpec:
+    """Validated batch-1 input spec from ``N,C,H,W`` (the batch is dynamic in the heads);
+    ``rgb=False`` (user and Hugging Face models) accepts any rank and channel count."""
     if shape is None:
         return default
     shape = tuple(int(d) for d in shape)
+    if not rgb:
+        if len(shape) < 1 or min(shape) < 1:
+            raise InputShapeError(f"input shape {shape} needs positive sizes, batch first")
+        return TensorSpec((1,) + shape[1:], default.dtype)
     if len(shape) != 4 or min(shape) < 1:
         raise InputShapeError(f"input shape {shape} is not N,C,H,W with positive sizes")
     if shape[1] != 3:
@@ -48,32 +61,46 @@ def input_spec(shape: Sequence[int] | None, default: TensorSpec) -> TensorSpec:
     return TensorSpec((1,) + shape[1:])
 
 
-def export_bundle(model_id: str, out_dir: str | Path, weights: str | Path | None = None,
-                  splits: Sequence[str] | None = None, *, input_shape: Sequence[int] | None = None,
-                  leaf_modules: Iterable[str] = (), threads: int = 1,
-                  cloud_threads: int | None = None, repeats: int = 20, warmup: int = 3,
-                  progress: bool = True, overwrite: bool = False,
-                  profile_all: bool = True) -> Manifest:
-    """Partition ``model_id`` and write a complete bundle to ``out_dir``; returns its manifest.
+ModelLike = Union[str, nn.Module, LoadedModel]
 
-    ``splits``: names of the points to export ONNX heads for, ``["all"]``, or None for the
-    Pareto front of head FLOPs vs bytes crossing. ``profile_all=False`` profiles only those.
+
+def export_bundle(model: ModelLike, out_dir: str | Path, weights: str | Path | None = None,
+                  splits: Sequence[str] | None = None, *, input_shape: Sequence[int] | None = None,
+                  example: torch.Tensor | None = None, leaf_modules: Iterable[str] = (),
+                  method: str = "auto", normalize: Any = "default", source: str | None = None,
+                  threads: int = 1, cloud_threads: int | None = None, repeats: int = 20,
+                  warmup: int = 3, rounds: int = 3, progress: bool = True,
+                  overwrite: bool = False, profile_all: bool = True) -> Manifest:
+    """Partition ``model`` and write a complete bundle to ``out_dir``; returns its manifest.
+
+    ``model``: a model spec (zoo name, ``pkg.mod:attr``, ``file.py:attr``, ``hf:DIR``), an
+    ``nn.Module`` (with ``example`` or ``input_shape``; ``source="pkg.mod:attr"`` lets the
+    cloud rebuild it from code) or a :class:`LoadedModel`. ``method``: ``fx``, ``export``
+    (torch.export, self-contained ``model.pt2``) or ``auto`` (fx when the model can be rebuilt
+    from code and traces, else export). ``splits``: names of the points to export ONNX heads
+    for, ``["all"]``, or None for the Pareto front of head FLOPs vs bytes crossing.
+    ``profile_all=False`` profiles only those.
     """
+    if method not in METHODS:
+        raise ModelError(f"method {method!r}: use one of {list(METHODS)}")
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
-    loaded = load_model(model_id, weights)
-    spec = input_spec(input_shape, loaded.input)
-    example = example_input(spec)
-    graph = SplitGraph(loaded.module, example, list(leaf_modules))
+    loaded = _loaded(model, weights, normalize, source)
+    spec = input_spec(input_shape, loaded.input, rgb=default_kind_is_rgb(loaded.source))
+    if example is not None:
+        spec = TensorSpec((1, *example.shape[1:]), str(example.dtype).removeprefix("torch."))
+    example = example[:1] if example is not None else example_input(spec)
+    graph, program = _graph(loaded, example, list(leaf_modules), method)
     flops = split_flops(graph, example)
     selected = _select(graph, splits, {k: v[0] for k, v in flops.items()})
     profile = {"threads": threads, "cloud_threads": cloud_threads, "repeats": repeats,
-               "warmup": warmup, "progress": progress, "only": None if profile_all else selected}
+               "warmup": warmup, "rounds": rounds, "progress": progress,
+               "only": None if profile_all else selected}
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        manifest = _write_bundle(tmp, loaded, spec, graph, example, selected, profile)
+        manifest = _write_bundle(tmp, loaded, spec, graph, program, example, selected, profile)
         manifest = replace(manifest, extra={**manifest.extra, "selection": (
             "pareto" if splits is None else "all" if list(splits) == ["all"] else "explicit")})
         manifest.save(tmp)  # last: its presence marks the bundle complete
@@ -84,20 +111,70 @@ def export_bundle(model_id: str, out_dir: str | Path, weights: str | Path | None
     return manifest
 
 
+METHODS = ("auto", "fx", "export")
+
+
+def _loaded(model: ModelLike, weights: str | Path | None, normalize: Any,
+            source: str | None) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return resolve_model(model, weights, normalize)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, a LoadedModel or a model spec "
+                         f"string, got {type(model).__name__}")
+    if source is not None:               # rebuildable from code: check it is the same model
+        loaded = load_reference(source, None, normalize)
+        load_state(loaded.module, model.state_dict(), origin=f"the {type(model).__name__} passed")
+        return replace(loaded, fingerprint=fingerprint(loaded.module))
+    model.eval()
+    src = {"model_id": type(model).__name__.lower(), "kind": "object",
+           "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    return LoadedModel(module=model, input=TensorSpec((1, 3, 224, 224)), source=src,
+                       fingerprint=fingerprint(model), preprocess=image_contract(None))
+
+
+def _graph(loaded: LoadedModel, example: torch.Tensor, leaves: list[str],
+           method: str) -> tuple[SplitGraph, Any]:
+    """The split graph, by torch.fx or torch.export (then also the exported program)."""
+    rebuildable = loaded.source.get("kind") in REBUILDABLE
+    if method == "fx" and not rebuildable:
+        raise ModelError(f"method 'fx' needs a model the cloud can rebuild from code (a zoo "
+                         f"name or pkg.module:attr / file.py:attr, or source=...); "
+                         f"{loaded.source.get('kind')} models use method 'export'")
+    if method == "fx" or (method == "auto" and rebuildable):
+        try:
+            return SplitGraph(loaded.module, example, leaves), None
+        except NotTraceableError as exc:
+            if method == "fx" or leaves:
+                raise
+            log.info("torch.fx cannot trace %s (%s); using torch.export",
+                     loaded.source.get("model_id"), exc)
+    program = export_program(loaded.module, example)
+    return SplitGraph(graph_of(program), example), program
+
+
 def _write_bundle(tmp: Path, loaded: LoadedModel, spec: TensorSpec, graph: SplitGraph,
-                  example: torch.Tensor, selected: list[str], profile: dict[str, Any]) -> Manifest:
+                  program: Any, example: torch.Tensor, selected: list[str],
+                  profile: dict[str, Any]) -> Manifest:
     """Write heads, weights and costs into ``tmp``; return the manifest (not yet saved)."""
     heads = _write_heads(graph, example, selected, tmp)
-    torch.save(loaded.module.state_dict(), tmp / "model.pt")
+    source = {**loaded.source, "leaf_modules": list(graph.leaf_modules),
+              "graph": "export" if program is not None else "fx"}
+    if program is not None:
+        save_program(program, tmp / PROGRAM_FILE)
+        weights, fp = PROGRAM_FILE, fingerprint(graph.module)
+    else:
+        torch.save(loaded.module.state_dict(), tmp / "model.pt")
+        weights, fp = "model.pt", loaded.fingerprint
     table = profile_graph(graph, example, loaded.source["model_id"], head_onnx=heads,
                           full_onnx=tmp / FULL_ONNX, **profile)
     table.save(tmp / "costs.json")
     return Manifest(
-        model_id=loaded.source["model_id"], fingerprint=loaded.fingerprint, input=spec,
+        model_id=loaded.source["model_id"], fingerprint=fp, input=spec,
         split_points=tuple(p.to_entry(f"{HEADS}/{p.name}.onnx" if p.name in heads else None)
                            for p in graph.points),
-        source={**loaded.source, "leaf_modules": list(graph.leaf_modules)},
-        preprocess=loaded.preprocess,
+        source=source, preprocess=loaded.preprocess, weights=weights,
         extra={"tether_version": __version__, "onnx_opset": OPSET, "torch": torch.__version__})
 
 
@@ -165,6 +242,10 @@ class BundleModel:
     def example(self) -> torch.Tensor:
         return example_input(self.manifest.input)
 
+    def __repr__(self) -> str:
+        return (f"Bundle({str(self.dir)!r}, model={self.manifest.model_id!r}, "
+                f"splits={self.manifest.split_names})")
+
     def full_model(self) -> nn.Module:
         """The whole model (eval), rebuilt from its source and ``model.pt``; fingerprint checked."""
         with self._lock:
@@ -173,16 +254,19 @@ class BundleModel:
         return self._full
 
     def _load_full(self) -> nn.Module:
-        module = build_model(self.manifest.model_id)
         path = self.dir / self.manifest.weights
-        try:
-            load_state(module, read_state_dict(path), origin=str(path))
-        except WeightsError as exc:
-            raise BundleError(f"bundle {self.dir} has bad weights: {exc}") from exc
+        if self.manifest.source.get("graph") == "export":
+            module = graph_of(load_program(path))
+        else:
+            module = rebuild(self.manifest.source, self.manifest.model_id)
+            try:
+                load_state(module, read_state_dict(path), origin=str(path))
+            except WeightsError as exc:
+                raise BundleError(f"bundle {self.dir} has bad weights: {exc}") from exc
         got = fingerprint(module)
         if got != self.manifest.fingerprint:
-            raise BundleError(f"bundle {self.dir}: model.pt fingerprint {got[:12]} does not "
-                              f"match the manifest's {self.manifest.fingerprint[:12]}; "
+            raise BundleError(f"bundle {self.dir}: {self.manifest.weights} fingerprint {got[:12]} "
+                              f"does not match the manifest's {self.manifest.fingerprint[:12]}; "
                               f"re-run `tether partition`")
         return module
 
@@ -248,7 +332,7 @@ class BundleModel:
 
 
 def profile_bundle(bundle_dir: str | Path, *, threads: int = 1, cloud_threads: int | None = None,
-                   repeats: int = 20, warmup: int = 3, progress: bool = True,
+                   repeats: int = 20, warmup: int = 3, rounds: int = 3, progress: bool = True,
                    profile_all: bool = True) -> CostTable:
     """Re-profile a bundle and rewrite its cost table, keeping codec/exit/accuracy entries
     (``profile_all=False``: only the points with an ONNX head)."""
@@ -258,7 +342,8 @@ def profile_bundle(bundle_dir: str | Path, *, threads: int = 1, cloud_threads: i
     table = profile_graph(graph, bundle.example(), bundle.manifest.model_id, head_onnx=heads,
                           full_onnx=bundle.full_onnx_path(), threads=threads,
                           cloud_threads=cloud_threads, repeats=repeats, warmup=warmup,
-                          progress=progress, only=None if profile_all else list(heads))
+                          rounds=rounds, progress=progress,
+                          only=None if profile_all else list(heads))
     path = bundle.dir / (bundle.manifest.cost_table or "costs.json")
     if path.is_file():
         old = CostTable.load(path)

@@ -124,16 +124,24 @@ def known_model_ids() -> list[str]:
     return list(CIFAR_DEPTHS) + torchvision_names()
 
 
-def build_model(model_id: str) -> nn.Module:
-    """The architecture of ``model_id`` with deterministic random weights, in eval mode."""
+def build_model(model_id: str, normalize: Any = "default") -> nn.Module:
+    """The architecture of ``model_id`` with deterministic random weights, in eval mode.
+
+    ``normalize``: ``"default"`` (ImageNet mean/std inside the model), ``None`` (the model
+    takes its input as is) or ``(mean, std)``.
+    """
+    norm = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "default" else normalize
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         if model_id in CIFAR_DEPTHS:
-            return CifarResNet(CIFAR_DEPTHS[model_id]).eval()
+            net = CifarResNet(CIFAR_DEPTHS[model_id]).eval()
+            net.normalize = nn.Identity() if norm is None else Normalize(*norm)
+            return net
         if model_id in torchvision_names():
             import torchvision
 
-            return _with_normalization(torchvision.models.get_model(model_id, weights=None)).eval()
+            net = torchvision.models.get_model(model_id, weights=None)
+            return (net if norm is None else apply_normalization(net, *norm)).eval()
     sample = ", ".join(list(CIFAR_DEPTHS) + ["resnet18", "resnet50", "mobilenet_v3_small",
                                              "efficientnet_b0", "vit_b_16"])
     raise UnknownModelError(
@@ -142,7 +150,8 @@ def build_model(model_id: str) -> nn.Module:
         f"(torchvision.models.list_models(module=torchvision.models))")
 
 
-def _with_normalization(net: nn.Module) -> nn.Module:
+def apply_normalization(net: nn.Module, mean: tuple[float, ...] = IMAGENET_MEAN,
+                        std: tuple[float, ...] = IMAGENET_STD) -> nn.Module:
     """Make ``net`` normalise its [0, 1] input first, keeping its module names and state dict."""
     base = type(net)
 
@@ -151,7 +160,7 @@ def _with_normalization(net: nn.Module) -> nn.Module:
 
     namespace = {"forward": forward, "__module__": base.__module__}
     net.__class__ = type(base.__name__, (base,), namespace)
-    net.add_module("normalize", Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    net.add_module("normalize", Normalize(tuple(mean), tuple(std)))
     return net
 
 
@@ -161,12 +170,17 @@ def default_input(model_id: str) -> TensorSpec:
     return TensorSpec((1, 3, 224, 224))
 
 
-def load_model(model_id: str, weights: str | Path | None = None) -> LoadedModel:
+def load_model(model_id: str, weights: str | Path | None = None,
+               normalize: Any = "default") -> LoadedModel:
     """Build ``model_id`` and load ``weights``: a state-dict path, a torchvision weights enum
-    name (``DEFAULT``, ``IMAGENET1K_V1``, ...), or None for deterministic random weights."""
-    module = build_model(model_id)
+    name (``DEFAULT``, ``IMAGENET1K_V1``, ...), or None for deterministic random weights.
+    ``normalize``: see :func:`build_model`."""
+    module = build_model(model_id, normalize)
     source: dict[str, Any] = {"model_id": model_id, "weights": None,
                               "kind": "cifar_resnet" if model_id in CIFAR_DEPTHS else "torchvision"}
+    if normalize != "default":
+        source["normalize"] = None if normalize is None else {
+            "mean": list(normalize[0]), "std": list(normalize[1])}
     if weights is not None:
         if _looks_like_path(weights):
             state = read_state_dict(weights)
@@ -176,13 +190,21 @@ def load_model(model_id: str, weights: str | Path | None = None) -> LoadedModel:
             source["weights"] = str(weights)
         load_state(module, state, origin=str(weights))
     return LoadedModel(module=module, input=default_input(model_id), source=source,
-                       fingerprint=fingerprint(module), preprocess=preprocess_info(model_id))
+                       fingerprint=fingerprint(module),
+                       preprocess=preprocess_info(model_id, normalize))
 
 
-def preprocess_info(model_id: str) -> dict[str, Any]:
+def preprocess_info(model_id: str, normalize: Any = "default") -> dict[str, Any]:
+    """The input contract stated in the manifest (``preprocess``)."""
+    norm = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "default" else normalize
     info: dict[str, Any] = {"layout": "NCHW", "range": [0.0, 1.0], "channels": "RGB",
-                            "normalization": "inside_model",
-                            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+                            "dtype": "float32"}
+    if norm is None:
+        info.update(normalization="none", contract="float NCHW fed to the model as is "
+                    "(normalise it yourself if the model expects it)")
+    else:
+        info.update(normalization="inside_model", mean=list(norm[0]), std=list(norm[1]),
+                    contract="float RGB NCHW in [0, 1]; the model normalises (x - mean) / std")
     if model_id in CIFAR_DEPTHS:
         info["labels"] = list(CIFAR10_CLASSES)
     return info

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tether.core.errors import BundleError, InputShapeError, ModelError
+from tether.partitioner.exported import export_onnx_dynamo, is_exported
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -23,6 +24,12 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path,
     outputs = output_names or [OUTPUT_NAME]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if is_exported(module):        # ATen graph from torch.export: keep the batch symbolic
+        try:
+            export_onnx_dynamo(module, example, path, outputs, INPUT_NAME, OPSET)
+        except Exception as exc:
+            raise ModelError(f"cannot export {type(module).__name__} to ONNX: {exc}") from exc
+        return path
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():  # grad on: keeps MHA off its non-exportable fast path
@@ -61,13 +68,14 @@ class OnnxModule:
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+        self.input_dtype = np.int64 if inp.type == "tensor(int64)" else np.float32
         self.output_shape = tuple(d if isinstance(d, int) else None for d in out.shape)
         self.threads = int(threads)
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
         self._check(x)
         try:
             return self.session.run([self.output_name], {self.input_name: x})[0]

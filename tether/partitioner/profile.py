@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def example_input(spec: TensorSpec, seed: int = 0) -> torch.Tensor:
-    """A deterministic float input in [0, 1] of ``spec``'s shape."""
+    """A deterministic input of ``spec``: floats in [0, 1], integers (token ids) in [0, 100)."""
     gen = torch.Generator().manual_seed(seed)
+    if spec.dtype.startswith(("int", "uint")):
+        return torch.randint(0, 100, spec.shape, generator=gen, dtype=getattr(torch, spec.dtype))
     return torch.rand(spec.shape, generator=gen)
 
 
@@ -33,12 +35,58 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
+    return statistics.median(sample_seconds(fn, repeats))
+
+
+def sample_seconds(fn: Callable[[], Any], n: int) -> list[float]:
     times = []
-    for _ in range(max(1, repeats)):
+    for _ in range(max(1, n)):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+#: (p90 - p10) / median above this means the machine was busy while profiling
+BUSY_SPREAD = 0.5
+#: shorter measurements are dominated by timer and scheduler jitter: not judged
+MIN_JUDGED_SECONDS = 5e-4
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """median, p10, p90 and relative spread ``(p90 - p10) / median`` of timed samples."""
+    ordered = sorted(times)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    median = statistics.median(ordered)
+    return {"median": median, "p10": pct(0.1), "p90": pct(0.9), "n": len(ordered),
+            "spread": (pct(0.9) - pct(0.1)) / median if median > 0 else 0.0}
+
+
+class Rounds:
+    """Timed samples taken in ``rounds`` interleaved rounds over every measured function, so a
+    burst of load on the machine spoils one round of each, not all samples of one."""
+
+    def __init__(self, repeats: int, warmup: int, rounds: int) -> None:
+        self.rounds = max(1, min(rounds, repeats))
+        self.per_round = max(1, -(-repeats // self.rounds))
+        self.warmup = warmup
+        self.fns: dict[str, Callable[[], Any]] = {}
+
+    def add(self, key: str, fn: Callable[[], Any]) -> None:
+        self.fns[key] = fn
+
+    def run(self) -> dict[str, dict[str, float]]:
+        samples: dict[str, list[float]] = {k: [] for k in self.fns}
+        for fn in self.fns.values():
+            for _ in range(self.warmup):
+                fn()
+        for _ in range(self.rounds):
+            for key, fn in self.fns.items():
+                samples[key] += sample_seconds(fn, self.per_round)
+        return {k: summarize(v) for k, v in samples.items()}
 
 
 class _FlopInterpreter(fx.Interpreter):
@@ -93,8 +141,9 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _profile_point(graph: SplitGraph, point: SplitPoint, example: torch.Tensor, onnx_path: Path,
-                   flops: tuple[int, int], opts: dict[str, int]) -> SplitCost:
+def _add_point(graph: SplitGraph, point: SplitPoint, example: torch.Tensor, onnx_path: Path,
+               opts: dict[str, int], rounds: Rounds) -> tuple[int, int]:
+    """Queue the head (ONNX Runtime) and tail (torch) timings of ``point``; return params."""
     head, tail = graph.split(point.name)
     if not onnx_path.is_file():
         export_onnx(head, example, onnx_path)
@@ -102,28 +151,42 @@ def _profile_point(graph: SplitGraph, point: SplitPoint, example: torch.Tensor, 
     x = example.numpy()
     with torch.no_grad():
         crossing = head(example)
-        head_s = median_seconds(lambda: session(x), opts["repeats"], opts["warmup"])
-        tail_s = median_seconds(lambda: tail(crossing), opts["repeats"], opts["warmup"])
+
+    def run_tail() -> Any:
+        with torch.no_grad():
+            return tail(crossing)
+
+    rounds.add(f"head:{point.name}", lambda: session(x))
+    rounds.add(f"tail:{point.name}", run_tail)
+    return _params(head), _params(tail)
+
+
+def _cost(point: SplitPoint, stats: dict[str, dict[str, float]], flops: tuple[int, int],
+          params: tuple[int, int]) -> SplitCost:
     entry = point.to_entry()
     return SplitCost(name=point.name, index=point.index, shape=entry.shape, dtype=point.dtype,
-                     bytes=entry.bytes, head_seconds=head_s, tail_seconds=tail_s,
+                     bytes=entry.bytes, head_seconds=stats[f"head:{point.name}"]["median"],
+                     tail_seconds=stats[f"tail:{point.name}"]["median"],
                      head_flops=flops[0], tail_flops=flops[1],
-                     head_params=_params(head), tail_params=_params(tail))
+                     head_params=params[0], tail_params=params[1])
 
 
 def profile_graph(graph: SplitGraph, example: torch.Tensor, model_id: str, *,
                   head_onnx: dict[str, Path] | None = None, full_onnx: Path | None = None,
                   threads: int = 1, cloud_threads: int | None = None, repeats: int = 20,
-                  warmup: int = 3, progress: bool = True,
+                  warmup: int = 3, rounds: int = 3, progress: bool = True,
                   only: list[str] | None = None) -> CostTable:
     """Profile every split point of ``graph`` (or those in ``only``; batch 1) into a
     :class:`CostTable`.
 
     Heads run on ONNX Runtime with ``threads``, tails in torch with ``cloud_threads``
     (default: ``threads``). Heads without a file in ``head_onnx`` are exported to a temp dir.
+    Each time is the median of ``repeats`` samples taken in ``rounds`` interleaved rounds;
+    ``meta["spread"]`` keeps p10/p90 per measurement and ``meta["busy"]`` says whether the
+    spread shows the machine was busy (a warning is logged then).
     """
     opts = {"threads": threads, "cloud_threads": cloud_threads or threads,
-            "repeats": repeats, "warmup": warmup}
+            "repeats": repeats, "warmup": warmup, "rounds": rounds}
     previous = torch.get_num_threads()
     torch.set_num_threads(opts["cloud_threads"])
     try:
@@ -140,19 +203,53 @@ def _profile_all(graph: SplitGraph, points: list[SplitPoint], example: torch.Ten
     from tqdm import tqdm
 
     flops = split_flops(graph, example)
+    rounds = Rounds(opts["repeats"], opts["warmup"], opts["rounds"])
+    load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="tether-profile-") as tmp:
-        missing = [p.name for p in points if p.name not in head_onnx]
+        missing = [p.name for p in points if p.name not in head_onnx and not graph.exported]
         head_onnx = {**head_onnx, **extract_heads(graph, missing, example, Path(tmp))}
-        costs = []
-        bar = tqdm(points, desc=f"profiling {model_id}", unit="split",
+        params = {}
+        bar = tqdm(points, desc=f"preparing {model_id}", unit="split",
                    disable=not progress, leave=False)
         for p in bar:
             path = head_onnx.get(p.name) or Path(tmp) / f"{p.index}.onnx"
-            costs.append(_profile_point(graph, p, example, path, flops[p.name], opts))
-        edge_full, cloud_full = _full_latency(graph, example, full_onnx, Path(tmp), opts)
-    return CostTable(model_id=model_id, input=TensorSpec(tuple(example.shape)),
-                     edge_full_seconds=edge_full, cloud_full_seconds=cloud_full,
-                     splits=tuple(costs), meta=_meta(opts))
+            params[p.name] = _add_point(graph, p, example, path, opts, rounds)
+        _add_full(graph, example, full_onnx, Path(tmp), opts, rounds)
+        stats = rounds.run()
+    costs = tuple(_cost(p, stats, flops[p.name], params[p.name]) for p in points)
+    loads = [x for x in (load_before, _loadavg()) if x is not None]
+    meta = {**_meta(opts), **_spread_meta(stats, loads, model_id)}
+    return CostTable(model_id=model_id, input=TensorSpec(tuple(example.shape),
+                                                         str(example.dtype).removeprefix("torch.")),
+                     edge_full_seconds=stats["edge_full"]["median"],
+                     cloud_full_seconds=stats["cloud_full"]["median"], splits=costs, meta=meta)
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _spread_meta(stats: dict[str, dict[str, float]], load: list[float],
+                 model_id: str) -> dict[str, Any]:
+    """p10/p90/spread per measurement; ``busy`` when the spread (or the load average before
+    and after, ``load``) says so."""
+    spread = {k: {"p10_seconds": v["p10"], "p90_seconds": v["p90"],
+                  "median_seconds": v["median"], "spread": round(v["spread"], 4)}
+              for k, v in stats.items()}
+    timed = {k: v for k, v in stats.items() if v["median"] >= MIN_JUDGED_SECONDS} or stats
+    worst = max(timed.items(), key=lambda kv: kv[1]["spread"])
+    busy_load = bool(load) and max(load) > 0.75 * (os.cpu_count() or 1)
+    busy = worst[1]["spread"] > BUSY_SPREAD or busy_load
+    if busy:
+        log.warning("profiling %s: the machine looks busy (worst spread %.0f%% on %s, load "
+                    "average %s): times are unreliable; re-run `tether profile` when it is idle",
+                    model_id, 100 * worst[1]["spread"], worst[0],
+                    "/".join(f"{x:.1f}" for x in load) or "?")
+    return {"spread": spread, "busy": busy, "statistic": "median",
+            "spread_statistic": "(p90 - p10) / median", "loadavg": load}
 
 
 def extract_heads(graph: SplitGraph, names: list[str], example: torch.Tensor,
@@ -188,16 +285,19 @@ def extract_heads(graph: SplitGraph, names: list[str], example: torch.Tensor,
         return {}
 
 
-def _full_latency(graph: SplitGraph, example: torch.Tensor, full_onnx: Path | None,
-                  tmp: Path, opts: dict[str, int]) -> tuple[float, float]:
+def _add_full(graph: SplitGraph, example: torch.Tensor, full_onnx: Path | None, tmp: Path,
+              opts: dict[str, int], rounds: Rounds) -> None:
     path = full_onnx if full_onnx and full_onnx.is_file() else export_onnx(
         graph.module, example, tmp / "full.onnx")
     session = OnnxModule(path, threads=opts["threads"])
     x = example.numpy()
-    with torch.no_grad():
-        edge = median_seconds(lambda: session(x), opts["repeats"], opts["warmup"])
-        cloud = median_seconds(lambda: graph.module(example), opts["repeats"], opts["warmup"])
-    return edge, cloud
+
+    def cloud() -> Any:
+        with torch.no_grad():
+            return graph.module(example)
+
+    rounds.add("edge_full", lambda: session(x))
+    rounds.add("cloud_full", cloud)
 
 
 def _meta(opts: dict[str, int]) -> dict[str, Any]:
@@ -205,7 +305,7 @@ def _meta(opts: dict[str, int]) -> dict[str, Any]:
 
     return {"edge_backend": "onnxruntime", "edge_threads": opts["threads"],
             "cloud_backend": "torch", "cloud_threads": opts["cloud_threads"],
-            "repeats": opts["repeats"], "warmup": opts["warmup"], "statistic": "median",
+            "repeats": opts["repeats"], "warmup": opts["warmup"], "rounds": opts["rounds"],
             "batch": 1, "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from tether.core.bundle import SplitEntry
 from tether.core.errors import InputShapeError, ModelError, NotTraceableError, SplitError
 from tether.core.types import DTYPE_SIZES
+from tether.partitioner import exported as ex
 from tether.partitioner.models import Normalize
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -79,11 +80,17 @@ class _Tracer(fx.Tracer):
 
 
 def _untraceable_message(qualname: str, m: nn.Module, exc: Exception) -> str:
-    return (f"torch.fx cannot trace module {qualname!r} ({type(m).__name__}): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+    cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not qualname:     # the root's own forward(): no module to mark as a leaf
+        return (f"torch.fx cannot trace the forward() of the root module "
+                f"({type(m).__name__}): {cause}. Use the torch.export path (CLI: --method "
+                f"export; Python: method='export'), or remove data-dependent Python control "
+                f"flow from its forward()")
+    return (f"torch.fx cannot trace module {qualname!r} ({type(m).__name__}): {cause}. "
             f"Mark it as a leaf so it runs as one opaque step: "
-            f"leaf_modules=[{qualname!r}] (CLI: --leaf {qualname}), or remove data-dependent "
-            f"Python control flow from its forward()")
+            f"leaf_modules=[{qualname!r}] (CLI: --leaf {qualname}), use the torch.export path "
+            f"(--method export), or remove data-dependent Python control flow from its "
+            f"forward()")
 
 
 def trace(module: nn.Module,
@@ -95,20 +102,27 @@ def trace(module: nn.Module,
     except NotTraceableError:
         raise
     except Exception as exc:
-        raise NotTraceableError(_untraceable_message("", module, exc).replace(
-            "module ''", "the forward() of the root module")) from exc
+        raise NotTraceableError(_untraceable_message("", module, exc)) from exc
     return fx.GraphModule(module, graph, class_name=type(module).__name__), tracer
 
 
 class SplitGraph:
-    """A traced model with its split points; builds head/tail pairs from one trace."""
+    """A traced model with its split points; builds head/tail pairs from one trace.
+
+    ``module`` is traced with torch.fx, unless it is a graph from the torch.export path
+    (:func:`tether.partitioner.exported.graph_of`), which is cut as it is.
+    """
 
     def __init__(self, module: nn.Module, example: torch.Tensor,
                  leaf_modules: Iterable[str | type] = ()) -> None:
         self.module = module
         leaf_modules = list(leaf_modules)
         self.leaf_modules = tuple(m for m in leaf_modules if isinstance(m, str))
-        self.gm, self._tracer = trace(module, leaf_modules)
+        self.exported = ex.is_exported(module)
+        if self.exported:
+            self.gm, self._tracer = module, None
+        else:
+            self.gm, self._tracer = trace(module, leaf_modules)
         self.nodes = list(self.gm.graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -117,7 +131,8 @@ class SplitGraph:
         self._input = placeholders[0]
         self._module_names = {name for name, _ in module.named_modules()}
         _propagate_shapes(self.gm, example, type(module).__name__)
-        self._depends = _input_dependence(self.nodes)
+        self._depends = _input_dependence(self.nodes, self.exported)
+        self._symbols = {ex.symbol_of(n) for n in self.nodes if _is_sym_size(n)} - {None}
         self._cuts: dict[str, tuple[fx.Node, int]] = {}
         self.points = self._find_points()
 
@@ -161,13 +176,18 @@ class SplitGraph:
     def _is_cut(self, p: fx.Node) -> bool:
         meta = p.meta.get("tensor_meta")
         only_output = all(u.op == "output" for u in p.users)
+        if self._symbols and ex.batch_dim(p, self._symbols) is None:
+            return False       # the tail could not recompute batch-size-derived values
         return p.op != "placeholder" and isinstance(meta, TensorMetadata) and not only_output
 
     def _name_points(self, found: list[tuple[fx.Node, int]]) -> list[SplitPoint]:
         points: list[SplitPoint] = []
         used: set[str] = set()
+        if self.exported:
+            last, prefix = ex.module_last_index(self.nodes), ex.common_prefix(self.nodes)
+            pos = {n: i for i, n in enumerate(self.nodes)}
         for p, cut in found:
-            name = self._name_of(p)
+            name = ex.point_name(p, last, pos[p], prefix) if self.exported else self._name_of(p)
             if name in used:
                 name = p.name
             used.add(name)
@@ -191,13 +211,23 @@ class SplitGraph:
         # fx names the first call of a reused module after the module itself: disambiguate
         return f"{p.name}_0" if p.name in self._module_names else p.name
 
-    def _copier(self, graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> Any:
-        """Map an original node to the new graph, copying input-free nodes on demand."""
+    def _copier(self, graph: fx.Graph, env: dict[fx.Node, fx.Node],
+                crossing: tuple[fx.Node, fx.Node] | None = None) -> Any:
+        """Map an original node to the new graph, copying input-free nodes on demand (in a
+        tail, batch sizes of head-side tensors are read from the ``crossing`` tensor)."""
         def lookup(n: fx.Node) -> fx.Node:
             if n not in env:
                 if self._depends[n]:
                     raise SplitError(f"internal: {n.name} crosses the cut but is not the split")
-                env[n] = graph.node_copy(n, lookup)
+                source = n.args[0] if _is_sym_size(n) else None
+                if crossing is not None and isinstance(source, fx.Node) \
+                        and self._depends[source] and source not in env:
+                    dim = ex.batch_dim(crossing[0], {ex.symbol_of(n)})
+                    if dim is None:
+                        raise SplitError(f"internal: the tail cannot recover {n.name}")
+                    env[n] = graph.call_function(ex.SYM_SIZE, (crossing[1], dim))
+                else:
+                    env[n] = graph.node_copy(n, lookup)
             return env[n]
         return lookup
 
@@ -216,7 +246,7 @@ class SplitGraph:
         env = {p: graph.placeholder(p.name)}
         if any(self._mutates(u) for u in p.users):  # never write into the caller's tensor
             env[p] = graph.call_method("clone", (env[p],))
-        lookup = self._copier(graph, env)
+        lookup = self._copier(graph, env, (p, env[p]))
         for n in self.nodes[cut + 1:]:
             if n.op == "output":
                 graph.output(fx.map_arg(n.args[0], lookup))
@@ -241,12 +271,23 @@ def _module(root: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphM
     gm = fx.GraphModule(root, graph, class_name=class_name)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    if ex.is_exported(root):
+        setattr(gm, ex.EXPORTED_FLAG, True)
     return gm.eval()
 
 
-def _input_dependence(nodes: list[fx.Node]) -> dict[fx.Node, bool]:
+def _is_sym_size(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is ex.SYM_SIZE
+
+
+def _input_dependence(nodes: list[fx.Node], exported: bool = False) -> dict[fx.Node, bool]:
+    """Whether each node depends on the input's values (in exported graphs, a batch size read
+    with ``sym_size`` is not a dependence: each side recomputes it)."""
     depends: dict[fx.Node, bool] = {}
     for n in nodes:
+        if exported and _is_sym_size(n):
+            depends[n] = False
+            continue
         depends[n] = n.op == "placeholder" or any(depends[a] for a in n.all_input_nodes)
     return depends
 

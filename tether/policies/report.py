@@ -47,8 +47,15 @@ def format_table(rows: list[dict]) -> str:
             f"{r['policy']:13s} {r['mean_s'] * 1e3:8.1f} {r['p50_s'] * 1e3:7.1f} "
             f"{r['p95_s'] * 1e3:7.1f} {r['p99_s'] * 1e3:7.1f} {_acc(r['accuracy']):>6s} "
             f"{r['fallbacks']:6.0f} {r.get('deadline_misses', 0):5.0f} "
-            f"{r.get('mean_vs_oracle', float('nan')):7.3f} {r.get('p95_vs_oracle', float('nan')):6.3f}")
+            f"{_ratio(r.get('mean_vs_oracle'), 7)} {_ratio(r.get('p95_vs_oracle'), 6)}")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None, width: int) -> str:
+    """A ratio to the oracle; ``-`` when there is none (no oracle run, or a zero/NaN)."""
+    if value is None or value != value or value in (float("inf"), float("-inf")):
+        return f"{'-':>{width}s}"
+    return f"{value:{width}.3f}"
 
 
 def _acc(value: float) -> str:

@@ -106,13 +106,25 @@ class HFDirCheckpoint(LLMCheckpoint):
             return None
 
 
+#: checkpoint key prefixes older releases wrote -> today's names (GPT-NeoX / Pythia LM head)
+LEGACY_PREFIXES = {"embed_out.": "lm_head."}
+
+
+def canonical_key(key: str) -> str:
+    for old, new in LEGACY_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def _read_weights(f: Path, keep: KeyFilter) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         from safetensors import safe_open
         with safe_open(str(f), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys() if keep(k)}
+            return {canonical_key(k): fh.get_tensor(k) for k in fh.keys()
+                    if keep(canonical_key(k))}
     state = torch.load(f, map_location="cpu", weights_only=True)
-    return {k: v for k, v in state.items() if keep(k)}
+    return {canonical_key(k): v for k, v in state.items() if keep(canonical_key(k))}
 
 
 def open_llm(path: str | Path, tokenizer: str | Path | None = None) -> LLMCheckpoint:

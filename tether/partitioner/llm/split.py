@@ -8,8 +8,10 @@ needs only (renumbered), so each side keeps its own HF ``DynamicCache`` per sess
 family's own attention, RoPE and masking code runs unchanged. ``k = 0`` puts every layer in
 the cloud (Petals-style thin client), ``k = L`` everything on the edge.
 
-Families with the standard decoder-layer list: Llama, Qwen2, Mistral (``model.layers``)
-and GPT-2 (``transformer.h``); :data:`FAMILIES` is the one mapping of them.
+Every family whose blocks follow embed -> blocks -> final norm -> LM head: Llama, Qwen2,
+Mistral, Phi-3 (``model.layers``, ``model.norm``), Phi (``model.final_layernorm``),
+GPT-NeoX / Pythia (``gpt_neox.layers``, ``gpt_neox.final_layer_norm``) and GPT-2
+(``transformer.h``); :data:`FAMILIES` is the one mapping of them.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ class Family:
 
 _HF_STD = Family("model", "layers", ("embed_tokens",), "norm", "num_hidden_layers")
 FAMILIES: dict[str, Family] = {
-    "llama": _HF_STD, "qwen2": _HF_STD, "mistral": _HF_STD,
+    "llama": _HF_STD, "qwen2": _HF_STD, "mistral": _HF_STD, "phi3": _HF_STD,
+    "phi": Family("model", "layers", ("embed_tokens",), "final_layernorm", "num_hidden_layers"),
+    "gpt_neox": Family("gpt_neox", "layers", ("embed_in",), "final_layer_norm",
+                       "num_hidden_layers"),
     "gpt2": Family("transformer", "h", ("wte", "wpe"), "ln_f", "n_layer", ("wpe",)),
 }
 
@@ -118,10 +123,11 @@ def _load(model: nn.Module, state: dict[str, torch.Tensor], allowed_missing: tup
 
 
 def _head_state(ckpt: LLMCheckpoint, fam: Family) -> dict[str, torch.Tensor]:
-    """Final norm and LM head (from the embeddings when the checkpoint ties them)."""
+    """Final norm and LM head with its bias if any (from the embeddings when the checkpoint
+    ties them)."""
     norm = fam.prefix(fam.norm)
     emb = fam.prefix(fam.embeds[0]) + "weight"
-    state = ckpt.state_dict(lambda k: k.startswith(norm) or k == "lm_head.weight")
+    state = ckpt.state_dict(lambda k: k.startswith(norm) or k.startswith("lm_head."))
     if "lm_head.weight" not in state:   # tied: the head is the embedding table
         tied = ckpt.state_dict(lambda k: k == emb)
         if emb not in tied:
