@@ -84,6 +84,7 @@ class CodecCost:
     decode_seconds: float
     accuracy: float | None = None   # top-1 on the honest evaluation set, if measured
     header_bytes: int = 0
+    replaces_head: bool = False     # a "student" encoder reading the input: edge cost = encode only
 
 
 @dataclass(frozen=True)
