@@ -40,6 +40,7 @@ class TetherAdaptive(EstimatingPolicy):
         self._current: int | None = None
         self._last_arrival: float | None = None
         self._gap = Ewma(0.05)
+        self._load = Ewma(0.05)       # edge utilisation: booked compute per inter-arrival gap
         self._edge_free = -np.inf     # when the edge CPU finishes the work already given to it
         self._up_free = -np.inf       # when the uplink finishes the bytes already sent
 
@@ -69,6 +70,8 @@ class TetherAdaptive(EstimatingPolicy):
         """Account the chosen action's edge compute and uplink bytes (predicted)."""
         start = max(now, self._edge_free)
         cpu = float(self._edge_cpu(now)[choice])
+        if self._gap.value is not None:
+            self._load.update(cpu / max(self._gap.value, 1e-6))
         self._edge_free = start + cpu
         if not self.model.is_local[choice]:
             send = start + cpu
@@ -87,24 +90,31 @@ class TetherAdaptive(EstimatingPolicy):
     def load_penalty(self, now: float) -> np.ndarray:
         """Delay each action's edge compute imposes on the requests arriving behind it.
 
-        A job of ``s`` seconds on the (FIFO) edge processor delays the ``rate * s`` requests
-        expected during it by ``s / 2`` on average: ``rate * s**2 / 2`` in all.
+        ``s`` seconds added to the (FIFO) edge processor delay every request that arrives
+        before its queue next empties by ``s``. With ``W`` seconds of work already queued
+        and load ``rho``, that busy period lasts about ``(W + s) / (1 - rho)``, so about
+        ``rate * (W + s) / (1 - rho)`` requests pay ``s`` each. This is what makes "local"
+        costlier than it looks on a loaded edge, and what the greedy oracle ignores.
         """
         if self._gap.value is None or self.cfg.edge_load_weight == 0:
             return np.zeros(len(self.model.actions))
         rate = 1.0 / max(self._gap.value, 1e-3)
-        return self.cfg.edge_load_weight * rate * self._edge_cpu(now) ** 2 / 2.0
+        rho = min(self._load.value or 0.0, 0.9)
+        cpu = self._edge_cpu(now)
+        backlog = max(0.0, self._edge_free - now)
+        return self.cfg.edge_load_weight * cpu * rate * (backlog + cpu) / (1.0 - rho)
 
     # ---- objectives ------------------------------------------------------------------------
     def _min_latency(self, ctx: DecisionContext) -> int:
         _, lat = self.argmin(ctx, self.bandwidth(ctx.now))
-        lat = lat + self.waits(ctx.now) + self.load_penalty(ctx.now)
+        extra = self.waits(ctx.now) + self.load_penalty(ctx.now)
+        lat = lat + extra
         best = int(np.argmin(lat))
         cur = self._current
         if cur is not None and np.isfinite(lat[cur]) and lat[cur] <= lat[best] * (1 + self.cfg.hysteresis):
             best = cur
         if self.model.is_local[best]:
-            probe = self.probe(ctx, lat[best])
+            probe = self.probe(ctx, lat[best], extra)
             if probe is not None:
                 return probe
         return best
@@ -149,5 +159,6 @@ class CausalReference(TetherAdaptive):
         return max(self._trace.bytes_between(max(0.0, t - self.window), t) * 8.0
                    / min(self.window, max(t, 1e-3)), 1.0)
 
-    def probe(self, ctx: DecisionContext, local_latency: float) -> int | None:
+    def probe(self, ctx: DecisionContext, local_latency: float,
+              extra: np.ndarray | float = 0.0) -> int | None:
         return None    # it knows the link without probing

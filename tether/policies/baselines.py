@@ -152,15 +152,18 @@ class EstimatingPolicy:
             return nbytes * 8.0 / waited
         return est
 
-    def probe(self, ctx: DecisionContext, local_latency: float) -> int | None:
+    def probe(self, ctx: DecisionContext, local_latency: float,
+              extra: np.ndarray | float = 0.0) -> int | None:
         """A remote action worth one request to re-measure the link, or None.
 
         Answering locally yields no throughput samples, so without probes a policy that
         once saw a bad link (or starts with a pessimistic prior) would never offload again.
         At most one probe per ``probe_interval_seconds`` of silence, and only when the
         remote action would win at the best bandwidth seen in ``peak_memory_seconds``
-        (any bandwidth, before the first sample), and never with an action whose predicted
-        latency at the current estimate breaks the request's deadline.
+        (any bandwidth, before the first sample). The probe itself is the remote action
+        cheapest at the *current* estimate (bounded cost), never one whose predicted latency
+        there breaks the request's deadline. ``extra``: what the caller added to
+        ``local_latency``'s side (queue waits), added here alike.
         """
         interval = self.cfg.probe_interval_seconds
         last = max(self.bw.last_time if self.bw.last_time is not None else -np.inf, self._last_probe)
@@ -168,14 +171,17 @@ class EstimatingPolicy:
             return None
         peak = self.bw.peak.value_at(ctx.now)
         optimistic = peak if peak is not None else np.inf
-        lat = self.predict(ctx, optimistic)
         ok = self.mask & ~self.model.is_local
+        best_case = np.where(ok, self.predict(ctx, optimistic) + extra, np.inf)
+        if not best_case.min() < local_latency * (1 - self.cfg.hysteresis):
+            return None
+        now_lat = self.predict(ctx, self.bandwidth(ctx.now)) + extra
         deadline = min((d for d in (ctx.deadline_seconds, self.cfg.deadline_seconds) if d), default=None)
         if deadline is not None:
-            ok &= self.predict(ctx, self.bandwidth(ctx.now)) <= deadline
-        lat = np.where(ok, lat, np.inf)
-        choice = int(np.argmin(lat))
-        if not (np.isfinite(lat[choice]) and lat[choice] < local_latency * (1 - self.cfg.hysteresis)):
+            ok &= now_lat <= deadline
+        now_lat = np.where(ok, now_lat, np.inf)
+        choice = int(np.argmin(now_lat))
+        if not np.isfinite(now_lat[choice]):
             return None
         self._last_probe = ctx.now
         return choice

@@ -8,8 +8,9 @@ same search restricted to full offloads (the best input codec for this trace).
 References: ``"oracle"`` plans the whole sequence in hindsight with the edge's and the
 link's queues (:func:`tether.policies.oracle.plan_sequence`), replayed through the same
 simulator; ``"bound"`` is the proven per-request lower bound (idle edge, idle links);
-``"causal"`` is adaptive with the true capacity of the past second; ``"greedy"`` the
-per-request hindsight oracle. The bandit is not in the defaults (retired: 4.6-5.5x the
+``"oracle-x"`` plans likewise but, like any policy, does not know which early exits
+will be confident; ``"causal"`` is adaptive with the true capacity of the past second;
+``"greedy"`` the per-request hindsight oracle. The bandit is not in the defaults (retired: 4.6-5.5x the
 oracle on real traces, see docs/benchmarks.md); it can still be named.
 
 ``profile`` (optional): the cost table as profiled, when ``table`` is the device as it
@@ -36,7 +37,7 @@ from tether.policies.simulator import RequestOutcome, SimConfig, SimResult, Simu
 
 DEFAULT_POLICIES = ("local", "cloud", "static", "neurosurgeon", "adaptive", "causal", "bound",
                     "oracle")
-REFERENCES = ("oracle", "bound", "greedy")
+REFERENCES = ("oracle", "oracle-x", "bound", "greedy")
 CALIBRATING = ("adaptive", "bandit")
 
 
@@ -56,8 +57,8 @@ def run_policies(table: CostTable, uplink: Trace, policies: tuple[str, ...] = DE
     for name in policies:
         if name in ("static", "cloud"):
             results[name] = best_static(sim, model, base, offload_only=name == "cloud")
-        elif name == "oracle":
-            results[name] = planned_oracle(sim, model, base, beam)
+        elif name in ("oracle", "oracle-x"):
+            results[name] = planned_oracle(sim, model, base, beam, know_exits=name == "oracle")
         elif name == "bound":
             results[name] = bound_result(sim, model, base)
         else:
@@ -77,13 +78,16 @@ def _sim_args(sim: Simulator) -> dict:
                 offset=sim.cfg.trace_offset_seconds)
 
 
-def planned_oracle(sim: Simulator, model: CostModel, cfg: PolicyConfig, beam: int = 24) -> SimResult:
-    """The hindsight plan of the whole sequence, replayed through the simulator."""
+def planned_oracle(sim: Simulator, model: CostModel, cfg: PolicyConfig, beam: int = 24,
+                   know_exits: bool = True) -> SimResult:
+    """The hindsight plan of the whole sequence, replayed through the simulator
+    (``know_exits=False``: "oracle-x", which knows the link but not the exits' outcomes)."""
     allowed = model.allowed(cfg.floor_for(model.table.full_accuracy))
     sim._reset(LocalOnly())   # draws sized to the arrivals
     plan, info = plan_sequence(model, sim.uplink, sim.arrival_times, sim.draws, allowed,
-                               beam=beam, **_sim_args(sim))
-    result = sim.run(_Scripted([model.actions[i] for i in plan]), "oracle")
+                               beam=beam, know_exits=know_exits, **_sim_args(sim))
+    name = "oracle" if know_exits else "oracle-x"
+    result = sim.run(_Scripted([model.actions[i] for i in plan]), name)
     result.meta.update(info)
     return result
 

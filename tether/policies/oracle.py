@@ -70,8 +70,13 @@ class _Physics:
 def plan_sequence(model: CostModel, uplink: Trace, arrivals: np.ndarray, exit_draws: np.ndarray,
                   allowed: np.ndarray, *, rtt: float, deadline: float, downlink: Trace | None = None,
                   queue: float = 0.0, reserve: float | None = None, offset: float = 0.0,
-                  beam: int = 24) -> tuple[list[int], dict]:
-    """Action indices (into ``model.actions``) minimising total latency over the sequence."""
+                  beam: int = 24, know_exits: bool = True) -> tuple[list[int], dict]:
+    """Action indices (into ``model.actions``) minimising total latency over the sequence.
+
+    ``know_exits=False``: the planner does not know which exits will be confident; an exit
+    is priced at its exit rate (expected latency, the state of its remote branch), as a
+    policy must. That plan is a reference, no longer a bound.
+    """
     phys = _Physics(model, uplink, downlink or uplink, rtt, queue, deadline, reserve, offset)
     choices = np.flatnonzero(allowed)
     states = [_State(-math.inf, -math.inf, -math.inf, 0.0, -1, None)]
@@ -82,8 +87,8 @@ def plan_sequence(model: CostModel, uplink: Trace, arrivals: np.ndarray, exit_dr
         for s in states:
             for a in choices:
                 c = model.costs[a]
-                lat, cpu, up, down = phys.step(float(t), bool(exit_draws[i] < c.exit_rate), c,
-                                               s.cpu, s.up, s.down)
+                lat, cpu, up, down = _transition(phys, float(t), float(exit_draws[i]), c, s,
+                                                 know_exits)
                 # free times before the next arrival are all the same to the future
                 children.append(_State(max(cpu, nxt), max(up, nxt), max(down, nxt),
                                        s.total + lat, int(a), s))
@@ -102,6 +107,15 @@ def plan_sequence(model: CostModel, uplink: Trace, arrivals: np.ndarray, exit_dr
     info = {"exact": truncated == 0, "truncated_steps": truncated,
             "planned_mean_s": best.total / max(len(arrivals), 1)}
     return plan, info
+
+
+def _transition(phys: _Physics, t: float, draw: float, c: ActionCost, s: _State,
+                know: bool) -> tuple[float, float, float, float]:
+    if know or c.exit_rate in (0.0, 1.0):
+        return phys.step(t, draw < c.exit_rate, c, s.cpu, s.up, s.down)
+    local = phys.step(t, True, c, s.cpu, s.up, s.down)[0]
+    lat, cpu, up, down = phys.step(t, False, c, s.cpu, s.up, s.down)
+    return c.exit_rate * local + (1.0 - c.exit_rate) * lat, cpu, up, down
 
 
 def _pareto(states: list[_State]) -> list[_State]:
