@@ -144,7 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     write_csv(out / "exits.csv", exit_rows)
     plot_rate_accuracy(results, out / "codecs.png", full_acc,
                        f"{bm.manifest.model_id}: top-1 vs wire bytes ({len(labels)} lossless)")
-    update_costs(args.bundle, codecs=[r.to_cost() for r in results])
+    update_costs(args.bundle, codecs=[r.to_cost() for r in results], full_accuracy=full_acc)
     print(format_table(results, full_acc))
     for p in exit_rows:
         print(f"exit {p.split} {p.metric}>={p.threshold:.3f}: rate {p.exit_rate:.3f} "
