@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tether.core.errors import ConfigError
 
-POLICY_NAMES = "local,cloud,static,neurosurgeon,adaptive,bandit,oracle"
+POLICY_NAMES = "local,cloud,static,neurosurgeon,adaptive,causal,bound,oracle"
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +37,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="per-request deadline; offloads fall back locally before it (default 1.0)")
     p.add_argument("--edge-scale", type=float, default=1.0, metavar="X",
                    help="multiply every edge-side time (emulate a slower edge device)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --edge-scale: adaptive starts from the unscaled profile and must "
+                        "calibrate online (everybody else is given the device's true costs)")
     p.add_argument("--trace-offset", type=float, default=0.0, metavar="S")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
@@ -52,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
                                         write_summary_csv)
     from tether.policies.simulator import SimConfig
 
-    table = _load_table(args)
+    table, profile, manifest = _load_table(args)
     policy_cfg = load_policy_config(str(args.policy_config)) if args.policy_config else PolicyConfig()
     uplink = from_spec(args.trace)
     downlink = from_spec(args.downlink) if args.downlink else None
@@ -61,7 +64,8 @@ def _run(args: argparse.Namespace) -> int:
                         cloud_queue_seconds=args.cloud_queue_ms / 1000,
                         deadline_seconds=args.deadline, trace_offset_seconds=args.trace_offset)
     names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
-    results = run_policies(table, uplink, names, policy_cfg, sim_cfg, downlink)
+    results = run_policies(table, uplink, names, policy_cfg, sim_cfg, downlink, manifest=manifest,
+                           profile=profile if args.calibrate else None)
     rows = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_requests_csv(results, args.out / "requests.csv")
@@ -77,11 +81,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load_table(args: argparse.Namespace):  # noqa: ANN202 - CostTable, imported lazily
-    """The cost table of --bundle or --cost-table, edge times scaled by --edge-scale."""
+    """(device table: edge times x --edge-scale, profiled table, the bundle's manifest or None)."""
     from tether.core.bundle import Manifest
     from tether.core.types import CostTable
     from tether.policies import scale_edge
 
+    manifest = None
     if args.bundle is not None:
         manifest = Manifest.load(args.bundle)
         if not manifest.cost_table:
@@ -89,4 +94,5 @@ def _load_table(args: argparse.Namespace):  # noqa: ANN202 - CostTable, imported
         table = CostTable.load(args.bundle / manifest.cost_table)
     else:
         table = CostTable.load(args.cost_table)
-    return scale_edge(table, args.edge_scale) if args.edge_scale != 1.0 else table
+    device = scale_edge(table, args.edge_scale) if args.edge_scale != 1.0 else table
+    return device, table, manifest
