@@ -201,7 +201,7 @@ def main() -> int:
     p.add_argument("--norway-requests", type=int, default=1000, help="max per Norway log")
     p.add_argument("--images", type=int, default=500, help="images for codec accuracy")
     p.add_argument("--norway-limit", type=int, default=None)
-    p.add_argument("--beam", type=int, default=160, help="planner's cap on kept queue states")
+    p.add_argument("--beam", type=int, default=64, help="planner's cap on kept queue states")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write per-trace rows as JSON here")
     args = p.parse_args()

@@ -143,3 +143,20 @@ def test_planner_matches_the_simulator_and_caps_its_beam(table):
     assert tight["truncated_steps"] > 0 and not tight["exact"]
     bound = lower_bound(model, trace, sim.arrival_times, sim.draws, allowed, rtt=0.04, deadline=1.0)
     assert bound.mean() <= info["planned_mean_s"] + 1e-12
+
+
+def test_a_loaded_edge_offloads_a_share_although_local_is_faster_alone(table):
+    """Local 25 ms beats any offload (RTT 40 ms) for one request, but at 32 requests/s the
+    edge queue builds up: pricing the queueing it causes, adaptive offloads a share and
+    beats both always-local and the best fixed action (always offload)."""
+    t = replace(table, edge_full_seconds=0.025)
+    trace = T.constant(20.0, 120)
+    cfg = SimConfig(n_requests=1500, rate_hz=32.0, seed=4)
+    res = run_policies(t, trace, ("local", "static", "neurosurgeon", "adaptive"), sim_config=cfg)
+    blind = run_policies(t, trace, ("adaptive",), PolicyConfig(edge_load_weight=0.0), cfg)
+    means = {k: v.latencies.mean() for k, v in res.items()}
+    assert means["adaptive"] < 0.95 * min(means["static"], means["neurosurgeon"])
+    assert means["adaptive"] < 0.7 * means["local"]
+    assert means["adaptive"] < 0.7 * blind["adaptive"].latencies.mean()
+    shares = np.mean([r.action != "local" for r in res["adaptive"].requests])
+    assert 0.05 < shares < 0.95                     # a mix, not a switch
