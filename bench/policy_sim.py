@@ -56,6 +56,8 @@ DOCS_LADDER = {"bottleneck-b0.003": (37.1, 50, 0.8387), "bottleneck-b0.001": (49
 DOCS_CODEC_SECONDS = (0.0008, 0.0014)
 DOCS_EXITS = {"layer2.2": (0.163, 0.9458, 0.04), "layer3.1": (0.758, 0.9676, 0.06)}
 BASELINES = ("local", "cloud", "static", "neurosurgeon")
+#: "better" means a lower mean latency by more than this fraction (not a tie in the noise)
+TIE = 0.001
 SHOWN = ("adaptive", "causal", "oracle-x") + BASELINES + ("bound",)
 
 
@@ -173,7 +175,7 @@ def verdict(rows: dict) -> dict:
     x = rows["oracle-x"]
     return {"mean_vs_oracle_x": a["mean_s"] / x["mean_s"], "p95_vs_oracle_x": a["p95_s"] / x["p95_s"],
             "mean_ok": a["mean_vs_oracle"] <= 1.10, "p95_ok": a["p95_vs_oracle"] <= 1.25,
-            "beats_all": all(a["mean_s"] < rows[b]["mean_s"] for b in BASELINES),
+            "beats_all": all(a["mean_s"] < (1 - TIE) * rows[b]["mean_s"] for b in BASELINES),
             "gain_vs_best": 1.0 - a["mean_s"] / best}
 
 
@@ -217,7 +219,7 @@ def main() -> int:
           f"budget {args.max_drop:g}; RTT {args.rtt_ms:g} ms, Poisson {args.rate:g}/s, deadline "
           f"{args.deadline:g} s\nladder: {source}")
     print("ratios mean/p95 vs the planned oracle; gain = adaptive vs best of local/cloud/static/"
-          "neurosurgeon; flags: mean<=1.10, p95<=1.25, beats all four; E = plan exact; "
+          "neurosurgeon; flags: mean<=1.10, p95<=1.25, beats all four (by > 0.1 %); E = plan exact; "
           "mix local/exit/split/offload %")
     print(f"{'set':8s} {'trace':28s} {'or ms':>6s} " + " ".join(f"{s[:10]:>10s}" for s in SHOWN))
     t0, all_rows = time.perf_counter(), []
@@ -253,7 +255,8 @@ def report(all_rows: list[dict], seconds: float) -> None:
               f"/{len(sub)}")
         for name in ("adaptive", "causal", "oracle", "oracle-x") + BASELINES:
             m = np.mean(ratio(name, "mean_s")) * 1e3
-            beaten = sum(r["rows"]["adaptive"]["mean_s"] < r["rows"][name]["mean_s"] for r in sub)
+            beaten = sum(r["rows"]["adaptive"]["mean_s"] < (1 - TIE) * r["rows"][name]["mean_s"]
+                         for r in sub)
             print(f"  {name:13s} mean {m:7.1f} ms, accuracy {np.nanmean(ratio(name, 'accuracy')):.4f}, "
                   f"adaptive better on {beaten}/{len(sub)}")
         learned = np.mean([[r["shares"][n]["learned"] for n in ("adaptive", "oracle")] for r in sub], 0)
