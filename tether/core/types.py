@@ -84,7 +84,9 @@ class CodecCost:
     decode_seconds: float
     accuracy: float | None = None   # top-1 on the honest evaluation set, if measured
     header_bytes: int = 0
-    replaces_head: bool = False     # a "student" encoder reading the input: edge cost = encode only
+    bytes_p95: float | None = None  # 95th percentile of payload bytes per sample
+    encoder_flops: int | None = None  # edge encoder FLOPs per sample (learned codecs)
+    replaces_head: bool = False     # student codec: the edge runs only its encoder on the input
 
 
 @dataclass(frozen=True)
