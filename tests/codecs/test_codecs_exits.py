@@ -111,6 +111,10 @@ def test_exit_saved_in_bundle_runs_in_onnx_and_updates_costs(tmp_path, trained_e
                                                  cal.threshold)])
     assert table is not None
     assert CostTable.load(bundle / "costs.json").exits[0].exit_rate == cal.exit_rate
+    # `tether codec eval` records the full model's accuracy too (no silent "no floor")
+    update_costs(bundle, full_accuracy=0.9164)
+    kept = CostTable.load(bundle / "costs.json")
+    assert kept.full_accuracy == 0.9164 and kept.exits[0].exit_rate == cal.exit_rate
     with pytest.raises(BundleError, match="exits at"):
         load_exit(bundle, split="nowhere")
 

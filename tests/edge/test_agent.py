@@ -90,6 +90,11 @@ def test_cloud_actions_equal_the_whole_model(served, compute, expected, action):
         assert all(r.tail_seconds > 0 and r.total_seconds >= r.head_seconds for r in records)
         assert all(o.ok and o.action == Action.parse(action) for o in policy.observations)
         assert all(c.cloud_available for c in policy.contexts)
+        # the measured compute feeds the policy's online calibration
+        for o, r in zip(policy.observations, records):
+            assert o.edge_seconds == pytest.approx(r.head_seconds + r.encode_seconds + r.local_seconds)
+            assert o.cloud_seconds == pytest.approx(r.cloud_decode_seconds + r.tail_seconds)
+            assert o.cloud_seconds > 0
     run(scenario())
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from tether.core.types import CostTable, SplitCost, TensorSpec
 from tether.testbed.analysis import (
-    COLUMNS, compute_scales, flatten, scaled_table, summarize, summary_table, write_csv,
+    COLUMNS, compute_scales, flatten, scaled_table, sim_error_by_action, summarize, summary_table,
+    write_csv,
 )
 
 
@@ -44,8 +45,10 @@ def test_summary_is_computed_from_the_rows(tmp_path):
     rows.append(flatten(_raw(9, 0.0, answered=False), 0.3))
     (s,) = summarize(rows, ["p"])
     assert s["requests"] == 6 and s["answered"] == 5
-    assert s["mean_s"] == pytest.approx(np.mean(totals))
-    assert s["p95_s"] == pytest.approx(np.percentile(totals, 95))
+    # one latency everywhere: the application's (client round trip, 1 ms above the edge's)
+    assert s["mean_s"] == pytest.approx(np.mean(totals) + 0.001)
+    assert s["edge_mean_s"] == pytest.approx(np.mean(totals))
+    assert s["p95_s"] == pytest.approx(np.percentile(totals, 95) + 0.001)
     assert s["deadline_misses"] == 3          # 0.4, 0.8 and the unanswered one
     assert s["accuracy"] == pytest.approx(2 / 5)
     assert math.isnan(s["regret_s"])          # no oracle column in these rows
@@ -54,6 +57,22 @@ def test_summary_is_computed_from_the_rows(tmp_path):
         back = list(csv.DictReader(fh))
     assert len(back) == 6 and list(back[0]) == list(COLUMNS)
     assert "| p | 5/6 |" in summary_table([s])
+
+
+def test_deadline_miss_is_the_applications_view():
+    # the edge answered in 0.299 s but the application got it after 0.300 s: a miss
+    row = flatten(_raw(1, 0.2995), deadline_s=0.3)
+    assert row["latency_s"] == pytest.approx(0.3005) and row["deadline_miss"] is True
+
+
+def test_simulator_error_per_action():
+    rows = [flatten(_raw(i, 0.05, outcome="local" if i % 2 else "cloud"), 1.0) for i in range(6)]
+    for i, r in enumerate(rows):
+        r["predicted_error_s"] = -0.002 if r["action"] == "local" else 0.010
+    by = {(e["policy"], e["action"]): e for e in sim_error_by_action(rows)}
+    assert by[("p", "local")]["requests"] == 3
+    assert by[("p", "local")]["mean_error_s"] == pytest.approx(-0.002)
+    assert by[("p", "offload:fp32")]["mae_s"] == pytest.approx(0.010)
 
 
 def _table() -> CostTable:

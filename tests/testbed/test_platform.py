@@ -72,3 +72,15 @@ def test_kernel_backend_refuses_delay_without_netem():
     from tether.testbed.kernel import KernelLink, KernelLinkConfig
     with pytest.raises(PlatformError, match="userspace"):
         KernelLink(traces.constant(5), traces.constant(5), KernelLinkConfig(delay_ms=10), INFO)
+
+
+def test_small_quotas_lengthen_the_period_instead_of_raising_the_quota():
+    from tether.core.errors import ConfigError
+    from tether.testbed.platform import quota_period
+    for cores in (0.05, 0.02, 0.1, 0.5, 1.5):
+        quota, period = quota_period(cores)
+        assert quota >= 1000 and period <= 1_000_000
+        assert abs(quota / period - cores) < 1e-6, (cores, quota, period)
+    assert quota_period(0.05) == (1000, 20000)
+    with pytest.raises(ConfigError, match="below what the kernel can enforce"):
+        quota_period(0.0005)

@@ -61,7 +61,7 @@ def test_short_scenario_end_to_end(bundle, tmp_path):
     summary = {s["policy"]: s for s in _read(out / "summary.csv")}
     assert list(summary) == labels
     for label in labels:
-        lat = np.array([float(r["total_s"]) for r in rows if r["policy"] == label])
+        lat = np.array([float(r["latency_s"]) for r in rows if r["policy"] == label])
         s = summary[label]
         assert int(s["requests"]) == int(s["answered"]) == lat.size
         assert float(s["mean_s"]) == pytest.approx(lat.mean(), rel=1e-4)
@@ -74,6 +74,9 @@ def test_short_scenario_end_to_end(bundle, tmp_path):
     if fade and fast:
         assert np.median(fade) > 3 * np.median(fast)
 
+    errors = _read(out / "sim_error.csv")      # the simulator's error, per action
+    assert {(e["policy"], e["action"]) for e in errors} <= {(r["policy"], r["action"]) for r in rows}
+    assert sum(int(e["requests"]) for e in errors) == sum(1 for r in rows if r["predicted_error_s"])
     for name in ("latency_cdf.png", "timeline.png", "accuracy_latency.png"):
         assert (out / name).stat().st_size > 5000
     meta = json.loads((out / "meta.json").read_text())

@@ -126,14 +126,15 @@ def save_exit(bundle_dir: str | Path, split: str, head: ExitHead, calib: Calibra
 
 
 def update_costs(bundle_dir: str | Path, codecs: Iterable[CodecCost] = (),
-                 exits: Iterable[ExitCost] = ()) -> CostTable | None:
-    """Replace/add codec and exit costs in the bundle's cost table (skipped if it has none)."""
+                 exits: Iterable[ExitCost] = (), full_accuracy: float | None = None) -> CostTable | None:
+    """Replace/add codec and exit costs (and the full model's accuracy, when measured) in
+    the bundle's cost table (skipped if it has none)."""
     with bundle_lock(bundle_dir):
-        return _update_costs(Path(bundle_dir), list(codecs), list(exits))
+        return _update_costs(Path(bundle_dir), list(codecs), list(exits), full_accuracy)
 
 
-def _update_costs(bundle_dir: Path, codecs: list[CodecCost],
-                  exits: list[ExitCost]) -> CostTable | None:
+def _update_costs(bundle_dir: Path, codecs: list[CodecCost], exits: list[ExitCost],
+                  full_accuracy: float | None = None) -> CostTable | None:
     manifest = Manifest.load(bundle_dir)
     if not manifest.cost_table or not (Path(bundle_dir) / manifest.cost_table).is_file():
         log.warning("bundle %s has no cost table; codec and exit costs not recorded", bundle_dir)
@@ -145,6 +146,8 @@ def _update_costs(bundle_dir: Path, codecs: list[CodecCost],
     kept_codecs = tuple(c for c in table.codecs if (c.split, c.codec) not in new_codecs)
     kept_exits = tuple(e for e in table.exits if e.split not in new_exits)
     table = dataclasses.replace(table, codecs=kept_codecs + tuple(new_codecs.values()),
-                                exits=kept_exits + tuple(new_exits.values()))
+                                exits=kept_exits + tuple(new_exits.values()),
+                                full_accuracy=table.full_accuracy if full_accuracy is None
+                                else full_accuracy)
     table.save(path)
     return table

@@ -149,7 +149,7 @@ def run_eval(args: argparse.Namespace) -> int:
     write_csv(out / "exits.csv", exit_rows)
     plot_rate_accuracy(results, out / "codecs.png", full_acc,
                        f"{bm.manifest.model_id}: top-1 vs wire bytes ({len(labels)} lossless)")
-    update_costs(args.bundle, codecs=[_cost(bm, r) for r in results])
+    update_costs(args.bundle, codecs=[_cost(bm, r) for r in results], full_accuracy=full_acc)
     print(format_table(results, full_acc))
     print("\nPareto front (top-1 vs payload bytes; every codec above is a candidate):")
     for r in pareto_front(results):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tether.core.errors import ConfigError
 
-POLICY_NAMES = "local,cloud,static,neurosurgeon,adaptive,bandit,oracle"
+POLICY_NAMES = "local,cloud,static,neurosurgeon,adaptive,causal,bound,oracle"
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +42,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="per-request deadline; offloads fall back locally before it (default 1.0)")
     p.add_argument("--edge-scale", type=float, default=1.0, metavar="X",
                    help="multiply every edge-side time (emulate a slower edge device)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --edge-scale: adaptive starts from the unscaled profile and must "
+                        "calibrate online (everybody else is given the device's true costs)")
     p.add_argument("--trace-offset", type=float, default=0.0, metavar="S",
                    help="start the replay this many seconds into the trace")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
@@ -59,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
                                         write_summary_csv)
     from tether.policies.simulator import SimConfig
 
-    table = _load_table(args)
+    table, profile, manifest = _load_table(args)
     policy_cfg = load_policy_config(str(args.policy_config)) if args.policy_config else PolicyConfig()
     uplink = from_spec(args.trace)
     downlink = from_spec(args.downlink) if args.downlink else None
@@ -70,7 +73,8 @@ def _run(args: argparse.Namespace) -> int:
     names = tuple(n.strip() for n in args.policies.split(",") if n.strip())
     if "oracle" not in names:         # the reference of the ratio columns and regret.png
         names += ("oracle",)
-    results = run_policies(table, uplink, names, policy_cfg, sim_cfg, downlink)
+    results = run_policies(table, uplink, names, policy_cfg, sim_cfg, downlink, manifest=manifest,
+                           profile=profile if args.calibrate else None)
     rows = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_requests_csv(results, args.out / "requests.csv")
@@ -86,11 +90,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load_table(args: argparse.Namespace):  # noqa: ANN202 - CostTable, imported lazily
-    """The cost table of --bundle or --cost-table, edge times scaled by --edge-scale."""
+    """(device table: edge times x --edge-scale, profiled table, the bundle's manifest or None)."""
     from tether.core.bundle import Manifest
     from tether.core.types import CostTable
     from tether.policies import scale_edge
 
+    manifest = None
     if args.bundle is not None:
         manifest = Manifest.load(args.bundle)
         if not manifest.cost_table:
@@ -103,4 +108,5 @@ def _load_table(args: argparse.Namespace):  # noqa: ANN202 - CostTable, imported
         print("warning: this cost table was profiled on a busy machine (meta.busy in costs.json: "
               "the timings spread widely); the simulation inherits its noise. Re-run "
               "`tether profile DIR` on an idle machine.", file=sys.stderr)
-    return scale_edge(table, args.edge_scale) if args.edge_scale != 1.0 else table
+    device = scale_edge(table, args.edge_scale) if args.edge_scale != 1.0 else table
+    return device, table, manifest

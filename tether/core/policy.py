@@ -43,6 +43,8 @@ class Observation:
     total_seconds: float = 0.0
     ok: bool = True                     # False: timeout, busy, error, disconnected
     exited: bool = False                # answered by an early exit
+    edge_seconds: float | None = None   # measured edge compute (head/exit + encode, or local)
+    cloud_seconds: float | None = None  # cloud-reported decode + tail (compute, not queue)
 
 
 @runtime_checkable

@@ -302,7 +302,8 @@ class EdgeAgent:
             now=time.monotonic(), action=action, bytes_sent=record.bytes_sent,
             bytes_received=record.bytes_received, network_seconds=record.network_seconds,
             cloud_queue_seconds=record.cloud_queue_seconds, total_seconds=record.total_seconds,
-            ok=record.outcome != "fallback", exited=record.outcome == "exit"))
+            ok=record.outcome != "fallback", exited=record.outcome == "exit",
+            **_calibration(record)))
 
     def _observe_rtt(self, rtt: float) -> None:
         if self.metrics is not None:
@@ -310,3 +311,10 @@ class EdgeAgent:
         self.policy.observe(Observation(now=time.monotonic(), rtt_seconds=rtt))
 
 
+def _calibration(record: RequestRecord) -> dict[str, float | None]:
+    """The measured compute of one request, for the policy's online calibration."""
+    if record.outcome == "fallback":   # the local answer is not this action's cost
+        return {"edge_seconds": None, "cloud_seconds": None}
+    edge = record.head_seconds + record.encode_seconds + record.local_seconds
+    cloud = record.cloud_decode_seconds + record.tail_seconds if record.outcome == "cloud" else None
+    return {"edge_seconds": edge, "cloud_seconds": cloud}

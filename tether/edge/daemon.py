@@ -79,7 +79,7 @@ def build_policy(config: EdgeConfig, compute: EdgeCompute) -> Policy:
     if compute.costs is None:
         raise ConfigError(f"policy {policy_config.name!r} needs the bundle's cost table "
                           f"(costs.json) in {compute.bundle_dir}; re-run `tether partition`")
-    return build_named(policy_config, compute.costs)
+    return build_named(policy_config, compute.costs, manifest=compute.manifest)
 
 
 def build_link(config: EdgeConfig, compute: EdgeCompute, edge_id: str) -> ZmqCloudLink | None:

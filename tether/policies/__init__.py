@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+from tether.core.bundle import Manifest
 from tether.core.config import load_config, with_overrides
 from tether.core.errors import ConfigError
 from tether.core.policy import Policy
 from tether.core.types import CostTable
-from tether.policies.adaptive import TetherAdaptive
+from tether.policies.adaptive import CausalReference, TetherAdaptive
 from tether.policies.bandit import LinUcbPolicy
 from tether.policies.baselines import (HindsightOracle, LocalOnly, Neurosurgeon, StaticPolicy,
                                        cloud_only, static_at_prior)
+from tether.policies.actions import action_space, check_accuracies
 from tether.policies.config import PolicyConfig
 from tether.policies.costmodel import ActionCost, CostModel, scale_edge
 
@@ -28,23 +30,33 @@ POLICIES: dict[str, Callable[[CostModel, PolicyConfig], Policy]] = {
     "static": static_at_prior,
     "neurosurgeon": Neurosurgeon,
     "adaptive": TetherAdaptive,
+    "causal": CausalReference,
     "bandit": LinUcbPolicy,
     "oracle": HindsightOracle,
 }
 
 
-def build_cost_model(config: PolicyConfig, cost_table: CostTable) -> CostModel:
-    return CostModel(cost_table, overhead_bytes=config.overhead_bytes,
-                     result_bytes=config.result_bytes, actions=config.actions)
+def build_cost_model(config: PolicyConfig, cost_table: CostTable,
+                     manifest: Manifest | None = None) -> CostModel:
+    """The action space of a bundle (``manifest``: only what its edge can run), priced.
+
+    Raises :class:`~tether.core.errors.BundleError` naming the fix when an accuracy floor is
+    in force and an action's accuracy (or the full model's) was never measured.
+    """
+    model = CostModel(cost_table, overhead_bytes=config.overhead_bytes,
+                      result_bytes=config.result_bytes, actions=config.actions, manifest=manifest)
+    if config.accuracy_floor is not None or config.max_accuracy_drop is not None:
+        check_accuracies(model.costs, cost_table)
+    return model
 
 
 def build_policy(config: PolicyConfig, cost_table: CostTable,
-                 model: CostModel | None = None) -> Policy:
+                 model: CostModel | None = None, manifest: Manifest | None = None) -> Policy:
     """The policy ``config.name`` over ``cost_table`` (pass ``model`` to share one cost model)."""
     factory = POLICIES.get(config.name)
     if factory is None:
         raise ConfigError(f"unknown policy {config.name!r}; valid: {sorted(POLICIES)}")
-    return factory(model or build_cost_model(config, cost_table), config)
+    return factory(model or build_cost_model(config, cost_table, manifest), config)
 
 
 def load_policy_config(path: str, **overrides: object) -> PolicyConfig:
@@ -52,6 +64,6 @@ def load_policy_config(path: str, **overrides: object) -> PolicyConfig:
     return with_overrides(load_config(PolicyConfig, path, table="policy"), **overrides)
 
 
-__all__ = ["POLICIES", "ActionCost", "CostModel", "HindsightOracle", "LinUcbPolicy", "LocalOnly",
+__all__ = ["POLICIES", "ActionCost", "action_space", "check_accuracies", "CostModel", "HindsightOracle", "LinUcbPolicy", "LocalOnly",
            "Neurosurgeon", "PolicyConfig", "StaticPolicy", "TetherAdaptive", "build_cost_model",
            "build_policy", "load_policy_config", "scale_edge"]

@@ -14,6 +14,7 @@ import numpy as np
 from tether.core.errors import ConfigError
 from tether.core.policy import DecisionContext, Observation
 from tether.core.types import LOCAL, Action
+from tether.policies.calibration import Calibrator
 from tether.policies.config import PolicyConfig
 from tether.policies.costmodel import CostModel
 from tether.policies.estimators import BandwidthEstimator, RttEstimator
@@ -87,12 +88,28 @@ class EstimatingPolicy:
         self._inflight: deque[tuple[str, float, float]] = deque(maxlen=256)
         self._last_probe = -np.inf
         self._last_reply = -np.inf
+        self.calibration = (Calibrator(model, cfg.calibration_alpha,
+                                       cfg.calibration_halflife_seconds) if cfg.calibrate else None)
+
+    def factors(self, now: float) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """Calibrated (edge, cloud) compute factors per action (1.0 without calibration)."""
+        if self.calibration is None:
+            return 1.0, 1.0
+        return self.calibration.edge_factors(now), self.calibration.cloud_factors(now)
+
+    def predict(self, ctx: DecisionContext, up_bps: float | np.ndarray) -> np.ndarray:
+        """Predicted latency of every action (calibrated compute, current RTT and queue)."""
+        edge, cloud = self.factors(ctx.now)
+        return self.model.latencies(up_bps, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds,
+                                    edge=edge, cloud=cloud)
 
     def observe(self, obs: Observation) -> None:
         if obs.rtt_seconds is not None:
             self.rtt.update(obs.now, obs.rtt_seconds)
         if obs.action is None:
             return
+        if self.calibration is not None:
+            self.calibration.observe(obs)
         self._settle(obs.action.key)
         if obs.bytes_sent <= 0:
             return
@@ -135,14 +152,18 @@ class EstimatingPolicy:
             return nbytes * 8.0 / waited
         return est
 
-    def probe(self, ctx: DecisionContext, local_latency: float) -> int | None:
+    def probe(self, ctx: DecisionContext, local_latency: float,
+              extra: np.ndarray | float = 0.0) -> int | None:
         """A remote action worth one request to re-measure the link, or None.
 
         Answering locally yields no throughput samples, so without probes a policy that
         once saw a bad link (or starts with a pessimistic prior) would never offload again.
         At most one probe per ``probe_interval_seconds`` of silence, and only when the
         remote action would win at the best bandwidth seen in ``peak_memory_seconds``
-        (any bandwidth, before the first sample).
+        (any bandwidth, before the first sample). The probe itself is the remote action
+        cheapest at the *current* estimate (bounded cost), never one whose predicted latency
+        there breaks the request's deadline. ``extra``: what the caller added to
+        ``local_latency``'s side (queue waits), added here alike.
         """
         interval = self.cfg.probe_interval_seconds
         last = max(self.bw.last_time if self.bw.last_time is not None else -np.inf, self._last_probe)
@@ -150,17 +171,23 @@ class EstimatingPolicy:
             return None
         peak = self.bw.peak.value_at(ctx.now)
         optimistic = peak if peak is not None else np.inf
-        lat = self.model.latencies(optimistic, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds)
-        lat = np.where(self.mask & ~self.model.is_local, lat, np.inf)
-        choice = int(np.argmin(lat))
-        if not lat[choice] < local_latency * (1 - self.cfg.hysteresis):
+        ok = self.mask & ~self.model.is_local
+        best_case = np.where(ok, self.predict(ctx, optimistic) + extra, np.inf)
+        if not best_case.min() < local_latency * (1 - self.cfg.hysteresis):
+            return None
+        now_lat = self.predict(ctx, self.bandwidth(ctx.now)) + extra
+        deadline = min((d for d in (ctx.deadline_seconds, self.cfg.deadline_seconds) if d), default=None)
+        if deadline is not None:
+            ok &= now_lat <= deadline
+        now_lat = np.where(ok, now_lat, np.inf)
+        choice = int(np.argmin(now_lat))
+        if not np.isfinite(now_lat[choice]):
             return None
         self._last_probe = ctx.now
         return choice
 
     def argmin(self, ctx: DecisionContext, up_bps: float) -> tuple[int, np.ndarray]:
-        lat = self.model.latencies(up_bps, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds)
-        lat = np.where(self.mask, lat, np.inf)
+        lat = np.where(self.mask, self.predict(ctx, up_bps), np.inf)
         return int(np.argmin(lat)), lat
 
 

@@ -34,12 +34,15 @@ class PolicyConfig:
     stale_halflife_seconds: float = 2.0
     probe_interval_seconds: float = 10.0   # adaptive: re-measure a link it stopped using (0: never)
     peak_memory_seconds: float = 60.0      # how long the best sample seen argues for a probe
-    edge_load_weight: float = 0.0          # adaptive: weight of the queueing its edge compute causes
+    edge_load_weight: float = 0.35         # adaptive: weight of the queueing its edge compute causes
     hysteresis: float = 0.05                # switch only for a predicted gain above this fraction
     overhead_bytes: int = 256               # protocol header bytes per message
     result_bytes: int = 64                  # reply payload (logits) bytes
     static_action: str | None = None        # "static" policy: this action key, or best at prior
     actions: tuple[str, ...] = ()           # allowed action keys ("" = all in the cost table)
+    calibrate: bool = True                  # correct profiled compute online from measurements
+    calibration_alpha: float = 0.2          # EWMA weight of each log(measured/profiled) sample
+    calibration_halflife_seconds: float = 120.0  # an action's own factor decays to the shared one
     bandit_alpha: float = 0.1
     bandit_ridge: float = 1.0
     seed: int = 0
@@ -59,6 +62,9 @@ class PolicyConfig:
                     "stale_after_seconds", "stale_halflife_seconds"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"policy.{key} must be > 0")
+        if not 0.0 < self.calibration_alpha <= 1.0 or not self.calibration_halflife_seconds > 0:
+            raise ConfigError("policy.calibration_alpha must be in (0, 1] and "
+                              "calibration_halflife_seconds > 0")
         if self.edge_load_weight < 0:
             raise ConfigError("policy.edge_load_weight must be >= 0 (0 disables it)")
         if self.probe_interval_seconds < 0 or self.peak_memory_seconds <= 0:

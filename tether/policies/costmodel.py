@@ -12,44 +12,33 @@ SPLIT/OFFLOAD). Every action is a row of numpy arrays, so one call prices them a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
+from tether.core.bundle import Manifest
 from tether.core.errors import ConfigError
-from tether.core.types import LOCAL, Action, ActionKind, CodecCost, CostTable
+from tether.core.types import LOCAL, Action, ActionKind, CostTable
+from tether.policies.actions import INPUT, ActionCost, action_space
 
-INPUT = "input"
-
-
-@dataclass(frozen=True)
-class ActionCost:
-    """The cost components of one action (seconds, bytes, probabilities, top-1 in [0, 1])."""
-
-    action: Action
-    pre_seconds: float
-    encode_seconds: float
-    up_bytes: float
-    cloud_seconds: float
-    down_bytes: float
-    exit_rate: float
-    accuracy: float | None          # expected accuracy of the action
-    remote_accuracy: float | None   # accuracy of requests that go remote
-
-    @property
-    def remote(self) -> bool:
-        return self.exit_rate < 1.0
+__all__ = ["INPUT", "ActionCost", "CostModel", "enumerate_costs", "prune_dominated", "scale_edge"]
 
 
 class CostModel:
-    """Prices every action of a cost table; ``actions`` restricts the set (keys)."""
+    """Prices every action of a bundle's action space; ``actions`` restricts the set (keys).
+
+    ``manifest`` limits the space to what the edge can run (exported heads, the bundle's
+    codecs and exits); without it every action of the cost table counts.
+    """
 
     def __init__(self, table: CostTable, overhead_bytes: int = 256, result_bytes: int = 64,
-                 actions: tuple[str, ...] | list[str] = (), prune: bool = True) -> None:
+                 actions: tuple[str, ...] | list[str] = (), prune: bool = True,
+                 manifest: Manifest | None = None) -> None:
         self.table = table
+        self.manifest = manifest
         self.overhead_bytes = overhead_bytes
         self.result_bytes = result_bytes
-        costs = enumerate_costs(table, overhead_bytes, result_bytes)
+        costs = action_space(table, manifest, overhead_bytes, result_bytes)
         self._all = {c.action.key: c for c in costs}
         if actions:
             wanted = set(actions)
@@ -75,10 +64,15 @@ class CostModel:
         self.accuracy = np.array([x.accuracy if x.accuracy is not None else
                                   (full if full is not None else np.nan) for x in c])
         self.is_local = np.array([not x.remote for x in c])
+        self.is_exit = np.array([x.action.kind is ActionKind.EXIT for x in c])
 
     def lower_bounds(self, rtt: float, queue: float = 0.0) -> np.ndarray:
         """Latency of every action on an infinitely fast link: no realisation can beat it."""
         return self.pre + self.remote_frac * (self.encode + rtt + queue + self.cloud)
+
+    def edge_compute(self) -> np.ndarray:
+        """Expected edge compute per action (head/exit, plus encode when it goes remote)."""
+        return self.pre + self.remote_frac * self.encode
 
     @property
     def local_seconds(self) -> float:
@@ -102,14 +96,19 @@ class CostModel:
                 return e.accuracy
         return None
 
-    def latencies(self, up_bps: float, rtt: float, queue: float = 0.0,
-                  down_bps: float | None = None) -> np.ndarray:
-        """Predicted latency (s) of every action at the given link state."""
-        up_bps = max(up_bps, 1.0)
-        down_bps = max(down_bps if down_bps is not None else up_bps, 1.0)
-        remote = (self.encode + self.up * 8.0 / up_bps + rtt + queue + self.cloud
+    def latencies(self, up_bps: float | np.ndarray, rtt: float, queue: float = 0.0,
+                  down_bps: float | None = None, edge: np.ndarray | float = 1.0,
+                  cloud: np.ndarray | float = 1.0) -> np.ndarray:
+        """Predicted latency (s) of every action at the given link state.
+
+        ``edge`` / ``cloud``: per-action factors on the profiled edge and cloud compute
+        (online calibration, :class:`tether.policies.calibration.Calibrator`).
+        """
+        up_bps = np.maximum(up_bps, 1.0)
+        down_bps = np.maximum(down_bps if down_bps is not None else up_bps, 1.0)
+        remote = (self.encode * edge + self.up * 8.0 / up_bps + rtt + queue + self.cloud * cloud
                   + self.down * 8.0 / down_bps)
-        return self.pre + self.remote_frac * remote
+        return self.pre * edge + self.remote_frac * remote
 
     def allowed(self, floor: float | None) -> np.ndarray:
         """Mask of actions whose expected accuracy meets ``floor`` (all if unknown)."""
@@ -133,43 +132,8 @@ class CostModel:
 
 
 def enumerate_costs(table: CostTable, overhead: int = 256, result: int = 64) -> list[ActionCost]:
-    """Every action the table supports: local, split x codec, offload x input codec, exits."""
-    full_acc = table.full_accuracy
-    down = float(result + overhead)
-    out = [ActionCost(LOCAL, table.edge_full_seconds, 0.0, 0.0, 0.0, 0.0, 1.0, full_acc, None)]
-    raw_input = CodecCost(INPUT, "fp32", table.input.nbytes, 0.0, 0.0, full_acc)
-    for codec in _codecs_at(table, INPUT, raw_input):
-        out.append(ActionCost(Action(ActionKind.OFFLOAD, None, codec.codec), 0.0,
-                              codec.encode_seconds, codec.bytes + overhead + codec.header_bytes,
-                              codec.decode_seconds + table.cloud_full_seconds, down, 0.0,
-                              _acc(codec, full_acc), _acc(codec, full_acc)))
-    exits = {e.split: e for e in table.exits}
-    for split in table.splits:
-        raw = CodecCost(split.name, "fp32", split.bytes, 0.0, 0.0, full_acc)
-        for codec in _codecs_at(table, split.name, raw):
-            up = codec.bytes + overhead + codec.header_bytes
-            cloud = codec.decode_seconds + split.tail_seconds
-            acc = _acc(codec, full_acc)
-            out.append(ActionCost(Action(ActionKind.SPLIT, split.name, codec.codec),
-                                  split.head_seconds, codec.encode_seconds, up, cloud, down,
-                                  0.0, acc, acc))
-            ex = exits.get(split.name)
-            if ex is not None:
-                p = min(max(ex.exit_rate, 0.0), 1.0)
-                e_acc = None if acc is None or ex.accuracy is None else p * ex.accuracy + (1 - p) * acc
-                out.append(ActionCost(Action(ActionKind.EXIT, split.name, codec.codec),
-                                      split.head_seconds + ex.exit_seconds, codec.encode_seconds,
-                                      up, cloud, down, p, e_acc, acc))
-    return out
-
-
-def _codecs_at(table: CostTable, split: str, raw: CodecCost) -> list[CodecCost]:
-    found = [c for c in table.codecs if c.split == split]
-    return found if any(c.codec == "fp32" for c in found) else [raw] + found
-
-
-def _acc(codec: CodecCost, full: float | None) -> float | None:
-    return codec.accuracy if codec.accuracy is not None else full
+    """Every action of a bare cost table (see :func:`tether.policies.actions.action_space`)."""
+    return action_space(table, None, overhead, result)
 
 
 def prune_dominated(costs: list[ActionCost]) -> list[ActionCost]:
@@ -178,9 +142,10 @@ def prune_dominated(costs: list[ActionCost]) -> list[ActionCost]:
     LOCAL is always kept (it is the fallback everybody needs).
     """
     def vec(c: ActionCost) -> tuple[float, ...]:
+        # edge and cloud terms apart: a uniformly slower (calibrated) edge keeps the order
         f = 1.0 - c.exit_rate
         acc = -(c.accuracy if c.accuracy is not None else 1.0)
-        return (c.pre_seconds, f * (c.encode_seconds + c.cloud_seconds), f * c.up_bytes,
+        return (c.pre_seconds, f * c.encode_seconds, f * c.cloud_seconds, f * c.up_bytes,
                 f * c.down_bytes, f, acc)
 
     vecs = [vec(c) for c in costs]

@@ -137,8 +137,10 @@ class Simulator:
     """Replays one trace and one arrival process through any number of policies."""
 
     def __init__(self, model: CostModel, uplink: Trace, config: SimConfig | None = None,
-                 downlink: Trace | None = None) -> None:
-        self.model = model
+                 downlink: Trace | None = None, truth: CostModel | None = None) -> None:
+        # ``truth``: the device as it really is (e.g. a throttled edge), when the policies'
+        # ``model`` is a profile taken elsewhere; the physics and the oracle use it
+        self.model = truth or model
         self.uplink = uplink
         self.downlink = downlink or uplink
         self.cfg = config or SimConfig()
@@ -225,7 +227,8 @@ class Simulator:
             done = self._cpu.serve(t, cost.pre_seconds)
             kind = "local" if action == LOCAL else "exit"
             self._finish(rec, done, kind, cost.accuracy if action == LOCAL else None, cost)
-            obs = Observation(now=done, action=action, total_seconds=rec.latency, exited=kind == "exit")
+            obs = Observation(now=done, action=action, total_seconds=rec.latency, exited=kind == "exit",
+                              edge_seconds=cost.pre_seconds)
             self._push(done, "observe", obs)
         else:
             self._push(self._cpu.serve(t, cost.pre_seconds + cost.encode_seconds), "send", (rec, cost))
@@ -253,7 +256,8 @@ class Simulator:
         self._policy.observe(Observation(
             now=t, action=Action.parse(rec.action), bytes_sent=int(cost.up_bytes),
             bytes_received=int(cost.down_bytes), network_seconds=t - rec.send_time - compute,
-            cloud_queue_seconds=self.cfg.cloud_queue_seconds, total_seconds=rec.latency))
+            cloud_queue_seconds=self.cfg.cloud_queue_seconds, total_seconds=rec.latency,
+            edge_seconds=cost.pre_seconds + cost.encode_seconds, cloud_seconds=cost.cloud_seconds))
 
     def _on_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data

@@ -6,7 +6,11 @@
   the simulator's predictions.
 * The **predicted** latency of each request is :func:`tether.policies.simulator.replay` of
   the actions the edge actually took, at the same trace times; the **oracle** latency is
-  the simulator's :class:`~tether.policies.HindsightOracle` on the same arrivals and trace.
+  the planned hindsight oracle (:mod:`tether.policies.oracle`: the whole sequence, with the
+  edge's and the link's queues) on the same arrivals and trace, over the bundle's action
+  space. Latency and deadline misses are the application's view everywhere
+  (:func:`app_latency`, :func:`deadline_miss`); ``sim_error.csv`` gives the simulator's
+  error per action.
   Both price edge compute from the bundle's cost table scaled by the slowdown measured on
   the (throttled) edge in this run (``edge_scale`` in meta.json).
 """
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 COLUMNS = (
     "policy", "edge", "request", "trace_time", "image", "label", "answered", "action", "outcome",
     "fallback", "error", "bytes_sent", "bytes_received", "head_s", "encode_s", "network_s",
-    "queue_s", "decode_s", "tail_s", "local_s", "total_s", "client_s", "deadline_miss",
+    "queue_s", "decode_s", "tail_s", "local_s", "total_s", "client_s", "latency_s", "deadline_miss",
     "prediction", "correct", "predicted_s", "predicted_error_s", "oracle_s", "oracle_action",
 )
 _RECORD = {"head_s": "head_seconds", "encode_s": "encode_seconds",
@@ -54,11 +58,25 @@ def flatten(row: dict[str, Any], deadline_s: float) -> dict[str, Any]:
         out[col] = record.get(key, "")
     out["client_s"] = row.get("client_seconds", "")
     answered = bool(row.get("answered"))
-    out["deadline_miss"] = not answered or float(out["total_s"] or 0.0) > deadline_s
+    out["latency_s"] = app_latency(out["client_s"], out["total_s"]) if answered else ""
+    out["deadline_miss"] = deadline_miss(answered, out["latency_s"] or None, deadline_s)
     out["prediction"] = row.get("prediction", "")
     label = int(row.get("label", -1))
     out["correct"] = (row.get("prediction") == label) if label >= 0 and row.get("answered") else ""
     return out
+
+
+def app_latency(client_s: Any, edge_total_s: Any) -> float:
+    """The one latency: what the application saw (client round trip), else the edge's total."""
+    for value in (client_s, edge_total_s):
+        if value not in ("", None):
+            return float(value)
+    return math.nan
+
+
+def deadline_miss(answered: bool, latency_s: float | None, deadline_s: float) -> bool:
+    """The one deadline miss: no answer, or an answer later than the deadline (app view)."""
+    return not answered or latency_s is None or float(latency_s) > deadline_s
 
 
 def compute_scales(rows: list[dict[str, Any]], table: CostTable) -> tuple[float, float]:
@@ -107,16 +125,22 @@ def _parse(key: str) -> Action | None:
 
 def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
                     table: CostTable) -> dict[str, Any]:
-    """Fill ``predicted_s`` and ``oracle_s`` per request (per policy and edge)."""
-    from tether.policies import CostModel, HindsightOracle
+    """Fill ``predicted_s`` and ``oracle_s`` per request (per policy and edge).
+
+    Both use the bundle's action space (what this edge can run), priced at this run's
+    measured edge/cloud slowdown; the oracle plans each edge's whole request sequence.
+    """
+    from tether.policies import CostModel
+    from tether.policies.evaluate import planned_oracle
     from tether.policies.simulator import SimConfig, Simulator, replay
 
     edge, cloud = compute_scales(rows, table)
-    model = CostModel(scaled_table(table, edge, cloud), prune=False)
+    model = CostModel(scaled_table(table, edge, cloud), prune=False, manifest=exp.manifest)
     sc = exp.scenario
     base = SimConfig(rtt_seconds=2 * sc.link.delay_ms / 1000.0, deadline_seconds=sc.deadline_s,
                      ping_interval_seconds=0.5)
-    notes: dict[str, Any] = {"edge_scale": edge, "cloud_scale": cloud, "unpriced": 0}
+    notes: dict[str, Any] = {"edge_scale": edge, "cloud_scale": cloud, "unpriced": 0,
+                             "oracle_exact": True}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["policy"], int(r["edge"])), []).append(r)
@@ -132,11 +156,12 @@ def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
                                          cfg, exp.down)):
             r["predicted_s"] = out.latency
             if r["answered"] is True:
-                r["predicted_error_s"] = out.latency - float(r["total_s"])
+                r["predicted_error_s"] = out.latency - float(r["latency_s"])
         oracle_cfg = dataclasses.replace(base, n_requests=len(times), trace_offset_seconds=0.0)
         sim = Simulator(model, exp.up, oracle_cfg, exp.down)
         sim.arrival_times = times
-        result = sim.run(HindsightOracle(model, _policy_config(sc.policies)), "oracle")
+        result = planned_oracle(sim, model, _policy_config(sc.policies), beam=64)
+        notes["oracle_exact"] &= bool(result.meta.get("exact"))
         for r, out in zip(priced, result.requests):
             r["oracle_s"], r["oracle_action"] = out.latency, out.action
     return notes
@@ -167,7 +192,7 @@ def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict]:
     for label in labels:
         rs = [r for r in rows if r["policy"] == label]
         answered = [r for r in rs if r["answered"] is True]
-        lat = np.array([float(r["total_s"]) for r in answered]) if answered else np.array([])
+        lat = np.array([float(r["latency_s"]) for r in answered]) if answered else np.array([])
         labelled = [r for r in answered if r["correct"] != ""]
         oracle = [r for r in answered if r.get("oracle_s", "") != ""]
         pred = [r for r in answered if r.get("predicted_error_s", "") != ""]
@@ -180,11 +205,12 @@ def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict]:
             "deadline_misses": sum(bool(r["deadline_miss"]) for r in rs),
             "fallbacks": sum(r["outcome"] == "fallback" for r in rs),
             "offloaded": sum(r["outcome"] in ("cloud", "fallback") for r in rs),
-            "client_mean_s": _stat(np.array([float(r["client_s"]) for r in answered]), np.mean),
+            "edge_mean_s": _stat(np.array([float(r["total_s"]) for r in answered
+                                           if r["total_s"] not in ("", None)]), np.mean),
             "mean_bytes_sent": _stat(np.array([float(r["bytes_sent"] or 0) for r in answered]),
                                      np.mean),
             "oracle_mean_s": _stat(np.array([float(r["oracle_s"]) for r in oracle]), np.mean),
-            "regret_s": _stat(np.array([float(r["total_s"]) - float(r["oracle_s"])
+            "regret_s": _stat(np.array([float(r["latency_s"]) - float(r["oracle_s"])
                                         for r in oracle]), np.mean),
             "predicted_mean_s": _stat(np.array([float(r["predicted_s"]) for r in pred]), np.mean),
             "predicted_mae_s": _stat(np.array([abs(float(r["predicted_error_s"]))
@@ -192,6 +218,32 @@ def summarize(rows: list[dict[str, Any]], labels: list[str]) -> list[dict]:
         }
         out.append(row)
     return out
+
+
+SIM_ERROR_COLUMNS = ("policy", "action", "requests", "mean_error_s", "mae_s", "p95_abs_error_s")
+
+
+def sim_error_by_action(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The simulator's error (predicted - measured latency) per policy and action."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("predicted_error_s", "") not in ("", None):
+            groups.setdefault((r["policy"], r["action"]), []).append(float(r["predicted_error_s"]))
+    out = []
+    for (policy, action), errs in sorted(groups.items()):
+        e = np.array(errs)
+        out.append({"policy": policy, "action": action, "requests": int(e.size),
+                    "mean_error_s": float(e.mean()), "mae_s": float(np.abs(e).mean()),
+                    "p95_abs_error_s": float(np.percentile(np.abs(e), 95))})
+    return out
+
+
+def sim_error_table(errors: list[dict[str, Any]]) -> str:
+    lines = ["| policy | action | requests | sim error mean ms | MAE ms | p95 abs ms |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {e['policy']} | {e['action']} | {e['requests']} | {_ms(e['mean_error_s'])} | "
+              f"{_ms(e['mae_s'])} | {_ms(e['p95_abs_error_s'])} |" for e in errors]
+    return "\n".join(lines)
 
 
 def _stat(values: np.ndarray, fn: Any) -> float:
@@ -217,7 +269,7 @@ def _fmt(value: Any) -> Any:
 
 
 SUMMARY_COLUMNS = ("policy", "requests", "answered", "mean_s", "p50_s", "p95_s", "p99_s",
-                   "accuracy", "deadline_misses", "fallbacks", "offloaded", "client_mean_s",
+                   "accuracy", "deadline_misses", "fallbacks", "offloaded", "edge_mean_s",
                    "mean_bytes_sent",
                    "oracle_mean_s", "regret_s", "predicted_mean_s", "predicted_mae_s")
 
@@ -256,7 +308,11 @@ def write_results(exp: "Experiment", raw_rows: list[dict[str, Any]]) -> list[dic
     summary = summarize(rows, sc.policy_labels)
     write_csv(exp.out / "summary.csv", summary, SUMMARY_COLUMNS)
     text = summary_table(summary)
-    (exp.out / "summary.md").write_text(text + "\n")
+    errors = sim_error_by_action(rows)
+    write_csv(exp.out / "sim_error.csv", errors, SIM_ERROR_COLUMNS)
+    (exp.out / "summary.md").write_text(text + "\n\nSimulator error per action (predicted - "
+                                        "measured, application latency):\n\n"
+                                        + sim_error_table(errors) + "\n")
     plots = write_plots(exp, rows)
     meta = {"scenario": _jsonable(dataclasses.asdict(sc)), "platform": exp.info.to_dict(),
             "backend": sc.link.backend, "kernel": exp.info.kernel,

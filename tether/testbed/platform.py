@@ -10,6 +10,7 @@ thread) and says so in :attr:`CpuThrottle.mode`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform as _platform
 import shutil
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: weaker CPU) instead of running at full speed and then stalling for most of 100 ms.
 CFS_PERIOD_US = 10_000
 #: Environment that limits a process's math libraries to one thread (the fallback).
+#: The kernel's limits on ``cpu.cfs_quota_us`` (min 1 ms) and ``cpu.cfs_period_us`` (max 1 s).
+MIN_QUOTA_US, MAX_PERIOD_US = 1000, 1_000_000
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -115,6 +118,23 @@ def probe(network: bool = True) -> PlatformInfo:
                         cgroup_cpu_path=path, notes=tuple(notes))
 
 
+def quota_period(cores: float) -> tuple[int, int]:
+    """CFS ``(quota_us, period_us)`` enforcing exactly ``cores`` (to 1 us).
+
+    The kernel refuses quotas under 1 ms and periods over 1 s, so a small share lengthens
+    the period (0.05 core: 1 ms every 20 ms) instead of silently raising the quota; below
+    what a 1 s period can express it is an error, never a different quota than requested.
+    """
+    period = max(CFS_PERIOD_US, math.ceil(MIN_QUOTA_US / cores))
+    if period > MAX_PERIOD_US:
+        raise ConfigError(f"cpu quota {cores} cores is below what the kernel can enforce "
+                          f"({MIN_QUOTA_US / MAX_PERIOD_US} cores: 1 ms per 1 s period)")
+    quota = int(round(cores * period))
+    if abs(quota / period - cores) > 1e-3 * cores:
+        raise ConfigError(f"cpu quota {cores} cores cannot be expressed as a CFS quota/period")
+    return quota, period
+
+
 class CpuThrottle:
     """A CPU quota (in cores, e.g. 0.5) and optional pinning for a group of processes."""
 
@@ -122,10 +142,13 @@ class CpuThrottle:
                  info: PlatformInfo | None = None) -> None:
         if cores is not None and cores <= 0:
             raise ConfigError(f"cpu quota must be > 0 cores (or unset), got {cores}")
+        if cores is not None:
+            quota_period(cores)   # refuse what the kernel cannot enforce before anything starts
         self.cores, self.pin = cores, tuple(pin)
         self.info = info or probe(network=False)
         self.mode = "none"
         self.path: Path | None = None
+        self.applied_cores: float | None = None   # what the kernel enforces (cgroup modes)
         if cores is not None:
             self.mode = self._create(name, cores)
 
@@ -137,12 +160,13 @@ class CpuThrottle:
         path = Path(base) / f"tether-{name}-{os.getpid()}"
         try:
             path.mkdir(exist_ok=True)
-            quota = max(1000, int(round(cores * CFS_PERIOD_US)))
+            quota, period = quota_period(cores)
             if kind == "v1":
-                (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (path / "cpu.cfs_period_us").write_text(str(period))
                 (path / "cpu.cfs_quota_us").write_text(str(quota))
             else:
-                (path / "cpu.max").write_text(f"{quota} {CFS_PERIOD_US}")
+                (path / "cpu.max").write_text(f"{quota} {period}")
+            self.applied_cores = quota / period
         except OSError as exc:
             raise PlatformError(f"cannot set up cgroup {path}: {exc}; run without cpu_quota "
                                 "or as root") from exc
@@ -171,7 +195,8 @@ class CpuThrottle:
         return {k: int(v) for k, v in pairs}
 
     def describe(self) -> dict[str, Any]:
-        return {"cpu_quota_cores": self.cores, "cpu_pin": list(self.pin), "throttle": self.mode}
+        return {"cpu_quota_cores": self.cores, "cpu_quota_applied_cores": self.applied_cores,
+                "cpu_pin": list(self.pin), "throttle": self.mode}
 
     def close(self) -> None:
         """Remove the cgroup (its processes must have exited)."""

@@ -33,7 +33,7 @@ def latency_cdf(path: Path, rows: list[dict[str, Any]], labels: list[str],
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label in labels:
-        lat = np.sort([float(r["total_s"]) * 1000 for r in rows
+        lat = np.sort([float(r["latency_s"]) * 1000 for r in rows
                        if r["policy"] == label and r["answered"] is True])
         if lat.size:
             ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post", label=label)
@@ -119,7 +119,7 @@ def accuracy_latency(path: Path, rows: list[dict[str, Any]], labels: list[str]) 
         scored = [r for r in rs if r["correct"] != ""]
         if not scored:
             continue
-        lat = np.array([float(r["total_s"]) * 1000 for r in rs])
+        lat = np.array([float(r["latency_s"]) * 1000 for r in rs])
         acc = 100.0 * sum(r["correct"] is True for r in scored) / len(scored)
         ax.errorbar([lat.mean()], [acc], xerr=[[0], [np.percentile(lat, 95) - lat.mean()]],
                     fmt="o", capsize=3, label=label)

@@ -26,6 +26,7 @@ import zmq.asyncio
 from tether.core.bundle import Manifest
 from tether.core.errors import ConfigError, PeerUnavailableError
 from tether.core.traces import Trace, from_spec
+from tether.testbed.analysis import deadline_miss
 from tether.testbed.load import EdgeLoad, ImageSet, arrival_times, load_images
 from tether.testbed.platform import CpuThrottle, PlatformInfo, probe
 from tether.testbed.procs import (
@@ -358,7 +359,8 @@ async def _drive(exp: Experiment, label: str, endpoints: list[str],
 
     def count(row: dict[str, Any]) -> None:
         done["n"] += 1
-        done["late"] += row.get("client_seconds", 0.0) > sc.deadline_s
+        done["late"] += deadline_miss(bool(row.get("answered")), row.get("client_seconds"),
+                                      sc.deadline_s)
 
     grace = max(2.0, 4 * sc.deadline_s)
     try:
