@@ -12,8 +12,9 @@ API::
     twin = InProcessCloud([bundle], CloudConfig())            # same core, no sockets (tests)
 
 Layers: :mod:`.core` (admission, dynamic batching, decode + tail in compute threads; no
-sockets), :mod:`.server` (ZeroMQ ROUTER IO, CURVE, HTTP probes), :mod:`.twin`, :mod:`.bundles`,
-:mod:`.config`. The wire protocol is :mod:`tether.core.protocol`.
+sockets), :mod:`.admission` (the completion estimate behind BUSY "deadline"), :mod:`.server`
+(ZeroMQ ROUTER IO, CURVE, HTTP probes), :mod:`.curve` (key files, parsed at start), :mod:`.twin`,
+:mod:`.bundles`, :mod:`.config`. The wire protocol is :mod:`tether.core.protocol`.
 """
 
 from tether.cloud.bundles import INPUT, ServedBundle
