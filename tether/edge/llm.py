@@ -41,6 +41,7 @@ import torch
 from tether.core import protocol as P
 from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, SessionError, TetherError)
+from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
 from tether.partitioner.llm import EdgeLM, make_hidden_codec, split_name
 
 _UNREACHABLE = (PeerUnavailableError, DeadlineExceededError, BusyError)
@@ -210,6 +211,7 @@ class LLMEdge:
         self.split = split_name(part.k)
         self._down_until = 0.0
         self._lock = asyncio.Lock()
+        self.metrics: Any = None        # tether.core.metrics.LLMMetrics, set by the daemon
 
     @property
     def cloud_available(self) -> bool:
@@ -224,18 +226,26 @@ class LLMEdge:
         s = _Session(uuid.uuid4().hex[:16], self.part.new_cache(), list(ids))
         detok = _Detokenizer(self.tokenizer, ids[-1])
         step_ids = ids
+        started, ok = time.perf_counter(), False
+        if self.metrics is not None:
+            self.metrics.stream_started()
         try:
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 t0 = time.perf_counter()
                 h_last = await self._edge_step(s, step_ids)
                 token, source, sent, received, re = await self._next_token(s, h_last)
                 s.tokens.append(token)
                 step_ids = [token]
-                yield TokenEvent(token, detok.feed(token), source, time.perf_counter() - t0,
-                                 sent, received, re)
+                now = time.perf_counter()
+                if self.metrics is not None:
+                    self.metrics.observe_token(source, now - t0, now - started, i == 0)
+                yield TokenEvent(token, detok.feed(token), source, now - t0, sent, received, re)
                 if stop_at_eos and token == getattr(self.tokenizer, "eos_id", None):
                     break
+            ok = True
         finally:
+            if self.metrics is not None:
+                self.metrics.stream_finished(ok)
             await self._close_session(s)
 
     async def _compute(self, fn: Any, *args: Any) -> Any:
@@ -362,9 +372,8 @@ class _Detokenizer:
         return new
 
 
-#: Where a streamed token came from, as the uint8 code in the local endpoint's RESULTs.
-SOURCES = ("cloud", "exit", "local")
-TEXT_CODEC = "text"
+# SOURCES (where a streamed token came from) and TEXT_CODEC live with the light client;
+# LLMClient is re-exported here for existing imports.
 
 
 def is_generate_request(msg: Any) -> bool:
@@ -466,43 +475,3 @@ class LLMEdgeServer:
 
     async def _send(self, ident: Any, msg: Any) -> None:
         await self._sock.send_multipart([ident, *P.encode(msg)], copy=False)
-
-
-class LLMClient:
-    """Synchronous client of :class:`LLMEdgeServer`: ``for tok in client.generate(p): ...``."""
-
-    def __init__(self, endpoint: str, timeout: float = 10.0, context: Any = None) -> None:
-        import zmq
-        self.endpoint, self.timeout = endpoint, timeout
-        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
-        self._ids = itertools.count(1)
-
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Any:
-        """Yield ``(token, text, source)`` as the edge streams them."""
-        rid = next(self._ids)
-        self._sock.send_multipart(P.encode(P.Prefill(rid, "", "", "", TEXT_CODEC, 0, max_new_tokens,
-                                                     payload=(prompt.encode("utf-8"),))))
-        while True:
-            reply = self._receive(rid)
-            if isinstance(reply, P.Error):
-                raise reply.to_exception()
-            if not isinstance(reply, P.Result):
-                raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
-            if not reply.tensors:
-                return
-            token, text, source = (reply.tensor(i) for i in range(3))
-            yield int(token[0]), bytes(text.numpy()).decode("utf-8"), SOURCES[int(source[0])]
-
-    def _receive(self, rid: int) -> Any:
-        deadline = time.monotonic() + self.timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if self._sock.poll(int(left * 1000)):
-                msg = P.decode(self._sock.recv_multipart())
-                if msg.request_id == rid:
-                    return msg
-        raise DeadlineExceededError(f"no token from the edge {self.endpoint} in {self.timeout} s")
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
