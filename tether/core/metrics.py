@@ -179,10 +179,10 @@ class EdgeMetrics:
                                         "while the policy has none)", ("policy",),
                                         registry=registry)
         self.rtt_estimate = Gauge("tether_edge_policy_rtt_seconds",
-                                  "Round-trip estimate: the policy's, else (policy=\"heartbeat\")"
-                                  " the last heartbeat RTT", ("policy",), registry=registry)
+                                  "Round-trip estimate: the policy's (policy=NAME) and the last "
+                                  "heartbeat RTT (policy=\"heartbeat\")", ("policy",),
+                                  registry=registry)
         self.llm = LLMMetrics(registry)
-        self._last_rtt: float | None = None
 
     def observe(self, r: RequestRecord) -> None:
         """Record one finished request."""
@@ -204,17 +204,14 @@ class EdgeMetrics:
 
     def observe_rtt(self, seconds: float) -> None:
         self.rtt_seconds.observe(seconds)
-        self._last_rtt = seconds
+        self.rtt_estimate.labels("heartbeat").set(seconds)
 
     def observe_estimates(self, policy: str, bandwidth_bytes_per_second: float | None,
                           rtt_seconds: float | None) -> None:
-        """The policy's current estimates; without a policy RTT, the last heartbeat RTT.
-
-        None leaves a series absent (a fixed policy estimates no bandwidth)."""
+        """The policy's current estimates; None leaves a series absent (a fixed policy
+        estimates nothing)."""
         if bandwidth_bytes_per_second is not None:
             self.bandwidth_estimate.labels(policy).set(bandwidth_bytes_per_second)
-        if rtt_seconds is None and self._last_rtt is not None:
-            policy, rtt_seconds = "heartbeat", self._last_rtt
         if rtt_seconds is not None:
             self.rtt_estimate.labels(policy).set(rtt_seconds)
 
