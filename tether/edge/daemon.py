@@ -191,8 +191,9 @@ class EdgeDaemon:
         return Health(self._serving, ready, checks)
 
     async def stop(self) -> None:
+        self.server.draining = True       # both fronts refuse new work from here on
         if self._front is not None:
-            await self._front.begin_drain()
+            await self._front.wait_idle(self.config.drain_seconds)
         await self.server.stop(self.config.drain_seconds)
         if self._front is not None:
             await self._front.stop()

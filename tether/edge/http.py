@@ -105,6 +105,7 @@ class HttpFront:
         self.agent, self.llm, self.config = daemon.agent, daemon.llm, daemon.config
         self._slots = asyncio.Semaphore(self.config.max_inflight)
         self._waiting = 0
+        self.active = 0          # requests and streams in progress
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task | None = None
         self.app = Starlette(routes=[
@@ -137,8 +138,13 @@ class HttpFront:
             self._task.result()      # raises what uvicorn failed with
         return int(sock.getsockname()[1])
 
-    async def begin_drain(self) -> None:
-        """Nothing new is admitted once the daemon drains (503); running requests finish."""
+    async def wait_idle(self, seconds: float) -> None:
+        """Once the daemon drains nothing new is admitted (503); let running requests and
+        streams finish, for up to ``seconds``."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while self.active and loop.time() < end:
+            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
@@ -167,10 +173,12 @@ class HttpFront:
         except TetherError as exc:
             return error_response(exc)
         record = result.record.to_dict()
-        label = self.daemon.server._label(result.prediction)
+        labels = self.agent.compute.manifest.preprocess.get("labels")
+        label = labels[result.prediction] if isinstance(labels, list) and \
+            0 <= result.prediction < len(labels) else ""
         return JSONResponse({
             "model": self.agent.compute.manifest.model_id, "prediction": result.prediction,
-            "label": label or "", "logits": result.logits.reshape(-1).tolist(),
+            "label": str(label), "logits": result.logits.reshape(-1).tolist(),
             "action": record["action"], "outcome": record["outcome"],
             "fallback_reason": record["fallback_reason"],
             "timings": {k.removesuffix("_seconds"): v for k, v in record.items()
@@ -180,12 +188,14 @@ class HttpFront:
     async def _run_admitted(self, image: np.ndarray, deadline: float | None) -> Any:
         """At most ``max_inflight`` requests run; ``queue_size`` more may wait."""
         self._waiting += 1
+        self.active += 1
         waiting = True
         try:
             async with self._slots:
                 self._waiting, waiting = self._waiting - 1, False
                 return await self.agent.infer(image, deadline)
         finally:
+            self.active -= 1
             if waiting:
                 self._waiting -= 1
 
@@ -274,11 +284,12 @@ class HttpFront:
     async def _complete(self, req: CompletionRequest, shape: ResponseShape) -> "Response":
         text, count, sources, stopped = [], 0, {}, False
         try:
-            async for piece, source, stopped in self._tokens(req):
-                text.append(piece)
-                if source is not None:
-                    count += 1
-                    sources[source] = sources.get(source, 0) + 1
+            async with contextlib.aclosing(self._tokens(req)) as tokens:
+                async for piece, source, stopped in tokens:
+                    text.append(piece)
+                    if source is not None:
+                        count += 1
+                        sources[source] = sources.get(source, 0) + 1
         except TetherError as exc:
             return error_response(exc)
         finish = "stop" if stopped or count < req.max_tokens else "length"
@@ -287,10 +298,11 @@ class HttpFront:
     async def _stream(self, req: CompletionRequest, shape: ResponseShape) -> AsyncIterator[bytes]:
         count, stopped, first = 0, False, True
         try:
-            async for piece, source, stopped in self._tokens(req):
-                count += source is not None
-                yield sse(shape.chunk(piece, None, first, source))
-                first = False
+            async with contextlib.aclosing(self._tokens(req)) as tokens:
+                async for piece, source, stopped in tokens:
+                    count += source is not None
+                    yield sse(shape.chunk(piece, None, first, source))
+                    first = False
         except TetherError as exc:       # headers are gone: the error travels as an event
             yield sse(error_body(str(exc), exc.code, "server_error"))
             yield sse("[DONE]")
@@ -305,12 +317,17 @@ class HttpFront:
         """(text, source, stopped) per generated token, cut at the first stop string; a last
         (text, None, False) releases text held back as a possible stop prefix."""
         matcher = StopMatcher(req.stop)
-        async with self._slots:
-            async for ev in self.llm.generate(req.prompt, req.max_tokens):
-                piece = matcher.feed(ev.text)
-                yield piece, ev.source, matcher.stopped
-                if matcher.stopped:
-                    return
+        self.active += 1
+        try:
+            async with self._slots, \
+                    contextlib.aclosing(self.llm.generate(req.prompt, req.max_tokens)) as events:
+                async for ev in events:
+                    piece = matcher.feed(ev.text)
+                    yield piece, ev.source, matcher.stopped
+                    if matcher.stopped:
+                        return
+        finally:
+            self.active -= 1
         tail = matcher.flush()
         if tail:
             yield tail, None, False
