@@ -133,6 +133,8 @@ class EdgeDaemon:
             self._front = HttpFront(self)
             self.http_port = await self._front.start(self.config.http_host, self.config.http_port)
         self._serving = True
+        # read at scrape time: a gauge refreshed by the loop lags the link by up to 0.25 s
+        self.metrics.cloud_ready.set_function(lambda: 1.0 if self.agent.cloud_available else 0.0)
         self._gauges = asyncio.create_task(self._update_gauges())
         link = self.agent.link
         llm = (f" and LLM {self.config.llm_checkpoint} (layers [0, {self.llm.part.k}), "
@@ -212,7 +214,6 @@ class EdgeDaemon:
         counted = 1          # the first handshake is a connect, not a reconnect
         while True:
             link = self.agent.link
-            self.metrics.cloud_ready.set(1 if self.agent.cloud_available else 0)
             connects = getattr(link, "connects", 0)
             if connects > counted:
                 self.metrics.reconnects.inc(connects - counted)
