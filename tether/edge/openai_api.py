@@ -48,7 +48,10 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
     if n != 1:
         raise ConfigError(f"'n' must be 1 (greedy generation gives one answer), got {n!r}")
     default = DEFAULT_MAX_TOKENS if not chat else cap
-    limit = body.get("max_completion_tokens", body.get("max_tokens")) or default
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
+    limit = default if limit is None else limit
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ConfigError(f"'max_tokens' must be a positive integer, got {limit!r}")
     stop = body.get("stop") or ()
