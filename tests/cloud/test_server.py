@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
 import urllib.request
 
 import msgpack
@@ -135,7 +137,7 @@ def test_ping_pong_and_http_endpoints(server, ctx):
                  "tether_cloud_tail_seconds_bucket", "tether_cloud_received_bytes_total"):
         assert name in text
     assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
-    assert urllib.request.urlopen(base + "/readyz", timeout=5).read() == b"ready\n"
+    assert json.loads(urllib.request.urlopen(base + "/readyz", timeout=5).read())["ready"] is True
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(base + "/nope", timeout=5)
     assert err.value.code == 404

@@ -68,3 +68,38 @@ def test_tether_edge_with_a_bad_action_exits_with_one_line(bundle):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tether: error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr
     assert "nosuch" in errors[0] and "Traceback" not in proc.stderr
+class _StubLink:
+    """A cloud link that only counts handshakes (what the daemon's gauge loop reads)."""
+
+    endpoint = "tcp://127.0.0.1:9"
+    ready = True
+    connects = 0
+
+    def set_rtt_callback(self, callback):
+        self.callback = callback
+
+
+def test_reconnects_exclude_the_first_connect_and_policy_estimates_are_exported(bundle):
+    import asyncio
+
+    from tether.edge.daemon import EdgeDaemon
+
+    daemon = EdgeDaemon(EdgeConfig(bundle=bundle, policy={"name": "adaptive"}))
+    link = daemon.agent.link = _StubLink()
+    get = daemon.registry.get_sample_value
+
+    async def run_loop(connects):
+        link.connects = connects
+        task = asyncio.create_task(daemon._update_gauges())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run_loop(1))
+    assert get("tether_edge_reconnects_total") == 0          # the first handshake
+    asyncio.run(run_loop(3))      # a fresh loop counts from the first connect again
+    assert get("tether_edge_reconnects_total") == 2
+    name = daemon.agent.policy.name
+    assert get("tether_edge_policy_bandwidth_bytes_per_second", {"policy": name}) > 0
+    assert get("tether_edge_policy_rtt_seconds", {"policy": name}) > 0
+

@@ -32,6 +32,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
         self.metrics_url = ""
+        self.ready_line = ""
 
     def start(self, timeout: float = 90.0) -> "Daemon":
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -41,6 +42,7 @@ class Daemon:
         line = self._wait_line(timeout)
         match = READY.search(line)
         self.endpoint, self.metrics_url = match.group(2), match.group(3) or ""
+        self.ready_line = line
         return self
 
     def _wait_line(self, timeout: float) -> str:

@@ -50,6 +50,8 @@ class CloudServer:
         self.config = config
         self.metrics = metrics
         self.core = CloudCore(bundles, config, metrics, sessions)
+        if metrics is not None and sessions is not None and hasattr(sessions, "kv_bytes"):
+            metrics.track_llm(lambda: len(sessions.sessions), lambda: sessions.kv_bytes)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._sock: zmq.Socket | None = None

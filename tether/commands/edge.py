@@ -25,6 +25,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", metavar="ENDPOINT",
                    help="local endpoint for applications (default tcp://127.0.0.1:5560)")
     p.add_argument("--metrics-port", type=int, metavar="P", help="Prometheus /metrics port")
+    p.add_argument("--http-port", type=int, metavar="P",
+                   help="also serve HTTP on P (0: any free port): POST /v1/infer, OpenAI-style "
+                        "/v1/completions and /v1/chat/completions, probes (default off; needs "
+                        "pip install 'tether[http]')")
     p.add_argument("--action", metavar="KEY",
                    help="fixed action: split:SPLIT:CODEC, local, offload:CODEC, exit:SPLIT:CODEC "
                         "(default auto: the smallest exported split, fp32)")
@@ -78,7 +82,7 @@ def _run_edge(args: argparse.Namespace) -> int:
 
     config = load_edge_config(
         args.config, bundle=args.bundle, connect=args.connect, listen=args.listen,
-        metrics_port=args.metrics_port, action=args.action,
+        metrics_port=args.metrics_port, http_port=args.http_port, action=args.action,
         deadline_seconds=args.deadline_seconds, records=args.records, edge_id=args.edge_id,
         curve_server_key=args.curve_server_key, curve_client_cert=args.curve_client_cert,
         llm_checkpoint=args.llm_checkpoint, llm_tokenizer=args.llm_tokenizer,

@@ -9,17 +9,24 @@ these classes (the cloud: :class:`CloudRequestStats` / :class:`BatchStats`; the 
     cloud = CloudMetrics(registry)      tether_cloud_*
     edge = EdgeMetrics(registry)        tether_edge_*
     text = render(registry)             Prometheus text exposition (bytes)
+
+Labels stay bounded: model, split and codec come from the served bundles, outcome/reason/
+source from fixed sets. ``*_created`` series are disabled (they double every counter's
+series and dashboards never use them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
-from tether.core.types import RequestRecord
+from tether.core.types import Action, RequestRecord
+
+disable_created_metrics()
 
 #: Latency buckets from 100 us to 10 s.
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
@@ -94,6 +101,13 @@ class CloudMetrics:
         self.bytes_out = Counter("tether_cloud_sent_bytes_total", "Bytes of all frames sent",
                                  registry=registry)
 
+    def track_llm(self, sessions: Callable[[], float], kv_bytes: Callable[[], float]) -> None:
+        """Read the LLM engine's open sessions and KV-cache bytes at scrape time."""
+        Gauge("tether_cloud_llm_sessions", "Open LLM sessions (KV caches held)",
+              registry=self.registry).set_function(sessions)
+        Gauge("tether_cloud_llm_kv_cache_bytes", "Bytes of all sessions' KV caches",
+              registry=self.registry).set_function(kv_bytes)
+
     def track_queue(self, depth: Callable[[], float], nbytes: Callable[[], float],
                     inflight: Callable[[], float]) -> None:
         """Read queue depth, queued bytes and in-flight count at scrape time (no per-request cost)."""
@@ -158,15 +172,29 @@ class EdgeMetrics:
                                      buckets=SECONDS_BUCKETS, registry=registry)
         self.cloud_ready = Gauge("tether_edge_cloud_ready", "1 while the cloud link is ready",
                                  registry=registry)
-        self.reconnects = Counter("tether_edge_reconnects_total", "Cloud handshakes completed",
+        self.reconnects = Counter("tether_edge_reconnects_total",
+                                  "Cloud handshakes after the first one (the link came back)",
                                   registry=registry)
         self.inflight = Gauge("tether_edge_inflight_requests", "Requests being served",
                               registry=registry)
+        self.actions = Counter("tether_edge_actions_total",
+                               "Actions the policy chose, by kind, split point and codec",
+                               ("kind", "split", "codec"), registry=registry)
+        self.bandwidth_estimate = Gauge("tether_edge_policy_bandwidth_bytes_per_second",
+                                        "The policy's uplink throughput estimate (absent "
+                                        "while the policy has none)", ("policy",),
+                                        registry=registry)
+        self.rtt_estimate = Gauge("tether_edge_policy_rtt_seconds",
+                                  "Round-trip estimate: the policy's (policy=NAME) and the last "
+                                  "heartbeat RTT (policy=\"heartbeat\")", ("policy",),
+                                  registry=registry)
+        self.llm = LLMMetrics(registry)
 
     def observe(self, r: RequestRecord) -> None:
         """Record one finished request."""
-        kind = r.action.split(":", 1)[0]
+        kind, split, codec = _action_labels(r.action)
         self.requests.labels(kind, r.outcome).inc()
+        self.actions.labels(kind, split, codec).inc()
         if r.fallback_reason:
             self.fallbacks.labels(r.fallback_reason).inc()
         for stage in self.STAGES:
@@ -182,6 +210,66 @@ class EdgeMetrics:
 
     def observe_rtt(self, seconds: float) -> None:
         self.rtt_seconds.observe(seconds)
+        self.rtt_estimate.labels("heartbeat").set(seconds)
+
+    def observe_estimates(self, policy: str, bandwidth_bytes_per_second: float | None,
+                          rtt_seconds: float | None) -> None:
+        """The policy's current estimates; None leaves a series absent (a fixed policy
+        estimates nothing)."""
+        if bandwidth_bytes_per_second is not None:
+            self.bandwidth_estimate.labels(policy).set(bandwidth_bytes_per_second)
+        if rtt_seconds is not None:
+            self.rtt_estimate.labels(policy).set(rtt_seconds)
+
+
+class LLMMetrics:
+    """The ``tether_edge_llm_*`` metrics: generated tokens, time to first token, streams."""
+
+    SOURCES = ("cloud", "exit", "local")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.tokens = Counter("tether_edge_llm_tokens_total",
+                              "Generated tokens by source (cloud, exit, local)", ("source",),
+                              registry=registry)
+        self.ttft = Histogram("tether_edge_llm_time_to_first_token_seconds",
+                              "Prompt received to first token out", buckets=SECONDS_BUCKETS,
+                              registry=registry)
+        self.token_seconds = Histogram("tether_edge_llm_token_seconds",
+                                       "Edge wall time per generated token",
+                                       buckets=SECONDS_BUCKETS, registry=registry)
+        self.streams = Gauge("tether_edge_llm_active_streams", "Generations in progress",
+                             registry=registry)
+        self.generations = Counter("tether_edge_llm_generations_total",
+                                   "Finished generations by outcome (ok, error)", ("outcome",),
+                                   registry=registry)
+        self._by_source = {s: self.tokens.labels(s) for s in self.SOURCES}
+
+    def observe_token(self, source: str, seconds: float, since_start: float, first: bool) -> None:
+        """One token: its source, its own time and (for the first) the time since the prompt."""
+        (self._by_source.get(source) or self.tokens.labels(source)).inc()
+        self.token_seconds.observe(seconds)
+        if first:
+            self.ttft.observe(since_start)
+
+    def stream_started(self) -> None:
+        self.streams.inc()
+
+    def stream_finished(self, ok: bool) -> None:
+        self.streams.dec()
+        self.generations.labels("ok" if ok else "error").inc()
+
+
+@lru_cache(maxsize=512)
+def _action_labels(key: str) -> tuple[str, str, str]:
+    """(kind, split, codec) of an action key (local: no split, no codec; offload: split "input")."""
+    try:
+        action = Action.parse(key)
+    except ValueError:
+        return key.split(":", 1)[0], "", ""
+    kind = action.kind.value
+    if kind == "local":
+        return kind, "", ""
+    return kind, str(action.split or "input"), str(action.codec)
 
 
 def render(registry: CollectorRegistry) -> bytes:

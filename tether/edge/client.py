@@ -1,4 +1,8 @@
-"""Python client of the edge's local endpoint: ``EdgeClient(endpoint).infer(image)``.
+"""Python clients of the edge's local endpoint: ``EdgeClient(endpoint).infer(image)`` and
+``LLMClient(endpoint).generate(prompt)``.
+
+Light: numpy, pyzmq and msgpack only (no torch, transformers or ONNX Runtime), so an
+application imports them in a fraction of a second.
 
 Synchronous and thread-confined (one client per thread); a DEALER socket, so a timed-out
 request does not wedge the client: late answers to it are discarded.
@@ -20,6 +24,9 @@ from tether.core import protocol as P
 from tether.core.errors import BusyError, DeadlineExceededError, PeerUnavailableError, ProtocolError
 
 LOCAL_CODEC = "tensor"   # the local endpoint's one codec id: a raw tensor frame
+TEXT_CODEC = "text"      # a generation request: PREFILL whose payload is the UTF-8 prompt
+#: Where a streamed token came from, as the uint8 code in the local endpoint's RESULTs.
+SOURCES = ("cloud", "exit", "local")
 
 
 @dataclass(frozen=True)
@@ -179,3 +186,48 @@ class EdgeClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class LLMClient:
+    """Synchronous client of the edge's LLM streams (``tether edge --llm-checkpoint`` or
+    ``tether llm-edge``): ``for tok in client.generate(p): ...``."""
+
+    def __init__(self, endpoint: str, timeout: float = 10.0, context: Any = None) -> None:
+        self.endpoint, self.timeout = endpoint, timeout
+        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._watch = PeerWatch(self._sock)
+        self._sock.connect(endpoint)
+        self._ids = itertools.count(1)
+        self.counts: dict[str, int] = {}
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> Any:
+        """Yield ``(token, text, source)`` as the edge streams them; :attr:`counts` then
+        holds the edge's tokens per source. An ERROR ends the stream as its typed error."""
+        rid = next(self._ids)
+        self.counts = {}
+        self._watch.begin()
+        self._sock.send_multipart(P.encode(P.Prefill(rid, "", "", "", TEXT_CODEC, 0, max_new_tokens,
+                                                     payload=(prompt.encode("utf-8"),))))
+        while True:
+            reply = self._receive(rid)
+            if isinstance(reply, P.Error):
+                raise reply.to_exception()
+            if not isinstance(reply, P.Result):
+                raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
+            arrays = [P.frame_array(reply.tensors[i], reply.payload[i])
+                      for i in range(len(reply.tensors))]
+            if len(arrays) < 3:       # end of stream: tokens per source
+                if arrays:
+                    self.counts = dict(zip(SOURCES, (int(n) for n in arrays[0])))
+                return
+            token, text, source = arrays
+            yield int(token[0]), bytes(text).decode("utf-8"), SOURCES[int(source[0])]
+
+    def _receive(self, rid: int) -> Any:
+        return receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
+                                "LLM edge")[1]
+
+    def close(self) -> None:
+        self._watch.close()
+        self._sock.close(linger=0)

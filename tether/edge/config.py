@@ -28,6 +28,11 @@ class EdgeConfig:
     edge_id: str = ""                    # name in records and metrics; "" = host-pid
     metrics_port: int | None = None      # Prometheus /metrics port; None = off, 0 = any free port
     metrics_host: str = "127.0.0.1"
+    http_port: int | None = None         # HTTP/OpenAI front (POST /v1/infer, /v1/completions,
+    #                                      /v1/chat/completions); None = off, 0 = any free port;
+    #                                      needs the [http] extra (starlette, uvicorn)
+    http_host: str = "127.0.0.1"
+    http_max_body_bytes: int = 16 * 1024 * 1024   # larger uploads get 413
     action: str = "auto"                 # fixed policy action key ("split:layer2:int8", "local",
     #                                      "offload:fp32", "exit:layer1:fp16"); auto = smallest split
     policy: dict[str, Any] = field(default_factory=dict)   # [policy] table for tether.policies
@@ -82,6 +87,10 @@ class EdgeConfig:
             raise ConfigError("fallback_reserve_seconds must be >= 0 (or left out for 'measured')")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port must be in 0..65535, got {self.http_port}")
+        if self.http_max_body_bytes < 1:
+            raise ConfigError(f"http_max_body_bytes must be >= 1, got {self.http_max_body_bytes}")
         if self.action != "auto":
             try:
                 Action.parse(self.action)

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import re
 import signal
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from tether.core.config import from_mapping
 from tether.core.errors import ConfigError, SplitError, TetherError
+from tether.core.http import Health, HealthServer
 from tether.core.metrics import EdgeMetrics
 from tether.core.policy import FixedPolicy, Policy
 from tether.core.types import LOCAL, Action, ActionKind
@@ -127,6 +129,8 @@ class EdgeDaemon:
         self.metrics = EdgeMetrics(self.registry)
         self.agent = build_agent(config, metrics=self.metrics)
         self.llm = build_llm_edge(config)
+        if self.llm is not None:
+            self.llm.metrics = self.metrics.llm
         self.server = EdgeServer(self.agent, config.listen, config.queue_size,
                                  config.max_inflight, llm=self.llm,
                                  llm_max_new_tokens=config.llm_max_new_tokens,
@@ -135,15 +139,31 @@ class EdgeDaemon:
         self._stop = asyncio.Event()
         self._gauges: asyncio.Task | None = None
         self.metrics_port: int | None = None
-        self._http: Any = None
+        self.http_port: int | None = None
+        self._probes: HealthServer | None = None
+        self._front: Any = None
+        self._local_seconds = float("inf")
+        self._serving = False
 
     async def start(self) -> str:
         await self.agent.start()
+        self._local_seconds = self.agent.compute.local_seconds()
         endpoint = await self.server.start()
         if self.config.metrics_port is not None:
-            self._http = _start_metrics_server(self.config.metrics_host,
-                                               self.config.metrics_port, self.registry)
-            self.metrics_port = int(self._http.server_port)
+            self._probes = HealthServer(self.registry, self.health)
+            try:
+                await self._probes.start(self.config.metrics_host, self.config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {self.config.metrics_host}:"
+                                  f"{self.config.metrics_port}: {exc}; choose another "
+                                  "--metrics-port") from exc
+            self.metrics_port = self._probes.port
+        if self.config.http_port is not None:
+            from tether.edge.http import HttpFront      # starlette + uvicorn: the [http] extra
+            self._front = HttpFront(self)
+            self.http_port = await self._front.start(self.config.http_host, self.config.http_port)
+        self._serving = True
+        # read at scrape time: a gauge refreshed by the loop lags the link by up to 0.25 s
         self.metrics.cloud_ready.set_function(lambda: 1.0 if self.agent.cloud_available else 0.0)
         self._gauges = asyncio.create_task(self._update_gauges())
         link = self.agent.link
@@ -169,7 +189,9 @@ class EdgeDaemon:
         if announce:
             metrics = f" metrics http://{self.config.metrics_host}:{self.metrics_port}/metrics" \
                 if self.metrics_port else ""
-            print(f"tether edge ready on {endpoint}{metrics}", flush=True)
+            http = f" http http://{self.config.http_host}:{self.http_port}" \
+                if self.http_port else ""
+            print(f"tether edge ready on {endpoint}{metrics}{http}", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -181,37 +203,64 @@ class EdgeDaemon:
                 loop.remove_signal_handler(sig)
             await self.stop()
 
+    @property
+    def draining(self) -> bool:
+        return self.server.draining
+
+    def health(self) -> Health:
+        """Liveness and readiness (``/healthz``, ``/readyz``): loaded, not draining, and
+        every served model can answer: its cloud link is up or its local fallback can
+        (the whole model within ``deadline_seconds``; an LLM's exit head)."""
+        checks = {"loaded": self._serving, "not_draining": not self.server.draining,
+                  "cloud_link": self.agent.cloud_available,
+                  "local_fallback": self._local_seconds <= self.config.deadline_seconds}
+        answers = checks["cloud_link"] or checks["local_fallback"]
+        if self.llm is not None:
+            checks["llm_cloud"] = self.llm.cloud_available
+            checks["llm_exit_head"] = self.llm.has_exit
+            answers = answers and (checks["llm_cloud"] or checks["llm_exit_head"])
+        ready = self._serving and not self.server.draining and answers
+        return Health(self._serving, ready, checks)
+
     async def stop(self) -> None:
+        self.server.draining = True       # both fronts refuse new work from here on
+        if self._front is not None:
+            await self._front.wait_idle(self.config.drain_seconds)
         await self.server.stop(self.config.drain_seconds)
+        if self._front is not None:
+            await self._front.stop()
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
         await self.agent.close()
         if self.llm is not None and self.llm.link is not None:
             await self.llm.link.close()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        if self._probes is not None:
+            await self._probes.stop()
+        self._serving = False
         log.info("edge stopped after %d requests", self.server.served)
 
     async def _update_gauges(self) -> None:
-        connects = 0
+        counted = 1          # the first handshake is a connect, not a reconnect
         while True:
             link = self.agent.link
-            if link is not None and getattr(link, "connects", 0) > connects:
-                self.metrics.reconnects.inc(link.connects - connects)
-                connects = link.connects
+            connects = getattr(link, "connects", 0)
+            if connects > counted:
+                self.metrics.reconnects.inc(connects - counted)
+                counted = connects
+            self._export_estimates()
             await asyncio.sleep(0.25)
 
-
-def _start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> Any:
-    from prometheus_client import start_http_server
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}; choose another "
-                          "--metrics-port") from exc
-    return server
+    def _export_estimates(self) -> None:
+        estimates = getattr(self.agent.policy, "estimates", None)
+        try:
+            values = estimates(time.monotonic()) if callable(estimates) else {}
+        except Exception:   # noqa: BLE001 - metrics must never take the daemon down
+            log.exception("policy estimates failed")
+            values = {}
+        self.metrics.observe_estimates(str(getattr(self.agent.policy, "name", "policy")),
+                                       values.get("bandwidth_bytes_per_second"),
+                                       values.get("rtt_seconds"))
 
 
 def run_daemon(config: EdgeConfig) -> int:

@@ -49,7 +49,8 @@ import torch
 from tether.core import protocol as P
 from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, SessionError, TetherError)
-from tether.edge.client import PeerWatch, receive_matching
+from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
+from tether.edge.client import PeerWatch, receive_matching  # noqa: F401
 from tether.edge.llm_link import LocalSessionLink, SessionLink  # noqa: F401 (public here too)
 from tether.partitioner.llm import EdgeLM, make_hidden_codec, split_name
 
@@ -154,6 +155,7 @@ class LLMEdge:
         self._down_until = 0.0
         self._ready = False        # the cloud answered HELLO since it last failed
         self._lock = asyncio.Lock()
+        self.metrics: Any = None        # tether.core.metrics.LLMMetrics, set by the daemon
 
     @property
     def has_exit(self) -> bool:
@@ -179,23 +181,30 @@ class LLMEdge:
                      prompt_length=len(ids))
         record, started = GenerationRecord(s.id), time.perf_counter()
         detok = _Detokenizer(self.tokenizer, ids[-1])
-        step_ids = ids
+        step_ids, ok = ids, False
+        if self.metrics is not None:
+            self.metrics.stream_started()
         try:
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
                 t0 = time.perf_counter()
                 h_last = await self._edge_step(s, step_ids)
                 token, source, sent, received, re = await self._next_token(s, h_last)
                 s.tokens.append(token)
                 step_ids = [token]
                 record.count(source)
-                yield TokenEvent(token, detok.feed(token), source, time.perf_counter() - t0,
-                                 sent, received, re)
+                now = time.perf_counter()
+                if self.metrics is not None:
+                    self.metrics.observe_token(source, now - t0, now - started, i == 0)
+                yield TokenEvent(token, detok.feed(token), source, now - t0, sent, received, re)
                 if stop_at_eos and token == getattr(self.tokenizer, "eos_id", None):
                     break
+            ok = True
         except TetherError as exc:
             record.error = exc.code
             raise
         finally:
+            if self.metrics is not None:
+                self.metrics.stream_finished(ok)
             record.seconds = time.perf_counter() - started
             self.records.append(record)
             if record.local:
@@ -353,9 +362,8 @@ class _Detokenizer:
         return new
 
 
-#: Where a streamed token came from, as the uint8 code in the local endpoint's RESULTs.
-SOURCES = ("cloud", "exit", "local")
-TEXT_CODEC = "text"
+# SOURCES (where a streamed token came from) and TEXT_CODEC live with the light client;
+# LLMClient is re-exported here for existing imports.
 
 
 def is_generate_request(msg: Any) -> bool:
@@ -461,45 +469,3 @@ class LLMEdgeServer:
 
     async def _send(self, ident: Any, msg: Any) -> None:
         await self._sock.send_multipart([ident, *P.encode(msg)], copy=False)
-
-
-class LLMClient:
-    """Synchronous client of :class:`LLMEdgeServer`: ``for tok in client.generate(p): ...``."""
-
-    def __init__(self, endpoint: str, timeout: float = 10.0, context: Any = None) -> None:
-        import zmq
-        self.endpoint, self.timeout = endpoint, timeout
-        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._watch = PeerWatch(self._sock)
-        self._sock.connect(endpoint)
-        self._ids = itertools.count(1)
-
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Any:
-        """Yield ``(token, text, source)`` as the edge streams them; :attr:`counts` then
-        holds the edge's tokens per source. An ERROR ends the stream as its typed error."""
-        rid = next(self._ids)
-        self.counts: dict[str, int] = {}
-        self._watch.begin()
-        self._sock.send_multipart(P.encode(P.Prefill(rid, "", "", "", TEXT_CODEC, 0, max_new_tokens,
-                                                     payload=(prompt.encode("utf-8"),))))
-        while True:
-            reply = self._receive(rid)
-            if isinstance(reply, P.Error):
-                raise reply.to_exception()
-            if not isinstance(reply, P.Result):
-                raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
-            if len(reply.tensors) < 3:       # end of stream: tokens per source
-                if reply.tensors:
-                    self.counts = dict(zip(SOURCES, (int(n) for n in reply.tensor(0))))
-                return
-            token, text, source = (reply.tensor(i) for i in range(3))
-            yield int(token[0]), bytes(text.numpy()).decode("utf-8"), SOURCES[int(source[0])]
-
-    def _receive(self, rid: int) -> Any:
-        return receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
-                                "LLM edge")[1]
-
-    def close(self) -> None:
-        self._watch.close()
-        self._sock.close(linger=0)

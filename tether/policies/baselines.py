@@ -138,6 +138,12 @@ class EstimatingPolicy:
                 del self._inflight[k]
                 return
 
+    def estimates(self, now: float) -> dict[str, float]:
+        """Current uplink estimates for metrics: bytes/s and round-trip seconds."""
+        smoothed = self.rtt.smoothed.value
+        return {"bandwidth_bytes_per_second": self.bandwidth(now) / 8.0,
+                "rtt_seconds": smoothed if smoothed is not None else self.rtt.propagation(now)}
+
     def bandwidth(self, now: float) -> float:
         """The estimate, capped by what the oldest offload still in flight proves."""
         est = self.bw.estimate(now)

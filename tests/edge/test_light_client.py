@@ -1,0 +1,26 @@
+"""Applications import the edge clients without torch, transformers or ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .bundles import REPO
+
+HEAVY = ("torch", "transformers", "onnxruntime", "onnx", "compressai", "torchvision")
+SCRIPT = """
+import json, sys
+from tether.edge import EdgeClient, EdgeAnswer, LLMClient
+from tether.edge.client import EdgeClient as Direct
+assert EdgeClient is Direct and callable(LLMClient) and EdgeAnswer
+heavy = sorted({m.split('.')[0] for m in sys.modules} & set(json.loads(sys.argv[1])))
+print(json.dumps(heavy))
+"""
+
+
+def test_edge_clients_import_no_torch_or_transformers():
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(HEAVY)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

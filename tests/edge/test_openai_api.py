@@ -1,0 +1,64 @@
+"""OpenAI request parsing, stop strings and response shapes (pure functions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tether.core.errors import ConfigError
+from tether.edge.openai_api import ResponseShape, StopMatcher, parse_request, render_chat, sse
+
+
+class _Tok:
+    chat_template = None
+
+
+def test_parse_defaults_caps_and_errors():
+    req = parse_request({"prompt": "hi", "temperature": 0.7}, False, _Tok(), cap=64)
+    assert (req.prompt, req.max_tokens, req.stream, req.stop) == ("hi", 16, False, ())
+    assert parse_request({"prompt": ["hi"], "max_tokens": 500}, False, _Tok(), 64).max_tokens == 64
+    chat = parse_request({"messages": [{"role": "user", "content": "a"},
+                                       {"role": "user", "content": "b"}], "stream": True,
+                          "stop": "x", "stream_options": {"include_usage": True}}, True, _Tok(), 32)
+    assert (chat.prompt, chat.max_tokens, chat.stop, chat.include_usage) == ("a\nb", 32, ("x",), True)
+    for bad, chat_mode in (({"prompt": 3}, False), ({"prompt": "a", "n": 2}, False),
+                           ({"prompt": "a", "max_tokens": 0}, False), ({"messages": []}, True),
+                           ({"messages": [{"role": "user"}]}, True), ([], False),
+                           ({"prompt": "a", "stop": ["", "x"]}, False)):
+        with pytest.raises(ConfigError):
+            parse_request(bad, chat_mode, _Tok(), 16)
+
+
+def test_chat_template_used_when_the_tokenizer_has_one():
+    class Templated:
+        chat_template = "{{...}}"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            assert tokenize is False and add_generation_prompt is True
+            return "<|user|>" + messages[0]["content"] + "<|assistant|>"
+    assert render_chat([{"role": "user", "content": "hi"}], Templated()) == \
+        "<|user|>hi<|assistant|>"
+
+
+def test_stop_matcher_cuts_across_token_boundaries():
+    m = StopMatcher(("The end",))
+    out = [m.feed(t) for t in ("Once ", "upon. Th", "e e", "nd and more")]
+    assert "".join(out) == "Once upon. " and m.stopped
+    m = StopMatcher(("xyz",))
+    assert m.feed("abx") == "ab" and m.feed("q") == "xq" and m.flush() == "" and not m.stopped
+    assert StopMatcher(()).feed("anything") == "anything"
+
+
+def test_response_shapes_and_sse():
+    req = parse_request({"messages": [{"role": "user", "content": "a"}]}, True, _Tok(), 8)
+    shape = ResponseShape(req, "m")
+    first = shape.chunk("Hi", None, first=True, source="cloud")
+    assert first["object"] == "chat.completion.chunk" and first["id"].startswith("chatcmpl-")
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}
+    assert first["tether"] == {"source": "cloud"}
+    full = shape.full("Hi", "stop", {"prompt_tokens": 1, "completion_tokens": 1,
+                                     "total_tokens": 2}, {"cloud": 1})
+    assert full["choices"][0]["message"] == {"role": "assistant", "content": "Hi"}
+    assert sse("[DONE]") == b"data: [DONE]\n\n"
+    assert json.loads(sse(first)[6:]) == first
