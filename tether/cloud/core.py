@@ -23,7 +23,6 @@ import os
 import socket
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Iterable, Protocol
 
@@ -31,10 +30,12 @@ import torch
 
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
+from tether.cloud.executor import BatchExecutor, ThreadPoolBatches
 from tether.core import protocol as P
 from tether.core.errors import (
     BundleError, InputShapeError, PayloadError, ProtocolError, SessionError, TetherError,
 )
+from tether.core.errors import PeerUnavailableError
 from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class CloudCore:
 
     def __init__(self, bundles: Iterable[ServedBundle], config: CloudConfig = CloudConfig(),
                  metrics: CloudMetrics | None = None,
-                 sessions: SessionHandler | None = None) -> None:
+                 sessions: SessionHandler | None = None,
+                 compute: BatchExecutor | None = None) -> None:
         self.config = config
         self.bundles = {b.fingerprint: b for b in bundles}
         if not self.bundles and sessions is None:
@@ -96,7 +98,8 @@ class CloudCore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._workers: list[asyncio.Task] = []
-        self._executor: ThreadPoolExecutor | None = None
+        # where formed batches run (tether.cloud.executor): threads here, or a Ray pool
+        self.compute = compute or ThreadPoolBatches(config.workers, config.inline_compute_s)
         if metrics is not None:
             metrics.track_queue(lambda: self._queued, lambda: self._queued_bytes,
                                 lambda: self._inflight)
@@ -107,13 +110,9 @@ class CloudCore:
         """Start the worker loops (and build every tail first when ``preload``)."""
         if self._workers:
             return
-        self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="tether-tail")
-        if self.config.preload:
-            loop = asyncio.get_running_loop()
-            for bundle in self.bundles.values():
-                await loop.run_in_executor(self._executor, bundle.warm)
+        await self.compute.start(list(self.bundles.values()), self._run_batch, self.config.preload)
         self._workers = [asyncio.create_task(self._worker(), name=f"tether-cloud-worker-{i}")
-                         for i in range(self.config.workers)]
+                         for i in range(self.compute.slots)]
         if self.metrics:
             self.metrics.ready.set(1)
 
@@ -142,13 +141,11 @@ class CloudCore:
                 self._queued -= 1
                 self._queued_bytes -= job.bytes_in
                 self._finish(job, P.Busy(job.msg.request_id, "draining"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        await self.compute.close()
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and bool(self._workers)
+        return self._accepting and bool(self._workers) and self.compute.live
 
     @property
     def queue_depth(self) -> int:
@@ -204,6 +201,10 @@ class CloudCore:
             group = self._group_for(msg)
         except TetherError as exc:
             return self._reject(msg, P.Error.from_exception(msg.request_id, exc), bytes_in)
+        if self._workers and not self.compute.live:
+            return self._reject(msg, P.Error.from_exception(msg.request_id, PeerUnavailableError(
+                "no tail worker is live (the compute cluster is unreachable): answer locally "
+                "and retry later")), bytes_in)
         if not self.accepting:
             return self._reject(msg, P.Busy(msg.request_id, "draining", self._queued), bytes_in)
         if self._queued >= self.config.max_queue or \
@@ -239,9 +240,9 @@ class CloudCore:
     def _estimate(self, group: _Group) -> float:
         """Seconds until a request admitted now would be answered (0 when unknown)."""
         batches = math.ceil((self._queued + 1) / self.config.max_batch_size)
-        running = 1 if self._busy_workers >= self.config.workers else 0
+        running = 1 if self._busy_workers >= self.compute.parallelism else 0
         per_batch = group.ema_seconds
-        return per_batch * (batches + running) / self.config.workers
+        return per_batch * (batches + running) / self.compute.parallelism
 
     def _busy(self, msg: P.Infer, reason: str, group: _Group) -> P.Busy:
         return P.Busy(msg.request_id, reason, self._queued, self._estimate(group))
@@ -259,7 +260,6 @@ class CloudCore:
     # ---- compute --------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             group = await self._next_group()
             jobs = [group.jobs.popleft() for _ in range(min(len(group.jobs),
@@ -268,11 +268,7 @@ class CloudCore:
             self._queued_bytes -= sum(j.bytes_in for j in jobs)
             self._busy_workers += 1
             try:
-                if 0 < group.ema_seconds <= self.config.inline_compute_s:
-                    replies, batch = self._run_batch(group, jobs)   # cheaper than a thread hop
-                else:
-                    replies, batch = await loop.run_in_executor(
-                        self._executor, self._run_batch, group, jobs)
+                replies, batch = await self.compute.run(group, jobs)
             except Exception as exc:   # noqa: BLE001 - never lose a request
                 log.exception("batch failed")
                 replies, batch = [P.Error.from_exception(j.msg.request_id, exc) for j in jobs], None
