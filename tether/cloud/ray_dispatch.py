@@ -69,6 +69,9 @@ class TailWorker:
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "device": str(self.device), "fingerprints": [b.fingerprint for b in self.bundles]}
 
+    def ping(self) -> int:
+        return os.getpid()
+
     def run(self, messages: list[list[bytes]], meta: list[list[Any]]) -> tuple[list, list]:
         """Decode + tail of one batch: encoded replies and (inputs, rows, tail_s, busy_s)."""
         from tether.cloud.core import _Job
@@ -133,6 +136,7 @@ class _Slot:
     def __init__(self, index: int) -> None:
         self.index, self.actor, self.live, self.epoch = index, None, False, 0
         self.pid, self.node, self.device = 0, "", ""
+        self.inflight = 0
         self.replacing: asyncio.Task | None = None
 
 
@@ -160,7 +164,8 @@ class Dispatcher:
         self.actor_class = ray.remote(max_restarts=0)(TailWorker)
         await asyncio.gather(*(self._place(s) for s in self.slots))
         await self._report()
-        loops = [self._receive(), self._heartbeat(), self._probe_cluster()]
+        loops = [self._receive(), self._heartbeat(), self._probe_cluster(), self._watch_parent(),
+                 self._ping_idle()]
         done, _ = await asyncio.wait([asyncio.ensure_future(c) for c in loops],
                                      return_when=asyncio.FIRST_COMPLETED)
         return next(iter(done)).result()
@@ -203,7 +208,11 @@ class Dispatcher:
                 ref = slot.actor.run.remote(messages, head["meta"])
             else:
                 ref = slot.actor.session.remote(data)
-            reply, frames = await self._outcome(slot, ref, reply, head["op"])
+            slot.inflight += 1
+            try:
+                reply, frames = await self._outcome(slot, ref, reply, head["op"])
+            finally:
+                slot.inflight -= 1
         await self.sock.send_multipart([msgpack.packb(reply), *frames], copy=False)
 
     async def _outcome(self, slot: _Slot, ref: Any, reply: dict, op: str) -> tuple[dict, list]:
@@ -274,6 +283,29 @@ class Dispatcher:
                 return 3
 
 
+    async def _ping_idle(self) -> int:
+        """Find workers that died while idle (no batch would notice): ping them each second."""
+        import ray.exceptions as rex
+        while True:
+            await asyncio.sleep(1.0)
+            for slot in self.slots:
+                if not (slot.live and slot.inflight == 0 and slot.actor is not None):
+                    continue
+                epoch = slot.epoch
+                try:
+                    await asyncio.wait_for(_awaitable(slot.actor.ping.remote()), 10.0)
+                except (rex.RayActorError, rex.ActorUnavailableError, asyncio.TimeoutError) as exc:
+                    log.warning("worker %d lost while idle: %s", slot.index, _short(exc))
+                    self._retire(slot, epoch)
+
+    async def _watch_parent(self) -> int:
+        """Exit when the front is gone (killed): the actors die with their driver."""
+        parent = os.getppid()
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        return 4
+
+
 def _awaitable(ref: Any) -> Any:
     return asyncio.wrap_future(ref.future())
 
@@ -296,4 +328,7 @@ def dispatcher_main(endpoint: str, settings: dict[str, Any]) -> int:
     """Entry of ``tether cloud-ray-dispatcher`` (started by the front; not for users)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s ray-dispatcher %(message)s")
     code = asyncio.run(Dispatcher(endpoint, settings).serve())
+    if code == 0:       # asked to stop, cluster healthy: release actors (and a local cluster)
+        import ray
+        ray.shutdown()
     os._exit(code)      # never wait for ray's atexit handlers against a dead cluster

@@ -135,6 +135,8 @@ class RayPool:
             worker, reply, data = await self._call(head, frames)
             if reply["status"] != "lost":
                 break
+            if worker is not None:     # not that one again until the dispatcher re-places it
+                self._lost(worker)
         if reply["status"] != "ok":
             reason = reply.get("message") or "its tail worker was lost"
             err = PeerUnavailableError(f"batch not run ({reason}): answer locally, retry later")
@@ -155,10 +157,11 @@ class RayPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._sock is not None:
+        if self._sock is not None and self._child is not None:
             try:
                 await self._sock.send_multipart([msgpack.packb({"op": "stop"})])
-            except zmq.ZMQError:
+                await asyncio.to_thread(self._child.wait, 15)   # it releases its actors
+            except (zmq.ZMQError, subprocess.TimeoutExpired):
                 pass
         self._drop_child("the cloud is stopping")
         self._ctx.term()
@@ -248,6 +251,8 @@ class RayPool:
                 changed = True
                 if info["epoch"] != w.epoch:
                     w.sessions = 0
+                if w.live and not info["live"] and info["epoch"] == w.epoch:
+                    self._lost(w)
                 self._info_metric(w, info)
                 w.live, w.epoch, w.pid, w.node = (info["live"], info["epoch"], info["pid"],
                                                   info["node"])
@@ -284,6 +289,7 @@ class RayPool:
         for w in self.workers:
             if w.live:
                 log.warning("ray worker %s down: %s", w.name, why)
+                self._info_metric(w, {"live": False})
             w.live, w.sessions = False, 0
         if self.metrics:
             self.metrics.workers_live.set(0)
@@ -304,6 +310,14 @@ class RayPool:
         if self.metrics is not None and worker is not None:
             self.metrics.worker_batches.labels(worker.name).inc()
             self.metrics.worker_busy_seconds.labels(worker.name).inc(busy_s)
+
+    def _lost(self, worker: _Worker) -> None:
+        if worker.live:
+            self._info_metric(worker, {"live": False})
+            worker.live = False
+            log.warning("ray worker %s lost (pid %d)", worker.name, worker.pid)
+            if self.metrics is not None:
+                self.metrics.worker_lost.labels(worker.name).inc()
 
     def _gauge(self, worker: _Worker) -> None:
         if self.metrics is not None:
@@ -333,7 +347,9 @@ class RaySessions:
         if worker is None:
             return P.Error.from_exception(msg.request_id, PeerUnavailableError(
                 "no tail worker is live: answer locally and retry later"))
+        start = time.perf_counter()
         _, reply, data = await self.pool._call({"op": "session"}, P.encode(msg), worker)
+        self.pool._observe(worker, time.perf_counter() - start)
         if reply["status"] != "ok":
             self._forget(msg.session_id, worker)
             return P.Error.from_exception(msg.request_id, SessionError(

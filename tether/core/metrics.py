@@ -106,6 +106,9 @@ class CloudMetrics:
         self.worker_restarts = Gauge("tether_cloud_worker_restarts",
                                      "Tail workers placed to replace lost ones, last minute",
                                      registry=registry)
+        self.worker_lost = Counter("tether_cloud_worker_lost_total",
+                                   "Tail workers found dead (batches re-run elsewhere)",
+                                   ("worker",), registry=registry)
         self.worker_info = Gauge("tether_cloud_worker_info",
                                  "1 per live tail worker: its Ray node and process id",
                                  ("worker", "node", "pid"), registry=registry)
