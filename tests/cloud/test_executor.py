@@ -155,3 +155,19 @@ def test_ray_pool_refuses_in_memory_bundles_with_a_clear_error():
         RayPool(CloudConfig())
 
 
+
+
+def test_ray_auto_never_trusts_a_stale_recorded_cluster(monkeypatch, tmp_path):
+    pytest.importorskip("ray", reason="needs the ray extra")
+    from ray._private import services, utils
+
+    from tether.cloud.ray_dispatch import _resolve
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(utils, "read_ray_address", lambda temp_dir=None: "10.9.9.9:6379")
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    assert _resolve("auto") == "local"                       # recorded but dead: start one
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: ["10.9.9.9:6379"])
+    assert _resolve("auto") == "10.9.9.9:6379"               # recorded and running: join it
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.1.1:6379")
+    assert _resolve("auto") == "10.1.1.1:6379"
+    assert _resolve("10.2.2.2:6379") == "10.2.2.2:6379"

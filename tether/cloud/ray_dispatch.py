@@ -158,8 +158,8 @@ class Dispatcher:
         self.sock = ctx.socket(zmq.PAIR)
         self.sock.linger = 0
         self.sock.connect(self.endpoint)
-        address = self.settings["address"]
-        ray.init(address=None if address == "auto" else address, namespace="tether",
+        address = _resolve(self.settings["address"])
+        ray.init(address=address, namespace="tether",
                  log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
         self.actor_class = ray.remote(max_restarts=0)(TailWorker)
         await asyncio.gather(*(self._place(s) for s in self.slots))
@@ -304,6 +304,22 @@ class Dispatcher:
         while os.getppid() == parent:
             await asyncio.sleep(1.0)
         return 4
+
+
+def _resolve(address: str) -> str:
+    """``auto``: RAY_ADDRESS, else a cluster running on this machine, else a new local one.
+
+    Ray's own ``ray.init()`` trusts /tmp/ray/ray_current_cluster even when that cluster is
+    gone (it then fails); only an address with a live GCS process here is used.
+    """
+    if address != "auto" or os.environ.get("RAY_ADDRESS"):
+        return address if address != "auto" else os.environ["RAY_ADDRESS"]
+    from ray._private import services, utils
+    running = set(services.find_gcs_addresses())
+    recorded = utils.read_ray_address(None)
+    if recorded in running:
+        return recorded
+    return next(iter(sorted(running)), "local")
 
 
 def _awaitable(ref: Any) -> Any:
