@@ -70,14 +70,31 @@ class RayHolder:
         return {n.node_id for n in self.cluster.list_all_nodes()}
 
     def stop(self) -> None:
+        """Kill every process of the cluster (a crash, not a shutdown)."""
         if self.cluster is not None:
+            session = self.cluster.head_node.session_name
             for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
                 self.cluster.remove_node(node, allow_graceful=False)
             self.cluster = None
+            _reap(session)
 
     def restart(self) -> None:
         self.cluster = _start_cluster(self.port)
         assert self.cluster.address.endswith(f":{self.port}")
+
+
+def _reap(session: str) -> None:
+    """SIGKILL what a killed raylet leaves behind (its agents, renamed ``ray::...``, still
+    holding log files in the session directory) for ``session``."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if not (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                continue                   # not the dispatcher (a driver holding logs there)
+            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            if any(session in link for link in links):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
 
 
 @pytest.fixture(scope="module")
