@@ -14,6 +14,37 @@ from tether.core.protocol import Limits
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """``[cloud.ray]``: run tails on a pool of Ray workers instead of threads of the front."""
+
+    address: str = ""                       # "": no Ray; "auto": this machine's / a new local
+    tail_workers: int = 2                   # cluster; else the head's host:port
+    worker_cpus: float = 1.0                # Ray resources reserved per worker
+    worker_gpus: float = 0.0
+    worker_queue: int = 2                   # batches in flight per worker (running + waiting)
+    device: str = "auto"                    # "auto": CUDA when worker_gpus > 0 and present
+    torch_threads: int = 0                  # intra-op threads per worker; 0: worker_cpus
+    batch_timeout_s: float = 60.0           # a batch unanswered this long: ERROR, worker retired
+    start_timeout_s: float = 120.0          # connect + place + load the tails
+    resources: tuple[str, ...] = ()         # custom Ray resources each worker needs (one unit/100)
+    max_restarts_per_minute: int = 30       # replacement budget (a crash-looping worker stops)
+
+    def __post_init__(self) -> None:
+        if self.tail_workers < 1 or self.worker_queue < 1:
+            raise ConfigError("ray.tail_workers and ray.worker_queue must be at least 1")
+        if self.worker_cpus < 0 or self.worker_gpus < 0 or self.torch_threads < 0:
+            raise ConfigError("ray.worker_cpus, ray.worker_gpus, ray.torch_threads must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"ray.device: {self.device!r} is not one of auto, cpu, cuda")
+        if self.batch_timeout_s <= 0 or self.start_timeout_s <= 0:
+            raise ConfigError("ray.batch_timeout_s and ray.start_timeout_s must be positive")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     """Everything ``tether cloud`` needs. Times in seconds."""
 
@@ -36,6 +67,7 @@ class CloudConfig:
     preload: bool = True                    # build every tail at start
     curve_secret_key: Path | None = None    # server .key_secret (tether keys generate)
     curve_allowed_keys: Path | None = None  # directory of allowed client .key files
+    ray: RayConfig = RayConfig()            # [cloud.ray]: tails on a Ray pool (issue 12)
 
     def __post_init__(self) -> None:
         if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):

@@ -22,7 +22,6 @@ import os
 import socket
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Iterable, Protocol
 
@@ -31,11 +30,12 @@ import torch
 from tether.cloud.admission import CostModel, completion_estimate
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
+from tether.cloud.executor import BatchExecutor, ThreadPoolBatches
 from tether.core import protocol as P
 from tether.core.checks import require_finite
 from tether.core.errors import (
     BundleError, DeadlineExceededError, InputShapeError, PayloadError, ProtocolError,
-    SessionError, TetherError,
+    PeerUnavailableError, SessionError, TetherError,
 )
 from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
 
@@ -87,7 +87,8 @@ class CloudCore:
 
     def __init__(self, bundles: Iterable[ServedBundle], config: CloudConfig = CloudConfig(),
                  metrics: CloudMetrics | None = None,
-                 sessions: SessionHandler | None = None) -> None:
+                 sessions: SessionHandler | None = None,
+                 compute: BatchExecutor | None = None) -> None:
         self.config = config
         self.bundles = {b.fingerprint: b for b in bundles}
         if not self.bundles and sessions is None:
@@ -106,7 +107,8 @@ class CloudCore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._workers: list[asyncio.Task] = []
-        self._executor: ThreadPoolExecutor | None = None
+        # where formed batches run (tether.cloud.executor): threads here, or a Ray pool
+        self.compute = compute or ThreadPoolBatches(config.workers, config.inline_compute_s)
         if metrics is not None:
             metrics.track_queue(lambda: self._queued, lambda: self._queued_bytes,
                                 lambda: self._inflight)
@@ -117,13 +119,9 @@ class CloudCore:
         """Start the worker loops (and build every tail first when ``preload``)."""
         if self._workers:
             return
-        self._executor = ThreadPoolExecutor(self.config.workers, thread_name_prefix="tether-tail")
-        if self.config.preload:
-            loop = asyncio.get_running_loop()
-            for bundle in self.bundles.values():
-                await loop.run_in_executor(self._executor, bundle.warm)
+        await self.compute.start(list(self.bundles.values()), self._run_batch, self.config.preload)
         self._workers = [asyncio.create_task(self._worker(i), name=f"tether-cloud-worker-{i}")
-                         for i in range(self.config.workers)]
+                         for i in range(self.compute.slots)]
         if self.metrics:
             self.metrics.ready.set(1)
 
@@ -158,14 +156,12 @@ class CloudCore:
             while group.jobs:
                 job = self._pop(group)
                 self._finish(job, P.Busy(job.msg.request_id, "draining", self._queued))
-        if self._executor is not None:
-            # a batch cut off above may still run in its thread: its result is discarded
-            self._executor.shutdown(wait=not running, cancel_futures=True)
-            self._executor = None
+        # a batch cut off above may still run in its thread: its result is discarded
+        await self.compute.close(wait=not running)
 
     @property
     def accepting(self) -> bool:
-        return self._accepting and bool(self._workers)
+        return self._accepting and bool(self._workers) and self.compute.live
 
     @property
     def queue_depth(self) -> int:
@@ -221,6 +217,10 @@ class CloudCore:
             group = self._group_for(msg)
         except TetherError as exc:
             return self._reject(msg, P.Error.from_exception(msg.request_id, exc), bytes_in)
+        if self._workers and not self.compute.live:
+            return self._reject(msg, P.Error.from_exception(msg.request_id, PeerUnavailableError(
+                "no tail worker is live (the compute cluster is unreachable): answer locally "
+                "and retry later")), bytes_in)
         if not self.accepting:
             return self._reject(msg, P.Busy(msg.request_id, "draining", self._queued), bytes_in)
         if self._queued >= self.config.max_queue or \
@@ -261,7 +261,7 @@ class CloudCore:
         queued_s = sum(g.costs.cost(len(g.jobs), g.queued_bytes, self.config.max_batch_size, now)
                        for g in self._groups.values() if g.jobs)
         return completion_estimate([r.until for r in self._running.values()], queued_s, own_s,
-                                   self.config.workers, now)
+                                   self.compute.parallelism, now)
 
     def _estimate(self, group: _Group, nbytes: int) -> float:
         """Seconds until a request of ``nbytes`` admitted now would be answered (0: unknown).
@@ -310,12 +310,9 @@ class CloudCore:
             await asyncio.sleep(0)      # let the replies go out and IO run between batches
 
     async def _compute(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], Any]:
-        """Run one batch: inline when measured cheaper than a thread hop, else in a thread."""
+        """Run one batch on the executor (threads here, or a Ray pool)."""
         try:
-            if 0 < group.costs.batch_s <= self.config.inline_compute_s:
-                return self._run_batch(group, jobs)
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, group, jobs)
+            return await self.compute.run(group, jobs)
         except Exception as exc:   # noqa: BLE001 - never lose a request
             log.exception("batch failed")
             return [P.Error.from_exception(j.msg.request_id, exc) for j in jobs], None

@@ -46,10 +46,10 @@ class CloudServer:
 
     def __init__(self, config: CloudConfig, bundles: Iterable[ServedBundle],
                  metrics: CloudMetrics | None = None, sessions: SessionHandler | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, compute: Any = None) -> None:
         self.config = config
         self.metrics = metrics
-        self.core = CloudCore(bundles, config, metrics, sessions)
+        self.core = CloudCore(bundles, config, metrics, sessions, compute)   # compute: executor.py
         if metrics is not None and sessions is not None and hasattr(sessions, "kv_bytes"):
             metrics.track_llm(lambda: len(sessions.sessions), lambda: sessions.kv_bytes)
         self._ctx = context or zmq.Context()

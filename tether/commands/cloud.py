@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 from pathlib import Path
@@ -37,7 +39,19 @@ def add_parsers(sub: Any) -> None:
                    help="also serve split-LLM sessions (PREFILL/DECODE/CLOSE) of this llama2.c "
                         "checkpoint, as `tether llm-serve` does")
     p.add_argument("--llm-tokenizer", type=Path, metavar="BIN", help="tokenizer of --llm-checkpoint")
+    ray = p.add_argument_group("Ray pool (pip install 'tether[ray]')")
+    ray.add_argument("--ray", metavar="auto|HOST:PORT",
+                     help="run tails on Ray workers: 'auto' (this machine's cluster, or a new "
+                          "local one) or a running cluster's head address")
+    ray.add_argument("--tail-workers", type=int, metavar="N", help="Ray tail workers (default 2)")
+    ray.add_argument("--worker-cpus", type=float, metavar="C", help="CPUs per worker (default 1)")
+    ray.add_argument("--worker-gpus", type=float, metavar="G", help="GPUs per worker (default 0)")
     p.set_defaults(handler=run_cloud)
+
+    d = sub.add_parser("cloud-ray-dispatcher", help=argparse.SUPPRESS)
+    d.add_argument("--endpoint", required=True)
+    d.add_argument("--settings", required=True)
+    d.set_defaults(handler=run_ray_dispatcher)
 
     keys = sub.add_parser("keys", help="CurveZMQ key management")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
@@ -56,6 +70,10 @@ def build_config(args: argparse.Namespace) -> Any:
     from tether.core.config import with_overrides
     config = load_cloud_config(args.config)
     delay = None if args.max_queue_delay_ms is None else args.max_queue_delay_ms / 1000.0
+    ray = with_overrides(config.ray, address=args.ray, tail_workers=args.tail_workers,
+                         worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus)
+    if ray is not config.ray:
+        config = dataclasses.replace(config, ray=ray)
     return with_overrides(
         config, bundles=tuple(args.bundle) if args.bundle else None, bind=args.bind,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host,
@@ -92,10 +110,15 @@ async def _serve(config: Any, args: argparse.Namespace) -> int:
     from tether.core.metrics import CloudMetrics
 
     bundles = [ServedBundle.load(d) for d in config.bundles]
-    sessions = _llm_engine(args.llm_checkpoint, args.llm_tokenizer)
-    if sessions is not None:
+    metrics = CloudMetrics(CollectorRegistry())
+    compute = None
+    if config.ray.enabled:
+        compute, sessions = _ray_pool(config, metrics, args)
+    else:
+        sessions = _llm_engine(args.llm_checkpoint, args.llm_tokenizer)
+    if sessions is not None and hasattr(sessions, "start"):
         await sessions.start()
-    server = CloudServer(config, bundles, CloudMetrics(CollectorRegistry()), sessions)
+    server = CloudServer(config, bundles, metrics, sessions, compute=compute)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,9 +127,30 @@ async def _serve(config: Any, args: argparse.Namespace) -> int:
           + (f" metrics http://{config.metrics_host}:{server.metrics_port}/metrics"
              if server.metrics_port else ""), flush=True)
     await server.wait_stopped()
-    if sessions is not None:
+    if sessions is not None and hasattr(sessions, "close"):
         await sessions.close()
     return 0
+
+
+def _ray_pool(config: Any, metrics: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The Ray pool (and its LLM session router when an LLM checkpoint is served)."""
+    from tether.cloud.ray_pool import RayPool, RaySessions
+    llm = None
+    if args.llm_checkpoint is not None:
+        llm = {"llm_checkpoint": str(args.llm_checkpoint.resolve()),
+               "llm_tokenizer": str(args.llm_tokenizer.resolve()) if args.llm_tokenizer else None,
+               "llm_model_id": args.llm_checkpoint.stem}
+    pool = RayPool(config, metrics, llm)
+    if llm is None:
+        return pool, None
+    info = _llm_engine(args.llm_checkpoint, args.llm_tokenizer).bundle   # what READY lists
+    return pool, RaySessions(pool, info)
+
+
+def run_ray_dispatcher(args: argparse.Namespace) -> int:
+    """Internal: the Ray driver process of a `tether cloud --ray` front (ray_dispatch.py)."""
+    from tether.cloud.ray_dispatch import dispatcher_main
+    return dispatcher_main(args.endpoint, json.loads(args.settings))
 
 
 def _llm_engine(checkpoint: Path | None, tokenizer: Path | None) -> Any:

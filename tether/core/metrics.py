@@ -100,6 +100,29 @@ class CloudMetrics:
                                 registry=registry)
         self.bytes_out = Counter("tether_cloud_sent_bytes_total", "Bytes of all frames sent",
                                  registry=registry)
+        self._worker_metrics(registry)
+
+    def _worker_metrics(self, registry: CollectorRegistry) -> None:
+        """Tail workers of a Ray pool (``tether cloud --ray``); ``worker`` is the slot (w0..)."""
+        self.worker_batches = Counter("tether_cloud_worker_batches_total",
+                                      "Batches run per tail worker", ("worker",), registry=registry)
+        self.worker_busy_seconds = Counter("tether_cloud_worker_busy_seconds_total",
+                                           "Seconds a tail worker spent on batches", ("worker",),
+                                           registry=registry)
+        self.worker_queue_depth = Gauge("tether_cloud_worker_queue_depth",
+                                        "Batches handed to a tail worker, not answered",
+                                        ("worker",), registry=registry)
+        self.workers_live = Gauge("tether_cloud_workers_live", "Tail workers able to run batches",
+                                  registry=registry)
+        self.worker_restarts = Gauge("tether_cloud_worker_restarts",
+                                     "Tail workers placed to replace lost ones, last minute",
+                                     registry=registry)
+        self.worker_lost = Counter("tether_cloud_worker_lost_total",
+                                   "Tail workers found dead (batches re-run elsewhere)",
+                                   ("worker",), registry=registry)
+        self.worker_info = Gauge("tether_cloud_worker_info",
+                                 "1 per live tail worker: its Ray node and process id",
+                                 ("worker", "node", "pid"), registry=registry)
 
     def track_llm(self, sessions: Callable[[], float], kv_bytes: Callable[[], float]) -> None:
         """Read the LLM engine's open sessions and KV-cache bytes at scrape time."""
