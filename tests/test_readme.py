@@ -39,6 +39,8 @@ SKIP = {
     "tether codec": "trains/evaluates on CIFAR-10 for minutes",
     "tether testbed calibrate": "10 s of bulk transfer whose verdict depends on machine load",
     "tether testbed run": "a multi-minute experiment",
+    "curl ": "needs a running edge with --http-port (tests/edge/test_http_front.py runs one)",
+    "pip install": "installs packages (.ci/run installs every extra the tests need)",
 }
 
 
