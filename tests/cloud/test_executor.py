@@ -91,7 +91,7 @@ class ScriptedPool:
         self.running -= 1
         return self._run_batch(group, jobs)
 
-    async def close(self):
+    async def close(self, wait=True):
         self.release.set()
 
 
