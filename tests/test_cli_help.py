@@ -16,8 +16,10 @@ def _parsers(parser=None, path=""):
     yield path, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
+            hidden = {a.dest for a in action._choices_actions if a.help == argparse.SUPPRESS}
             for name, child in action.choices.items():
-                yield from _parsers(child, f"{path} {name}".strip())
+                if name not in hidden:      # internal entry points (help=SUPPRESS)
+                    yield from _parsers(child, f"{path} {name}".strip())
 
 
 PARSERS = dict(_parsers())

@@ -58,9 +58,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                    help="latent grid = input / stride")
     s.add_argument("--feature-weight", type=float, default=0.1, help="stage-2 feature MSE weight")
     s.add_argument("--temperature", type=float, default=1.0, help="stage-2 KD temperature")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--stage2-lr-scale", type=float, default=0.5)
+    s.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    s.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    s.add_argument("--stage2-lr-scale", type=float, default=0.5,
+                   help="stage-2 learning rate as a fraction of --lr")
     s.add_argument("--no-resume", action="store_true", help="start every stage afresh")
     t.add_argument("--exit", action="store_true", help="also train and calibrate an early exit")
     t.add_argument("--exit-target", type=float, default=0.95,
