@@ -105,25 +105,20 @@ def _decoder(cfg: BottleneckConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class BottleneckAutoencoder(CompressionModel):
-    """Encoder -> EntropyBottleneck (factorized prior) -> decoder, CompressAI contract."""
+class EntropyCodedModel(CompressionModel):
+    """encoder -> EntropyBottleneck (factorized prior) -> decoder, the CompressAI contract.
 
-    def __init__(self, cfg: BottleneckConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = _encoder(cfg)
-        self.entropy_bottleneck = EntropyBottleneck(cfg.latent)
-        self.decoder = _decoder(cfg)
-        # RMS of the split tensor: the encoder sees unit-scale input, the decoder undoes it
-        self.register_buffer("scale", torch.ones(()))
+    Subclasses set ``encoder``, ``entropy_bottleneck`` and ``decoder`` and may override
+    :meth:`encode_latent` / :meth:`decode_latent` (e.g. to rescale).
+    """
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder output (the latent before quantization)."""
-        return self.encoder(x / self.scale)
+        return self.encoder(x)
 
     def decode_latent(self, y_hat: torch.Tensor) -> torch.Tensor:
-        """Decoder output for a (quantized) latent, in the split tensor's units."""
-        return self.decoder(y_hat) * self.scale
+        """Decoder output for a (quantized) latent."""
+        return self.decoder(y_hat)
 
     def forward(self, x: torch.Tensor) -> dict[str, Any]:
         """Training pass: noisy latent, reconstruction and the latent's likelihoods."""
@@ -157,6 +152,53 @@ class BottleneckAutoencoder(CompressionModel):
         self._require_ready()
         y_hat = self.entropy_bottleneck.decompress(strings[0], tuple(shape))
         return {"x_hat": self.decode_latent(y_hat)}
+
+
+def load_codec_weights(model: nn.Module, weights: Path) -> None:
+    """Load a codec's state dict (``weights_only``) into ``model``: errors name the fix."""
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except FileNotFoundError as exc:
+        raise WeightsError(f"codec weights {weights} missing: re-run "
+                           f"`tether codec train`") from exc
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError,
+            pickle.UnpicklingError) as exc:
+        raise WeightsError(f"codec weights {weights} unreadable or mismatched: {exc}") from exc
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: str | Path,
+                input_name: str, what: str) -> None:
+    """Export an encoder (``input_name`` -> ``latent``) with a dynamic batch dimension."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)   # legacy exporter is fine
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                              output_names=["latent"], opset_version=17, dynamo=False,
+                              dynamic_axes={input_name: {0: "batch"}, "latent": {0: "batch"}})
+    except Exception as exc:  # noqa: BLE001 - exporter errors are many; map them all
+        raise CodecError(f"ONNX export of the {what} failed: {exc}") from exc
+
+
+class BottleneckAutoencoder(EntropyCodedModel):
+    """Encoder -> EntropyBottleneck (factorized prior) -> decoder on a split tensor."""
+
+    def __init__(self, cfg: BottleneckConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _encoder(cfg)
+        self.entropy_bottleneck = EntropyBottleneck(cfg.latent)
+        self.decoder = _decoder(cfg)
+        # RMS of the split tensor: the encoder sees unit-scale input, the decoder undoes it
+        self.register_buffer("scale", torch.ones(()))
+
+    def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder output (the latent before quantization)."""
+        return self.encoder(x / self.scale)
+
+    def decode_latent(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Decoder output for a (quantized) latent, in the split tensor's units."""
+        return self.decoder(y_hat) * self.scale
 
 
 def bits_per_sample(likelihoods: torch.Tensor) -> torch.Tensor:
@@ -198,16 +240,8 @@ def plain_encoder(model: BottleneckAutoencoder) -> nn.Sequential:
 
 def export_encoder_onnx(model: BottleneckAutoencoder, path: str | Path) -> None:
     """Export the edge part (the encoder) to ONNX with a dynamic batch dimension."""
-    enc = plain_encoder(model)
-    example = torch.zeros(1, *model.cfg.feature_shape)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)   # legacy exporter is fine
-            torch.onnx.export(enc, (example,), str(path), input_names=["features"],
-                              output_names=["latent"], opset_version=17, dynamo=False,
-                              dynamic_axes={"features": {0: "batch"}, "latent": {0: "batch"}})
-    except Exception as exc:  # noqa: BLE001 - exporter errors are many; map them all
-        raise CodecError(f"ONNX export of the bottleneck encoder failed: {exc}") from exc
+    export_onnx(plain_encoder(model), torch.zeros(1, *model.cfg.feature_shape), path,
+                "features", "bottleneck encoder")
 
 
 def rans_padding(frame_bytes: int, symbols: int) -> int:
@@ -242,15 +276,7 @@ class BottleneckCodec(Codec):
         cfg = BottleneckConfig.from_dict(params.get("config", {}))
         weights = Path(bundle_dir) / str(params.get("weights", ""))
         model = BottleneckAutoencoder(cfg)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except FileNotFoundError as exc:
-            raise WeightsError(f"codec weights {weights} missing: re-run "
-                               f"`tether codec train`") from exc
-        except (RuntimeError, KeyError, ValueError, OSError, EOFError,
-                pickle.UnpicklingError) as exc:
-            raise WeightsError(f"codec weights {weights} unreadable or mismatched: {exc}") from exc
+        load_codec_weights(model, weights)
         onnx_rel = params.get("encoder_onnx")
         onnx_path = Path(bundle_dir) / onnx_rel if onnx_rel else None
         return cls(entry.codec, model, onnx_path if onnx_path and onnx_path.is_file() else None)

@@ -22,7 +22,6 @@ training, ``update()`` once, then ``compress``/``decompress``.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,12 +29,11 @@ from typing import Any, Sequence
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import GDN
-from compressai.models import CompressionModel
 from torch import nn
 from torch.nn import functional as F
 
-from tether.core.errors import BundleError, CodecError, CodecStateError
-from tether.codecs.bottleneck import _PlainGDN
+from tether.core.errors import BundleError, CodecError
+from tether.codecs.bottleneck import EntropyCodedModel, _PlainGDN, export_onnx
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -170,7 +168,7 @@ def _decoder(cfg: StudentConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class StudentModel(CompressionModel):
+class StudentModel(EntropyCodedModel):
     """Image -> student encoder -> EntropyBottleneck -> decoder -> split tensor."""
 
     def __init__(self, cfg: StudentConfig) -> None:
@@ -196,34 +194,6 @@ class StudentModel(CompressionModel):
     @property
     def decoder_block_modules(self) -> list[nn.Module]:
         return [m for m in self.decoder if isinstance(m, Block)]
-
-    def forward(self, x: torch.Tensor) -> dict[str, Any]:
-        y_hat, likelihoods = self.entropy_bottleneck(self.encoder(x))
-        return {"x_hat": self.decoder(y_hat), "likelihoods": {"y": likelihoods}}
-
-    @property
-    def ready(self) -> bool:
-        return self.entropy_bottleneck._quantized_cdf.numel() > 0
-
-    def _require_ready(self) -> None:
-        if not self.ready:
-            raise CodecStateError("Uninitialized CDFs. Run update() first")
-
-    @torch.no_grad()
-    def compress(self, x: torch.Tensor) -> dict[str, Any]:
-        """Images -> one rANS string per sample (torch encoder)."""
-        return self.compress_latent(self.encoder(x))
-
-    @torch.no_grad()
-    def compress_latent(self, y: torch.Tensor) -> dict[str, Any]:
-        self._require_ready()
-        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": tuple(y.shape[-2:])}
-
-    @torch.no_grad()
-    def decompress(self, strings: list[list[bytes]], shape: Sequence[int]) -> dict[str, Any]:
-        self._require_ready()
-        y_hat = self.entropy_bottleneck.decompress(strings[0], tuple(shape))
-        return {"x_hat": self.decoder(y_hat)}
 
 
 def init_from_teacher(model: StudentModel, conv1: nn.Module, bn1: nn.Module,
@@ -272,13 +242,5 @@ def plain_encoder(model: StudentModel) -> nn.Sequential:
 
 def export_student_onnx(model: StudentModel, path: str | Path) -> None:
     """Export the edge part (image -> latent) to ONNX with a dynamic batch dimension."""
-    enc = plain_encoder(model)
-    example = torch.zeros(1, *model.cfg.input_shape)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(enc, (example,), str(path), input_names=["image"],
-                              output_names=["latent"], opset_version=17, dynamo=False,
-                              dynamic_axes={"image": {0: "batch"}, "latent": {0: "batch"}})
-    except Exception as exc:  # noqa: BLE001 - exporter errors are many; map them all
-        raise CodecError(f"ONNX export of the student encoder failed: {exc}") from exc
+    export_onnx(plain_encoder(model), torch.zeros(1, *model.cfg.input_shape), path, "image",
+                "student encoder")

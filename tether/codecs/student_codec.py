@@ -10,7 +10,6 @@ returns the tensor the bundle's tail takes at the entry's split point.
 from __future__ import annotations
 
 import math
-import pickle
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,12 +17,12 @@ from typing import Any, Sequence
 import torch
 
 from tether.core.bundle import CodecEntry
-from tether.core.errors import CodecError, CodecStateError, PayloadError, WeightsError
+from tether.core.errors import CodecError, CodecStateError, PayloadError
 from tether.codecs.base import (
     Codec, EncodedTensor, Frame, check_frames, check_header, check_shape, frame_len,
     onnx_session, require_tensor,
 )
-from tether.codecs.bottleneck import MAX_BATCH, rans_padding
+from tether.codecs.bottleneck import MAX_BATCH, load_codec_weights, rans_padding
 from tether.codecs.student import StudentConfig, StudentModel
 
 
@@ -57,15 +56,7 @@ class StudentCodec(Codec):
         cfg = StudentConfig.from_dict(params.get("config", {}))
         weights = Path(bundle_dir) / str(params.get("weights", ""))
         model = StudentModel(cfg)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except FileNotFoundError as exc:
-            raise WeightsError(f"codec weights {weights} missing: re-run "
-                               f"`tether codec train`") from exc
-        except (RuntimeError, KeyError, ValueError, OSError, EOFError,
-                pickle.UnpicklingError) as exc:
-            raise WeightsError(f"codec weights {weights} unreadable or mismatched: {exc}") from exc
+        load_codec_weights(model, weights)
         onnx_rel = params.get("encoder_onnx")
         onnx_path = Path(bundle_dir) / onnx_rel if onnx_rel and use_onnx else None
         return cls(entry.codec, model, onnx_path if onnx_path and onnx_path.is_file() else None)

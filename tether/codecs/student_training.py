@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tether.core.errors import CodecError
 from tether.codecs.bottleneck import bits_per_sample
 from tether.codecs.student import StudentModel
-from tether.codecs.training import batches, freeze, kd_loss
+from tether.codecs.training import batches, freeze, kd_loss, optimise
 
 Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]   # x -> (split, logits)
 
@@ -110,20 +110,9 @@ def _loss(model: StudentModel, tail: nn.Module, x: torch.Tensor, target: torch.T
 
 def _step(model: StudentModel, tail: nn.Module, opts: tuple[Any, ...], x: torch.Tensor,
           teacher: Teacher, cfg: StudentTrainConfig, energy: float) -> dict[str, float]:
-    opt, aux_opt, sched = opts
     with torch.no_grad():
         target, logits = teacher(x)
-    parts = _loss(model, tail, x, target, logits, cfg, energy)
-    opt.zero_grad(set_to_none=True)
-    parts["loss"].backward()
-    opt.step()
-    sched.step()
-    aux = model.aux_loss()
-    aux_opt.zero_grad(set_to_none=True)
-    aux.backward()
-    aux_opt.step()
-    parts["aux"] = aux
-    return {k: float(v.detach()) for k, v in parts.items()}
+    return optimise(model, opts, _loss(model, tail, x, target, logits, cfg, energy))
 
 
 @torch.no_grad()

@@ -115,8 +115,14 @@ def _train_step(model: BottleneckAutoencoder, tail: nn.Module, opts: tuple[Any, 
                 x: torch.Tensor, logits: torch.Tensor, beta: float, train: TrainConfig,
                 energy: float) -> dict[str, float]:
     """One optimisation step of the main loss, then one of CompressAI's aux loss."""
+    return optimise(model, opts, _bottleneck_step(model, tail, x, logits, beta, train, energy))
+
+
+def optimise(model: nn.Module, opts: tuple[Any, ...],
+             parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One step on ``parts["loss"]``, then one on CompressAI's aux loss (the CDF quantiles);
+    returns every part as a float."""
     opt, aux_opt, sched = opts
-    parts = _bottleneck_step(model, tail, x, logits, beta, train, energy)
     opt.zero_grad(set_to_none=True)
     parts["loss"].backward()
     opt.step()
