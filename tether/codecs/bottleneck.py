@@ -253,12 +253,16 @@ def rans_padding(frame_bytes: int, symbols: int) -> int:
     return 16 * frame_bytes + 2 * symbols + 64
 
 
-class BottleneckCodec(Codec):
-    """Runtime codec around a trained, updated :class:`BottleneckAutoencoder`."""
+class EntropyCodec(Codec):
+    """Runtime codec around a trained, ``update()``-d :class:`EntropyCodedModel`: the edge
+    runs the encoder (ONNX Runtime when exported), the cloud decodes the rANS strings."""
 
     lossless = False
+    model_class: type = EntropyCodedModel
+    config_class: Any = None
+    onnx_input = "features"          # the ONNX encoder's input name
 
-    def __init__(self, codec_id: str, model: BottleneckAutoencoder,
+    def __init__(self, codec_id: str, model: EntropyCodedModel,
                  onnx_path: str | Path | None = None, threads: int = 1) -> None:
         model.eval()
         if not model.ready:
@@ -267,26 +271,51 @@ class BottleneckCodec(Codec):
         self.codec_id = codec_id
         self.model = model
         self.cfg = model.cfg
-        self._session = onnx_session(onnx_path, threads, "ONNX encoder") if onnx_path else None
+        self._session = onnx_session(onnx_path, threads, f"ONNX encoder of {codec_id}") \
+            if onnx_path else None
+
+    @property
+    def uses_onnx(self) -> bool:
+        return self._session is not None
 
     @classmethod
-    def from_entry(cls, entry: CodecEntry, bundle_dir: str | Path) -> "BottleneckCodec":
+    def from_entry(cls, entry: CodecEntry, bundle_dir: str | Path,
+                   use_onnx: bool = True) -> "EntropyCodec":
         """Load the codec a bundle manifest entry describes."""
         params = entry.params
-        cfg = BottleneckConfig.from_dict(params.get("config", {}))
-        weights = Path(bundle_dir) / str(params.get("weights", ""))
-        model = BottleneckAutoencoder(cfg)
-        load_codec_weights(model, weights)
+        model = cls.model_class(cls.config_class.from_dict(params.get("config", {})))
+        load_codec_weights(model, Path(bundle_dir) / str(params.get("weights", "")))
         onnx_rel = params.get("encoder_onnx")
-        onnx_path = Path(bundle_dir) / onnx_rel if onnx_rel else None
+        onnx_path = Path(bundle_dir) / onnx_rel if onnx_rel and use_onnx else None
         return cls(entry.codec, model, onnx_path if onnx_path and onnx_path.is_file() else None)
 
-    def _latent(self, x: torch.Tensor) -> torch.Tensor:
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder output for ``x`` (ONNX Runtime when available)."""
         if self._session is not None:
-            out = self._session.run(None, {"features": x.numpy()})[0]
-            return torch.from_numpy(out)
+            return torch.from_numpy(self._session.run(None, {self.onnx_input: x.numpy()})[0])
         with torch.no_grad():
             return self.model.encode_latent(x)
+
+    def _rans_frame(self, frame: Frame) -> bytes:
+        """A frame's bytes once its length is plausible for this codec's latent."""
+        symbols = self.cfg.latent * math.prod(self.cfg.latent_hw)
+        n = frame_len(frame)
+        if n < 8 or n % 4 or n > 8 * symbols + 64:
+            raise PayloadError(f"rANS frame of {n} bytes is invalid for codec {self.codec_id!r}"
+                               f" (needs a multiple of 4 in 8..{8 * symbols + 64}): "
+                               f"truncated or corrupt")
+        return bytes(frame)
+
+    def _padded(self, data: bytes) -> bytes:
+        symbols = self.cfg.latent * math.prod(self.cfg.latent_hw)
+        return data + bytes(rans_padding(len(data), symbols))
+
+
+class BottleneckCodec(EntropyCodec):
+    """A bottleneck codec on the head's features at a split point."""
+
+    model_class = BottleneckAutoencoder
+    config_class = BottleneckConfig
 
     def encode(self, tensor: torch.Tensor) -> EncodedTensor:
         t = require_tensor(tensor).float().contiguous()
@@ -294,7 +323,7 @@ class BottleneckCodec(Codec):
             raise CodecError(f"codec {self.codec_id!r} takes tensors [N, "
                              f"{', '.join(map(str, self.cfg.feature_shape))}], got {list(t.shape)}"
                              f": is it the right split point?")
-        strings = self.model.compress_latent(self._latent(t))["strings"][0]
+        strings = self.model.compress_latent(self.latent(t))["strings"][0]
         header = {"codec": self.codec_id, "shape": list(t.shape), "dtype": "float32"}
         return EncodedTensor(header, list(strings))
 
@@ -306,17 +335,8 @@ class BottleneckCodec(Codec):
                                f"{self.codec_id!r}: expected [N<={MAX_BATCH}, "
                                f"{', '.join(map(str, self.cfg.feature_shape))}]")
         frames = check_frames(payload, shape[0])
-        strings = [self._checked_string(f) for f in frames]
+        strings = [self._padded(self._rans_frame(f)) for f in frames]
         if not strings:
             return torch.empty(shape)
         return self.model.decompress([strings], self.cfg.latent_hw)["x_hat"]
-
-    def _checked_string(self, frame: Frame) -> bytes:
-        symbols = self.cfg.latent * math.prod(self.cfg.latent_hw)
-        n = frame_len(frame)
-        if n < 8 or n % 4 or n > 8 * symbols + 64:
-            raise PayloadError(f"rANS frame of {n} bytes is invalid for codec {self.codec_id!r}"
-                               f" (needs a multiple of 4 in 8..{8 * symbols + 64}): "
-                               f"truncated or corrupt")
-        return bytes(frame) + bytes(rans_padding(n, symbols))
 
