@@ -167,3 +167,45 @@ def test_cli_student_training_smoke_then_resume(bundle, assets, tmp_path, capsys
     assert entry.params["encoder_flops"] > 0 and entry.params["rate_bytes_p95"] > 0
     assert main(argv) == 0                                      # resumes: no new epochs
     assert (work / "b0.01.log.jsonl").read_text().splitlines() == logs
+
+
+DECODE_ALL = """
+import sys, numpy as np
+from tether.codecs import make_codec
+bundle, codec_id, split, src, dst = sys.argv[1:]
+blob = np.load(src, allow_pickle=False)
+codec = make_codec(codec_id, bundle, split=split)
+frames, sizes = blob["frames"], blob["sizes"]
+starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+out = [codec.decode({"codec": codec_id, "shape": [1, 3, 32, 32], "dtype": "float32",
+                     "crc32": [int(c)]}, [frames[s:s + n].tobytes()]).numpy()
+       for s, n, c in zip(starts, sizes, blob["crc32"])]
+np.save(dst, np.concatenate(out))
+"""
+
+
+def test_all_lossless_images_decode_bit_exactly_in_another_process(ladder_bundle, tmp_path):
+    """The edge encodes with ONNX Runtime, another process decodes with torch: the decoded
+    tensors equal this process's decode exactly, for every one of the 1017 lossless images."""
+    import subprocess
+    import sys
+    found = assets_dir()
+    path = found / "cifar10" / "cifar10_test_first1017_lossless.npz" if found else None
+    if path is None or not path.is_file():
+        pytest.skip("the lossless CIFAR-10 images are in ../shared/assets (absent here)")
+    x = _float(np.load(path)["x"])
+    assert len(x) == 1017
+    codec_id = f"student-b{BETAS[0]:g}"
+    codec = make_codec(codec_id, ladder_bundle, split=SPLIT)
+    assert codec.uses_onnx                                  # the edge's encoder, not torch's
+    encoded = [codec.encode(x[i:i + 1]) for i in range(len(x))]
+    reference = np.concatenate([codec.decode(e.header, e.payload).numpy() for e in encoded])
+    frames = [bytes(e.payload[0]) for e in encoded]
+    src, dst = tmp_path / "payload.npz", tmp_path / "decoded.npy"
+    np.savez(src, frames=np.frombuffer(b"".join(frames), np.uint8),
+             sizes=np.array([len(f) for f in frames]),
+             crc32=np.array([e.header["crc32"][0] for e in encoded], np.int64))
+    subprocess.run([sys.executable, "-c", DECODE_ALL, str(ladder_bundle), codec_id, SPLIT,
+                    str(src), str(dst)], check=True, timeout=300)
+    other = np.load(dst)
+    assert other.shape == reference.shape and np.array_equal(other, reference)
