@@ -114,6 +114,36 @@ def test_local_action_runs_the_whole_model_on_the_edge(bundle, compute, expected
     assert all(r.bytes_sent == 0 and r.local_seconds > 0 for r in records)
 
 
+@pytest.mark.parametrize("action", [f"split:{SPLITS[0]}:fp32", "local"])
+def test_busy_compute_thread_is_wait_not_compute(served, compute, action):
+    """Issue 10: waiting for the (single) compute thread is not head/encode/local time."""
+    import threading
+    import time
+
+    async def scenario():
+        config = replace(CONFIG, compute_threads=1)
+        agent, cloud, sink, policy = await _agent_with_cloud(
+            served, compute, Action.parse(action), config)
+        await agent.infer(IMAGES[0])             # warm-up: first-call costs are not the point
+        started = threading.Event()
+        blocker = agent._executor.submit(lambda: (started.set(), time.sleep(0.3)))
+        assert started.wait(5.0)
+        try:
+            result = await agent.infer(IMAGES[1])
+        finally:
+            blocker.result()
+            await agent.close()
+            await cloud.close()
+        return result.record, policy.observations[-1]
+    record, obs = run(scenario())
+    assert record.outcome == ("local" if action == "local" else "cloud")
+    service = record.head_seconds + record.encode_seconds + record.local_seconds
+    assert 0 < service < 0.1
+    assert record.edge_wait_seconds >= 0.25
+    assert record.total_seconds >= service + record.edge_wait_seconds
+    assert obs.edge_seconds == pytest.approx(service)     # the calibration never sees the wait
+
+
 class ScriptedPeer:
     """A peer answering HELLO like the real cloud and INFER as scripted."""
 

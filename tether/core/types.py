@@ -224,6 +224,7 @@ class RequestRecord:
     cloud_decode_seconds: float = 0.0
     tail_seconds: float = 0.0
     local_seconds: float = 0.0   # local fallback / exit compute
+    edge_wait_seconds: float = 0.0  # waiting for an edge compute thread (not in head/encode/local)
     total_seconds: float = 0.0
     bytes_sent: int = 0          # bytes of all frames put on the socket
     bytes_received: int = 0

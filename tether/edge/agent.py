@@ -2,7 +2,9 @@
 
 :meth:`EdgeAgent.infer` is the whole life of one request. The policy picks an action; the
 head, exit and codec run in worker threads (the event loop stays free for IO); the cloud
-link carries the tail request with the request's deadline. On timeout, BUSY, ERROR or a
+link carries the tail request with the request's deadline. Compute is timed inside the
+worker thread (service time); the wait for a free compute thread is recorded apart as
+``edge_wait_seconds``, so a saturated edge does not look like a slow one to the calibration. On timeout, BUSY, ERROR or a
 disconnected cloud the request is answered locally (whole model, or an early exit) and
 marked ``outcome="fallback"`` with the reason. Every request yields one
 :class:`~tether.core.types.RequestRecord` for the sinks, the metrics and the policy.
@@ -64,6 +66,7 @@ class _Timing:
     decode: float = 0.0
     tail: float = 0.0
     local: float = 0.0
+    wait: float = 0.0        # waiting for a compute thread (and for the loop to resume)
     sent: int = 0
     received: int = 0
     exit_answer: ExitAnswer | None = None
@@ -117,11 +120,19 @@ class EdgeAgent:
         for sink in self.sinks:
             sink.close()
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Compute in a worker thread (or inline on the loop when ``compute_threads = 0``)."""
+    async def _run(self, timing: _Timing, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        """Compute in a worker thread (or inline on the loop when ``compute_threads = 0``).
+
+        Returns the result and its service seconds, timed inside the thread; the rest of the
+        elapsed time (queued behind other requests' compute) is added to ``timing.wait``.
+        """
         if self._executor is None:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return _timed(fn, *args)
+        submitted = time.perf_counter()
+        result, service = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _timed, fn, *args)
+        timing.wait += max(0.0, time.perf_counter() - submitted - service)
+        return result, service
 
     # ---- one request -------------------------------------------------------------------
 
@@ -156,7 +167,7 @@ class EdgeAgent:
             encode_seconds=timing.encode, network_seconds=timing.network,
             cloud_queue_seconds=timing.queue, cloud_decode_seconds=timing.decode,
             tail_seconds=timing.tail, local_seconds=timing.local,
-            total_seconds=time.perf_counter() - t0, bytes_sent=timing.sent,
+            edge_wait_seconds=timing.wait, total_seconds=time.perf_counter() - t0, bytes_sent=timing.sent,
             bytes_received=timing.received, prediction=prediction)
         self._finish(record, action)
         return EdgeResult(logits, prediction, record)
@@ -206,9 +217,8 @@ class EdgeAgent:
                     return answer.logits, "exit"
             if not self.cloud_available:
                 raise _Fallback("disconnected")
-            t = time.perf_counter()
-            encoded = await self._run(self.compute.encode, split, action.codec, features)
-            timing.encode = time.perf_counter() - t
+            encoded, timing.encode = await self._run(timing, self.compute.encode, split,
+                                                     action.codec, features)
         except TetherError as exc:   # the policy asked for a split/codec/exit this bundle lacks
             raise _Fallback("error", exc) from exc
         reply = await self._offload(rid, split, action.codec, encoded, deadline, timing)
@@ -250,24 +260,21 @@ class EdgeAgent:
         raise _Fallback(reason, cause)
 
     async def _full(self, x: np.ndarray, timing: _Timing) -> np.ndarray:
-        t = time.perf_counter()
-        logits = await self._run(self.compute.full, x)
-        timing.local += time.perf_counter() - t
+        logits, service = await self._run(timing, self.compute.full, x)
+        timing.local += service
         return logits
 
     async def _head(self, split: str, x: np.ndarray, timing: _Timing) -> np.ndarray:
         if split == INPUT:
             return x
-        t = time.perf_counter()
-        features = await self._run(self.compute.head, split, x)
-        timing.head += time.perf_counter() - t
+        features, service = await self._run(timing, self.compute.head, split, x)
+        timing.head += service
         timing.features[split] = features
         return features
 
     async def _exit(self, split: str, features: np.ndarray, timing: _Timing) -> ExitAnswer:
-        t = time.perf_counter()
-        answer = await self._run(self.compute.early_exit, split, features)
-        timing.local += time.perf_counter() - t
+        answer, service = await self._run(timing, self.compute.early_exit, split, features)
+        timing.local += service
         timing.exit_answer = answer
         return answer
 
@@ -311,8 +318,19 @@ class EdgeAgent:
         self.policy.observe(Observation(now=time.monotonic(), rtt_seconds=rtt))
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """Run ``fn`` and return its result with its wall-clock service seconds (in this thread:
+    a CPU quota throttles wall time, and the policy prices wall time, not CPU time)."""
+    t = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t
+
+
 def _calibration(record: RequestRecord) -> dict[str, float | None]:
-    """The measured compute of one request, for the policy's online calibration."""
+    """The measured compute of one request, for the policy's online calibration.
+
+    Service time only: ``edge_wait_seconds`` (queued behind other requests' compute) is load,
+    not the device's speed, and would inflate the learned edge slowdown."""
     if record.outcome == "fallback":   # the local answer is not this action's cost
         return {"edge_seconds": None, "cloud_seconds": None}
     edge = record.head_seconds + record.encode_seconds + record.local_seconds
