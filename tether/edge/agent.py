@@ -4,10 +4,10 @@
 head, exit and codec run in worker threads (the event loop stays free for IO); the cloud
 link carries the tail request with the request's deadline. Compute is timed inside the
 worker thread (service time); the wait for a free compute thread is recorded apart as
-``edge_wait_seconds``, so a saturated edge does not look like a slow one to the calibration. On timeout, BUSY, ERROR or a
-disconnected cloud the request is answered locally (whole model, or an early exit) and
-marked ``outcome="fallback"`` with the reason. Every request yields one
-:class:`~tether.core.types.RequestRecord` for the sinks, the metrics and the policy.
+``edge_wait_seconds``, so a saturated edge does not look like a slow one to the calibration.
+On timeout, BUSY, ERROR or a disconnected cloud the request is answered locally (whole
+model, or an early exit) and marked ``outcome="fallback"`` with the reason. Every request
+yields one :class:`~tether.core.types.RequestRecord` for the sinks, the metrics and the policy.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ class EdgeAgent:
         for sink in self.sinks:
             sink.close()
 
-    async def _run(self, timing: _Timing, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    async def _run(self, timing: _Timing, fn: Callable[..., Any],
+                   *args: Any) -> tuple[Any, float]:
         """Compute in a worker thread (or inline on the loop when ``compute_threads = 0``).
 
         Returns the result and its service seconds, timed inside the thread; the rest of the
@@ -167,8 +168,8 @@ class EdgeAgent:
             encode_seconds=timing.encode, network_seconds=timing.network,
             cloud_queue_seconds=timing.queue, cloud_decode_seconds=timing.decode,
             tail_seconds=timing.tail, local_seconds=timing.local,
-            edge_wait_seconds=timing.wait, total_seconds=time.perf_counter() - t0, bytes_sent=timing.sent,
-            bytes_received=timing.received, prediction=prediction)
+            edge_wait_seconds=timing.wait, total_seconds=time.perf_counter() - t0,
+            bytes_sent=timing.sent, bytes_received=timing.received, prediction=prediction)
         self._finish(record, action)
         return EdgeResult(logits, prediction, record)
 
