@@ -143,71 +143,28 @@ def _affine_params(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero_point.to(torch.int64)
 
 
-class ZlibCodec(Codec):
-    """A lossless zlib stage after ``inner``: each inner frame is deflated separately."""
+class LosslessStage(Codec):
+    """A lossless stage after ``inner``: each inner frame is packed separately, its raw size
+    in the header so that unpacking is bounded (no decompression bombs)."""
 
-    def __init__(self, inner: Codec, level: int = 6) -> None:
-        if not 0 <= level <= 9:
-            raise CodecError(f"zlib level must be 0..9, got {level}")
+    suffix = ""
+
+    def __init__(self, inner: Codec, level: int) -> None:
         self.inner = inner
         self.level = level
-        self.codec_id = f"{inner.codec_id}+zlib"
+        self.codec_id = f"{inner.codec_id}+{self.suffix}"
         self.lossless = inner.lossless
+
+    def _pack(self, frame: Frame) -> bytes:
+        raise NotImplementedError
+
+    def _unpack(self, frame: Frame, size: Any, limit: int) -> bytes:
+        raise NotImplementedError
 
     def encode(self, tensor: torch.Tensor) -> EncodedTensor:
         enc = self.inner.encode(tensor)
         sizes = [frame_len(f) for f in enc.payload]
-        frames = [zlib.compress(f, self.level) for f in enc.payload]
-        header = dict(enc.header, codec=self.codec_id, raw_sizes=sizes)
-        return EncodedTensor(header, frames)
-
-    def decode(self, header: dict[str, Any], payload: Sequence[Frame]) -> torch.Tensor:
-        check_header(header, self.codec_id)
-        sizes = header.get("raw_sizes")
-        if not isinstance(sizes, list):
-            raise PayloadError("header raw_sizes must be a list of frame sizes")
-        frames = check_frames(payload, len(sizes))
-        shape = check_shape(header.get("shape"))
-        limit = math.prod(shape) * 8 + 1024
-        raw = [_inflate(f, n, limit) for f, n in zip(frames, sizes)]
-        inner_header = {k: v for k, v in header.items() if k != "raw_sizes"}
-        inner_header["codec"] = self.inner.codec_id
-        return self.inner.decode(inner_header, raw)
-
-
-def _inflate(frame: Frame, size: Any, limit: int) -> bytes:
-    """Inflate one frame to exactly ``size`` bytes, never more than ``limit``."""
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= limit:
-        raise PayloadError(f"zlib raw size {size!r} is invalid (limit {limit} bytes)")
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(bytes(frame), size + 1)
-    except zlib.error as exc:
-        raise PayloadError(f"corrupt zlib frame: {exc}") from exc
-    if len(out) != size or not d.eof or d.unused_data:
-        raise PayloadError(f"zlib frame inflates to {len(out)}+ bytes, header says {size} "
-                           f"(truncated or wrong length)")
-    return out
-
-
-class ZstdCodec(ZlibCodec):
-    """A lossless Zstandard stage after ``inner`` (the ``zstandard`` package), frame by frame."""
-
-    def __init__(self, inner: Codec, level: int = 10) -> None:
-        import zstandard
-        if not 1 <= level <= 22:
-            raise CodecError(f"zstd level must be 1..22, got {level}")
-        self.inner = inner
-        self.level = level
-        self.codec_id = f"{inner.codec_id}+zstd"
-        self.lossless = inner.lossless
-        self._zstd = zstandard
-        self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=False)
-
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
-        enc = self.inner.encode(tensor)
-        sizes = [frame_len(f) for f in enc.payload]
-        frames = [self._compressor.compress(bytes(f)) for f in enc.payload]
+        frames = [self._pack(f) for f in enc.payload]
         header = dict(enc.header, codec=self.codec_id, raw_sizes=sizes)
         return EncodedTensor(header, frames)
 
@@ -223,10 +180,58 @@ class ZstdCodec(ZlibCodec):
         inner_header["codec"] = self.inner.codec_id
         return self.inner.decode(inner_header, raw)
 
+
+def _check_raw_size(what: str, size: Any, limit: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= limit:
+        raise PayloadError(f"{what} raw size {size!r} is invalid (limit {limit} bytes)")
+
+
+class ZlibCodec(LosslessStage):
+    """A lossless zlib stage after ``inner``: each inner frame is deflated separately."""
+
+    suffix = "zlib"
+
+    def __init__(self, inner: Codec, level: int = 6) -> None:
+        if not 0 <= level <= 9:
+            raise CodecError(f"zlib level must be 0..9, got {level}")
+        super().__init__(inner, level)
+
+    def _pack(self, frame: Frame) -> bytes:
+        return zlib.compress(frame, self.level)
+
+    def _unpack(self, frame: Frame, size: Any, limit: int) -> bytes:
+        """Inflate one frame to exactly ``size`` bytes, never more than ``limit``."""
+        _check_raw_size("zlib", size, limit)
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(bytes(frame), size + 1)
+        except zlib.error as exc:
+            raise PayloadError(f"corrupt zlib frame: {exc}") from exc
+        if len(out) != size or not d.eof or d.unused_data:
+            raise PayloadError(f"zlib frame inflates to {len(out)}+ bytes, header says {size} "
+                               f"(truncated or wrong length)")
+        return out
+
+
+class ZstdCodec(LosslessStage):
+    """A lossless Zstandard stage after ``inner`` (the ``zstandard`` package), frame by frame."""
+
+    suffix = "zstd"
+
+    def __init__(self, inner: Codec, level: int = 10) -> None:
+        import zstandard
+        if not 1 <= level <= 22:
+            raise CodecError(f"zstd level must be 1..22, got {level}")
+        super().__init__(inner, level)
+        self._zstd = zstandard
+        self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=False)
+
+    def _pack(self, frame: Frame) -> bytes:
+        return self._compressor.compress(bytes(frame))
+
     def _unpack(self, frame: Frame, size: Any, limit: int) -> bytes:
         """Decompress one frame to exactly ``size`` bytes, never more than ``limit``."""
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= limit:
-            raise PayloadError(f"zstd raw size {size!r} is invalid (limit {limit} bytes)")
+        _check_raw_size("zstd", size, limit)
         reader = self._zstd.ZstdDecompressor().stream_reader(io.BytesIO(bytes(frame)))
         try:
             out, extra = reader.read(size + 1), reader.read(1) if size else b""
