@@ -56,7 +56,6 @@ def test_registries_are_independent():
 
 
 def test_actions_estimates_llm_metrics_and_no_created_series():
-    from tether.core.metrics import LLMMetrics  # noqa: F401 (part of the module's API)
     reg = CollectorRegistry()
     m = EdgeMetrics(reg)
     for key in ("split:layer2:int8", "local", "offload:fp16", "exit:layer1:fp16"):

@@ -229,8 +229,10 @@ class CloudCore:
         nbytes = P.wire_size(msg.payload)
         deadline = None
         if msg.deadline_s is not None:
-            if msg.deadline_s <= self._estimate(group, nbytes):
-                return self._reject(msg, self._busy(msg, "deadline", group, nbytes), bytes_in)
+            estimate = self._estimate(group, nbytes)
+            if msg.deadline_s <= estimate:
+                return self._reject(msg, P.Busy(msg.request_id, "deadline", self._queued,
+                                                estimate), bytes_in)
             deadline = received + msg.deadline_s
         job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in,
                    nbytes)

@@ -175,6 +175,8 @@ class Dispatcher:
         s = self.settings
         options: dict[str, Any] = {"num_cpus": s["worker_cpus"], "num_gpus": s["worker_gpus"],
                                    "scheduling_strategy": "SPREAD"}
+        if s.get("resources"):          # custom node resources: one hundredth of a unit each
+            options["resources"] = {name: 0.01 for name in s["resources"]}
         actor = self.actor_class.options(**options).remote(s)
         try:
             info = await asyncio.wait_for(_awaitable(actor.ready.remote()), s["start_timeout_s"])

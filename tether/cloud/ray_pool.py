@@ -106,6 +106,7 @@ class RayPool:
             "address": self.config.address, "tail_workers": self.config.tail_workers,
             "worker_cpus": self.config.worker_cpus, "worker_gpus": self.config.worker_gpus,
             "device": self.config.device, "torch_threads": self.config.torch_threads,
+            "resources": list(self.config.resources),
             "batch_timeout_s": self.config.batch_timeout_s,
             "start_timeout_s": self.config.start_timeout_s,
             "max_restarts_per_minute": self.config.max_restarts_per_minute,
@@ -359,8 +360,8 @@ class RaySessions:
             self._forget(msg.session_id, None)
             self._where[msg.session_id] = (worker.index, worker.epoch)
             worker.sessions += 1
-            while len(self._where) > self.max_tracked:
-                self._where.popitem(last=False)
+            while len(self._where) > self.max_tracked:      # the oldest, its count too
+                self._forget(next(iter(self._where)), None)
         elif isinstance(msg, P.Close):
             self._forget(msg.session_id, worker)
         return answer

@@ -31,7 +31,7 @@ from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
 from tether.cloud.core import CloudCore, SessionHandler
 from tether.cloud.curve import AllowList, load_allowed_keys, load_server_keys
-from tether.cloud.http import HealthServer
+from tether.core.http import HealthServer
 from tether.core import protocol as P
 from tether.core.errors import ConfigError, ProtocolError
 from tether.core.metrics import CloudMetrics

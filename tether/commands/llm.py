@@ -56,7 +56,7 @@ def _add_edge(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser(
         "llm-edge", help="edge daemon for split LLMs: apps stream tokens from --listen",
         description="Hold the edge part (layers [0, K), KV caches, exit head) and serve "
-                    "`tether generate --edge ENDPOINT` / tether.edge.llm.LLMClient on --listen. "
+                    "`tether generate --edge ENDPOINT` / tether.edge.client.LLMClient on --listen. "
                     "LLM only; `tether edge --llm-checkpoint` serves it beside a DNN bundle.")
     _add_edge_part(d)
     d.add_argument("--listen", default="tcp://127.0.0.1:5571", metavar="ENDPOINT",
@@ -162,7 +162,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_via_daemon(args: argparse.Namespace) -> int:
-    from tether.edge.llm import LLMClient
+    from tether.edge.client import LLMClient       # light: no torch for a client
 
     client = LLMClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
     t0, counts = time.perf_counter(), {}

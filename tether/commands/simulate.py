@@ -62,6 +62,9 @@ def _run(args: argparse.Namespace) -> int:
                                         write_summary_csv)
     from tether.policies.simulator import SimConfig
 
+    if args.calibrate and args.edge_scale == 1.0:
+        raise ConfigError("--calibrate needs --edge-scale X (X != 1): without it the device "
+                          "equals the profile and there is nothing to calibrate")
     table, profile, manifest = _load_table(args)
     policy_cfg = load_policy_config(str(args.policy_config)) if args.policy_config else PolicyConfig()
     uplink = from_spec(args.trace)

@@ -131,11 +131,10 @@ class Manifest:
         if not path.is_file():
             raise BundleError(f"{bundle_dir} is not a complete bundle: no {MANIFEST} "
                               f"(create one with `tether partition MODEL --out DIR`)")
+        data = read_json(path)              # its errors name the file already
         try:
-            return cls.from_dict(read_json(path))
+            return cls.from_dict(data)
         except BundleError as exc:
-            if str(path) in str(exc):
-                raise
             raise BundleError(f"{path}: {exc}") from exc
 
 

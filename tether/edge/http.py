@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -72,8 +73,9 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (width, height))        # JPEG: decode at a reduced size
             rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise InputShapeError(f"cannot read the uploaded image: {exc}") from exc
     return np.asarray(rgb, dtype=np.uint8)
 
@@ -81,6 +83,13 @@ def decode_image(data: bytes, height: int, width: int) -> np.ndarray:
 def decode_npy(data: bytes) -> np.ndarray:
     """A ``.npy`` body (numpy's format; pickled objects refused)."""
     try:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        shape, _, dtype = np.lib.format._read_array_header(stream, version)
+        if dtype.hasobject or dtype.kind not in "biuf" or \
+                math.prod(shape) * dtype.itemsize > len(data):
+            raise ValueError(f"a numeric tensor whose data is in the body is needed, got "
+                             f"dtype {dtype} shape {shape}")
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise InputShapeError(f"body is not a valid .npy tensor: {exc}") from exc
@@ -212,13 +221,14 @@ class HttpFront:
         else:
             data = await self._body(request)
         if ctype in ("application/x-npy", "application/npy"):
-            return decode_npy(data)
+            return await asyncio.to_thread(decode_npy, data)
         if ctype and not (ctype.startswith("image/") or ctype in (
                 "multipart/form-data", "application/octet-stream")):
             raise InputShapeError(f"unsupported Content-Type {ctype!r}: send an image file "
                                   "(multipart field 'file', or image/*) or application/x-npy")
         shape = self.agent.compute.manifest.input.shape
-        return decode_image(data, int(shape[2]), int(shape[3]))
+        # decoding a large upload takes a while: off the event loop that serves every front
+        return await asyncio.to_thread(decode_image, data, int(shape[2]), int(shape[3]))
 
     async def _body(self, request: "Request") -> bytes:
         limit = self.config.http_max_body_bytes

@@ -24,17 +24,15 @@ Every finished (or failed) stream leaves a :class:`GenerationRecord` in ``LLMEdg
 (tokens by source); the local endpoint sends its counts in the RESULT that ends the stream.
 
 :class:`LLMEdgeServer` is the local endpoint applications stream tokens from (``tether
-llm-edge``), :class:`LLMClient` its synchronous client (``tether generate --edge``).
-
-:class:`SessionLink` is the DEALER client for the session messages; ``delay_s`` emulates a
-round-trip time (half before sending, half after the reply) for benchmarks.
+llm-edge``); its synchronous client is :class:`tether.edge.client.LLMClient` (``tether generate
+--edge``), light and re-exported here. The session link to the cloud lives in
+:mod:`tether.edge.llm_link` (``delay_s`` there emulates a round-trip time for benchmarks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import itertools
 import logging
 import time
 import uuid
@@ -50,7 +48,6 @@ from tether.core import protocol as P
 from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, SessionError, TetherError)
 from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
-from tether.edge.client import PeerWatch, receive_matching  # noqa: F401
 from tether.edge.llm_link import LocalSessionLink, SessionLink  # noqa: F401 (public here too)
 from tether.partitioner.llm import EdgeLM, make_hidden_codec, split_name
 
@@ -409,7 +406,8 @@ class LLMEdgeServer:
     Request: ``Prefill(request_id, session_id="", fingerprint="", split="", codec="text",
     token_count=<max new tokens>, payload=(<UTF-8 prompt>,))``. Reply: one RESULT per token
     with tensors (token id int64 ``[1]``, new text uint8 ``[n]``, source uint8 ``[1]`` indexing
-    :data:`SOURCES`), then a RESULT without tensors that ends the stream; ERROR on failure.
+    :data:`SOURCES`), then a RESULT with one int64 ``[3]`` tensor (tokens per source) that
+    ends the stream; ERROR on failure.
     HELLO gets a READY naming the model, PING a PONG.
     """
 

@@ -55,6 +55,8 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ConfigError(f"'max_tokens' must be a positive integer, got {limit!r}")
     stop = body.get("stop") or ()
+    if not isinstance(stop, (str, list, tuple)):
+        raise ConfigError("'stop' must be a string or up to 4 non-empty strings")
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise ConfigError("'stop' must be a string or up to 4 non-empty strings")

@@ -125,7 +125,11 @@ def build_reference(ref: str, root: Path) -> nn.Module:
         obj = getattr(obj, part)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module = obj() if not isinstance(obj, nn.Module) and callable(obj) else obj
+        try:
+            module = obj() if not isinstance(obj, nn.Module) and callable(obj) else obj
+        except Exception as exc:  # noqa: BLE001 - the user's code: any error, one line
+            raise ModelError(f"{ref}: calling it failed: {exc}; point at a module instance, a "
+                             f"class or a factory that takes no arguments") from exc
     if not isinstance(module, nn.Module):
         raise ModelError(f"{ref} gave a {type(module).__name__}, not a torch.nn.Module: point "
                          f"at a module instance, a module class or a factory returning one")
@@ -140,6 +144,8 @@ def _import_module(name: str, root: Path) -> Any:
         return importlib.import_module(name)
     except ImportError as exc:
         raise UnknownModelError(f"cannot import {name!r} (from {root}): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise ModelError(f"importing {name!r} (from {root}) failed: {exc}") from exc
     finally:
         if added:
             sys.path.remove(str(root))
