@@ -55,10 +55,11 @@ async def _start_cloud(bundle):
 
 
 async def _start_edge(**overrides):
-    from tether.edge.config import EdgeConfig
+    from tether.edge.config import EdgeConfig, EdgeLinkConfig, HttpConfig
     from tether.edge.daemon import EdgeDaemon
-    config = dict(listen="tcp://127.0.0.1:0", metrics_port=0, http_port=0,
-                  deadline_seconds=PATIENT) | overrides
+    connect = overrides.pop("connect", "")
+    config = dict(listen="tcp://127.0.0.1:0", metrics_port=0, http=HttpConfig(port=0),
+                  link=EdgeLinkConfig(connect), deadline_seconds=PATIENT) | overrides
     daemon = EdgeDaemon(EdgeConfig(**config))
     endpoint = await daemon.start()
     return daemon, endpoint

@@ -2,9 +2,10 @@
 
 :func:`build_agent` wires compute, policy, cloud link, records and metrics;
 :class:`EdgeDaemon` adds the local endpoint, the Prometheus endpoint and the
-SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`. With ``llm_checkpoint``
-the daemon also holds the edge part of a split LLM (:func:`build_llm_edge`) and streams
-its generations on the same endpoint, its cloud part served by the same ``connect`` cloud.
+SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`. With ``[llm]`` the daemon
+also holds the edge part of a split LLM (:func:`build_llm_edge`) and streams its generations
+on the same endpoint, its cloud part served by the same ``[link]`` cloud; without a bundle it
+serves the LLM alone.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def fixed_action(config: EdgeConfig, compute: EdgeCompute) -> Action:
     split (local without a cloud)."""
     if config.action != "auto":
         return check_action(Action.parse(config.action), compute)
-    if not config.connect:
+    if not config.link.connect:
         return LOCAL
     return Action.parse(f"split:{compute.default_split()}:fp32")
 
@@ -85,15 +86,16 @@ def build_policy(config: EdgeConfig, compute: EdgeCompute) -> Policy:
 
 
 def build_link(config: EdgeConfig, compute: EdgeCompute, edge_id: str) -> ZmqCloudLink | None:
-    if not config.connect:
+    link = config.link
+    if not link.connect:
         return None
     curve = None
-    if config.curve_client_cert is not None:
-        curve = CurveClientKeys.load(config.curve_server_key, config.curve_client_cert)
-    timing = LinkTiming(config.heartbeat_interval_seconds, config.heartbeat_timeout_seconds,
-                        config.handshake_timeout_seconds, config.reconnect_min_seconds,
-                        config.reconnect_max_seconds)
-    return ZmqCloudLink(config.connect, compute.bundle_info(), edge_id, timing, curve)
+    if config.curve.enabled:
+        curve = CurveClientKeys.load(config.curve.server_key, config.curve.client_cert)
+    timing = LinkTiming(link.heartbeat_interval_seconds, link.heartbeat_timeout_seconds,
+                        link.handshake_timeout_seconds, link.reconnect_min_seconds,
+                        link.reconnect_max_seconds)
+    return ZmqCloudLink(link.connect, compute.bundle_info(), edge_id, timing, curve)
 
 
 def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
@@ -111,31 +113,33 @@ def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
 
 
 def build_llm_edge(config: EdgeConfig) -> LLMEdge | None:
-    """The split LLM's edge part from the ``llm_*`` keys; its cloud is ``connect``."""
-    if config.llm_checkpoint is None:
+    """The split LLM's edge part from ``[llm]``; its cloud is ``[link] connect``."""
+    llm = config.llm
+    if not llm.enabled:
         return None
-    return open_llm_edge(config.llm_checkpoint, config.llm_tokenizer, config.llm_split,
-                         config.llm_codec, config.connect, config.llm_exit_head,
-                         config.llm_exit_threshold, config.llm_timeout_seconds,
-                         config.llm_first_step_timeout_seconds)
+    return open_llm_edge(llm.checkpoint, llm.tokenizer, llm.split, llm.codec,
+                         config.link.connect, llm.exit_head, llm.exit_threshold,
+                         llm.timeout_seconds, llm.first_step_timeout_seconds)
 
 
 class EdgeDaemon:
-    """The agent served on its local endpoint, with metrics and a graceful stop."""
+    """The agent (DNN bundle) and/or the split LLM served on one local endpoint, with metrics
+    and a graceful stop. Without a bundle ``agent`` is None: an LLM-only edge."""
 
     def __init__(self, config: EdgeConfig, registry: CollectorRegistry | None = None) -> None:
+        config.require_model()
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = EdgeMetrics(self.registry)
-        self.agent = build_agent(config, metrics=self.metrics)
+        self.agent = build_agent(config, metrics=self.metrics) \
+            if config.bundle is not None else None
         self.llm = build_llm_edge(config)
         if self.llm is not None:
             self.llm.metrics = self.metrics.llm
         self.server = EdgeServer(self.agent, config.listen, config.queue_size,
                                  config.max_inflight, llm=self.llm,
-                                 llm_max_new_tokens=config.llm_max_new_tokens,
-                                 llm_model_id=config.llm_checkpoint.stem
-                                 if config.llm_checkpoint else "llm")
+                                 llm_max_new_tokens=config.llm.max_new_tokens,
+                                 llm_model_id=config.llm.model_id)
         self._stop = asyncio.Event()
         self._gauges: asyncio.Task | None = None
         self.metrics_port: int | None = None
@@ -146,8 +150,9 @@ class EdgeDaemon:
         self._serving = False
 
     async def start(self) -> str:
-        await self.agent.start()
-        self._local_seconds = self.agent.compute.local_seconds()
+        if self.agent is not None:
+            await self.agent.start()
+            self._local_seconds = self.agent.compute.local_seconds()
         endpoint = await self.server.start()
         if self.config.metrics_port is not None:
             self._probes = HealthServer(self.registry, self.health)
@@ -158,24 +163,34 @@ class EdgeDaemon:
                                   f"{self.config.metrics_port}: {exc}; choose another "
                                   "--metrics-port") from exc
             self.metrics_port = self._probes.port
-        if self.config.http_port is not None:
+        if self.config.http.port is not None:
             from tether.edge.http import HttpFront      # starlette + uvicorn: the [http] extra
             self._front = HttpFront(self)
-            self.http_port = await self._front.start(self.config.http_host, self.config.http_port)
+            self.http_port = await self._front.start(self.config.http.host, self.config.http.port)
         self._serving = True
         # read at scrape time: a gauge refreshed by the loop lags the link by up to 0.25 s
-        self.metrics.cloud_ready.set_function(lambda: 1.0 if self.agent.cloud_available else 0.0)
+        self.metrics.cloud_ready.set_function(lambda: 1.0 if self._cloud_available() else 0.0)
         self._gauges = asyncio.create_task(self._update_gauges())
-        link = self.agent.link
-        llm = (f" and LLM {self.config.llm_checkpoint} (layers [0, {self.llm.part.k}), "
-               f"{self.llm.config.codec})") if self.llm else ""
-        log.info("edge %s serving %s (%s)%s on %s; cloud %s; policy %s; metrics %s",
-                 self.agent.edge_id, self.agent.compute.manifest.model_id,
-                 self.config.bundle, llm, endpoint, link.endpoint if link else "none (local only)",
-                 getattr(self.agent.policy, "name", "?"),
+        self._log_serving(endpoint)
+        return endpoint
+
+    def _cloud_available(self) -> bool:
+        if self.agent is not None:
+            return self.agent.cloud_available
+        return self.llm is not None and self.llm.cloud_available
+
+    def _log_serving(self, endpoint: str) -> None:
+        agent, llm = self.agent, self.llm
+        served = [f"{agent.compute.manifest.model_id} ({self.config.bundle}, policy "
+                  f"{getattr(agent.policy, 'name', '?')})"] if agent else []
+        if llm is not None:
+            served.append(f"LLM {self.config.llm.checkpoint} (layers [0, {llm.part.k}), "
+                          f"{llm.config.codec})")
+        log.info("edge %s serving %s on %s; cloud %s; metrics %s",
+                 agent.edge_id if agent else self.config.edge_id or "-", " and ".join(served),
+                 endpoint, self.config.link.connect or "none (local only)",
                  f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
                  if self.metrics_port else "off")
-        return endpoint
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -189,7 +204,7 @@ class EdgeDaemon:
         if announce:
             metrics = f" metrics http://{self.config.metrics_host}:{self.metrics_port}/metrics" \
                 if self.metrics_port else ""
-            http = f" http http://{self.config.http_host}:{self.http_port}" \
+            http = f" http http://{self.config.http.host}:{self.http_port}" \
                 if self.http_port else ""
             print(f"tether edge ready on {endpoint}{metrics}{http}", flush=True)
         loop = asyncio.get_running_loop()
@@ -211,10 +226,12 @@ class EdgeDaemon:
         """Liveness and readiness (``/healthz``, ``/readyz``): loaded, not draining, and
         every served model can answer: its cloud link is up or its local fallback can
         (the whole model within ``deadline_seconds``; an LLM's exit head)."""
-        checks = {"loaded": self._serving, "not_draining": not self.server.draining,
-                  "cloud_link": self.agent.cloud_available,
-                  "local_fallback": self._local_seconds <= self.config.deadline_seconds}
-        answers = checks["cloud_link"] or checks["local_fallback"]
+        checks = {"loaded": self._serving, "not_draining": not self.server.draining}
+        answers = True
+        if self.agent is not None:
+            checks["cloud_link"] = self.agent.cloud_available
+            checks["local_fallback"] = self._local_seconds <= self.config.deadline_seconds
+            answers = checks["cloud_link"] or checks["local_fallback"]
         if self.llm is not None:
             checks["llm_cloud"] = self.llm.cloud_available
             checks["llm_exit_head"] = self.llm.has_exit
@@ -232,7 +249,8 @@ class EdgeDaemon:
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
-        await self.agent.close()
+        if self.agent is not None:
+            await self.agent.close()
         if self.llm is not None and self.llm.link is not None:
             await self.llm.link.close()
         if self._probes is not None:
@@ -243,7 +261,7 @@ class EdgeDaemon:
     async def _update_gauges(self) -> None:
         counted = 1          # the first handshake is a connect, not a reconnect
         while True:
-            link = self.agent.link
+            link = self.agent.link if self.agent is not None else None
             connects = getattr(link, "connects", 0)
             if connects > counted:
                 self.metrics.reconnects.inc(connects - counted)
@@ -252,6 +270,8 @@ class EdgeDaemon:
             await asyncio.sleep(0.25)
 
     def _export_estimates(self) -> None:
+        if self.agent is None:
+            return
         estimates = getattr(self.agent.policy, "estimates", None)
         try:
             values = estimates(time.monotonic()) if callable(estimates) else {}
