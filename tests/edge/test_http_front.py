@@ -142,7 +142,7 @@ def _declared_too_big(daemon) -> bytes:
     import socket
     with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as sock:
         sock.sendall(f"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     f"Content-Length: {daemon.config.http_max_body_bytes + 1}\r\n\r\n".encode())
+                     f"Content-Length: {daemon.config.http.max_body_bytes + 1}\r\n\r\n".encode())
         return sock.recv(4096)
 
 
