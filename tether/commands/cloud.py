@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from tether.commands._args import comma_list
+from tether.commands._args import comma_list, flag_overrides
 
 log = logging.getLogger("tether.cloud")
 
@@ -119,13 +119,7 @@ def _add_llm_options(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> Any:
     """CloudConfig from --config and the flags (flags win)."""
     from tether.cloud.config import load_cloud_config
-    overrides = {}
-    for dest, field in CLOUD_FLAGS.items():
-        value = getattr(args, dest)
-        if value is not None and dest in _FLAG_UNITS:
-            value = _FLAG_UNITS[dest](value)
-        overrides[field] = value
-    return load_cloud_config(args.config, overrides)
+    return load_cloud_config(args.config, flag_overrides(args, CLOUD_FLAGS, _FLAG_UNITS))
 
 
 def run_cloud(args: argparse.Namespace) -> int:

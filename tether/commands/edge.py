@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tether.commands._args import flag_overrides
 from tether.core.errors import InputShapeError
 
 
@@ -102,11 +103,6 @@ def _add_llm_options(p: argparse.ArgumentParser) -> None:
                         "layers first; default 30)")
     g.add_argument("--llm-max-new-tokens", type=int, metavar="N",
                    help="cap on the tokens of one generation (default 1024)")
-
-
-def flag_overrides(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
-    """The config overrides the given flags make (dotted field -> value; absent flags: None)."""
-    return {field: getattr(args, dest) for dest, field in flags.items()}
 
 
 def _run_edge(args: argparse.Namespace) -> int:
