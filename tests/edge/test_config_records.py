@@ -152,3 +152,27 @@ def test_list_sink_and_bad_suffix(tmp_path):
     with pytest.raises(ConfigError, match=".jsonl or .csv"):
         open_sink(tmp_path / "x.txt")
     assert EdgeConfig().listen.startswith("tcp://127.0.0.1")
+
+
+@pytest.mark.parametrize("command", ["edge", "cloud"])
+def test_every_mapped_flag_exists_and_sets_a_real_config_field(command):
+    """The literal flag -> field mappings stay in step with the parsers and the dataclasses."""
+    import argparse
+    import dataclasses
+    import typing
+
+    from tether.cli import build_parser
+    from tether.cloud.config import CloudConfig
+    from tether.commands.cloud import CLOUD_FLAGS
+    from tether.commands.edge import EDGE_FLAGS
+    flags, cls = (EDGE_FLAGS, EdgeConfig) if command == "edge" else (CLOUD_FLAGS, CloudConfig)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dests = {a.dest for a in sub.choices[command]._actions if a.option_strings}
+    assert set(flags) <= dests, set(flags) - dests
+    assert dests - set(flags) <= {"help", "config"}, dests - set(flags)     # every flag is mapped
+    for path in flags.values():
+        owner = cls
+        for part in path.split("."):
+            assert dataclasses.is_dataclass(owner), path
+            assert part in {f.name for f in dataclasses.fields(owner)}, path
+            owner = typing.get_type_hints(owner)[part]
