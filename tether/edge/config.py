@@ -108,9 +108,9 @@ class EdgeConfig:
         if self.llm_checkpoint is None:
             return
         from tether.core.errors import TetherError
-        from tether.partitioner.llm import make_hidden_codec
+        from tether.codecs import hidden_codec
         try:
-            make_hidden_codec(self.llm_codec)
+            hidden_codec(self.llm_codec)
         except TetherError as exc:
             raise ConfigError(f"llm_codec: {exc}") from exc
         if self.llm_split is not None and self.llm_split < 1:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import numpy as np
 
 from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError, InputShapeError,
-                                PeerUnavailableError, ProtocolError, TetherError)
+                                PeerUnavailableError, ProtocolError, TetherError, TransientError)
 from tether.core.http import PROBE_PATHS, probe_response
 from tether.edge.openai_api import (CompletionRequest, ResponseShape, StopMatcher, error_body,
                                     parse_request, sse)
@@ -49,8 +49,8 @@ except ImportError as exc:   # pragma: no cover - exercised only without the ext
         from exc
 
 log = logging.getLogger(__name__)
-_STATUS = {InputShapeError: 400, ProtocolError: 400, ConfigError: 400, BusyError: 503,
-           PeerUnavailableError: 503, DeadlineExceededError: 504}
+_STATUS = {InputShapeError: 400, ProtocolError: 400, ConfigError: 400,
+           DeadlineExceededError: 504, TransientError: 503}     # most specific class wins
 _IMAGE_FIELDS = ("file", "image")
 
 
