@@ -46,7 +46,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                     "--out runs/lte",),
     "testbed report": ("tether testbed report runs/lte",),
     "generate": ("tether generate --edge tcp://127.0.0.1:5560 \"Once upon a time\"",),
-    "llm-edge": ("tether llm-edge --cloud tcp://127.0.0.1:5570 --split 2 --codec int8",),
+    "llm-edge": ("tether llm-edge --cloud tcp://127.0.0.1:5570 --split 2 --codec int8-token",),
     "llm-serve": ("tether llm-serve --listen tcp://127.0.0.1:5570 --max-sessions 32",),
     "llm-exit": ("tether llm-exit --split 2 --out exits/stories-k2.pt",),
     "codec": ("tether codec train bundles/r20 --split layer3.1 --betas 0.001,0.003 --exit",),
