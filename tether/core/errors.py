@@ -20,7 +20,8 @@ protocol's ERROR message carries it so the peer rebuilds the same class
         │   ├── UnknownModelError
         │   ├── NotTraceableError
         │   └── InputShapeError
-        │       └── NonFiniteInputError   NaN/Inf in an input tensor
+        │       ├── NonFiniteInputError   NaN/Inf in an input tensor
+        │       └── TooLargeError         an upload over the configured size limit
         ├── WeightsError           unreadable, corrupt or mismatched weights file
         ├── SplitError             unknown split point (message lists the valid ones)
         ├── BundleError            missing/corrupt bundle or manifest, fingerprint mismatch
@@ -110,6 +111,10 @@ class NonFiniteInputError(InputShapeError):
     code = "non_finite"
 
 
+class TooLargeError(InputShapeError):
+    code = "too_large"
+
+
 class WeightsError(FatalError):
     code = "weights"
 
@@ -170,7 +175,7 @@ class InternalError(FatalError):
 ERRORS: tuple[type[TetherError], ...] = (
     TransientError, BusyError, DeadlineExceededError, PeerUnavailableError,
     FatalError, ConfigError, ModelError, UnknownModelError, NotTraceableError,
-    InputShapeError, NonFiniteInputError, WeightsError, SplitError, BundleError, CodecError,
+    InputShapeError, NonFiniteInputError, TooLargeError, WeightsError, SplitError, BundleError, CodecError,
     UnknownCodecError, CodecStateError, PayloadError, ProtocolError, VersionMismatchError,
     SessionError, RemoteError, TraceError, PlatformError, InternalError,
 )
