@@ -63,8 +63,8 @@ def hidden_codec(codec_id: str) -> Codec:
     name = canonical_codec_id(codec_id, "hidden") if isinstance(codec_id, str) else codec_id
     if name not in TENSOR_CODEC_IDS:
         raise UnknownCodecError(f"unknown hidden-state codec {codec_id!r}; LLM split codecs: "
-                                f"{', '.join(TENSOR_CODEC_IDS)} (old names: int8 = int8-token, "
-                                f"int4 = int4-token)")
+                                f"{', '.join(TENSOR_CODECS)}, each alone or +zlib or +zstd "
+                                f"(old names: int8 = int8-token, int4 = int4-token)")
     return make_codec(name)
 
 
