@@ -90,7 +90,9 @@ def _add_llm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-split", type=int, metavar="K",
                    help="edge keeps layers [0, K) (default: half the layers)")
     g.add_argument("--llm-codec", metavar="CODEC",
-                   help="hidden-state codec: fp32, fp16, int8, int4 (+zlib) (default fp16)")
+                   help="hidden-state codec: fp32, fp16, int8-token, int4-token, int8-channel, "
+                        "each +zlib or +zstd (old names int8, int4 = int8-token, int4-token) "
+                        "(default fp16)")
     g.add_argument("--llm-exit-head", type=Path, metavar="FILE",
                    help="trained exit head (`tether llm-exit`)")
     g.add_argument("--llm-exit-threshold", type=float, metavar="P",

@@ -56,8 +56,9 @@ def _add_edge_part(p: argparse.ArgumentParser) -> None:
                    help="a `tether cloud --llm-checkpoint` daemon, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--split", type=int, default=None, metavar="K",
                    help="edge keeps layers [0, K) (default: half the layers)")
-    p.add_argument("--codec", default="fp16", help="hidden-state codec: fp32, fp16, int8, int4 "
-                   "(+zlib) (default fp16)")
+    p.add_argument("--codec", default="fp16", help="hidden-state codec: fp32, fp16, int8-token, "
+                   "int4-token, int8-channel, each +zlib or +zstd (old names int8, int4 = "
+                   "int8-token, int4-token) (default fp16)")
     p.add_argument("--exit-head", type=Path, metavar="FILE", help="trained exit head (llm-exit)")
     p.add_argument("--exit-threshold", type=float, metavar="P",
                    help="answer on the edge when the exit's probability >= P "

@@ -94,9 +94,9 @@ class EdgeLLMConfig:
             refuse_settings_without(self, "checkpoint", "llm", "--llm-checkpoint")
             return
         from tether.core.errors import TetherError
-        from tether.partitioner.llm import make_hidden_codec
+        from tether.codecs import hidden_codec
         try:
-            make_hidden_codec(self.codec)
+            hidden_codec(self.codec)
         except TetherError as exc:
             raise ConfigError(f"llm.codec: {exc}") from exc
         if self.split is not None and self.split < 1:
