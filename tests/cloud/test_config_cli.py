@@ -42,7 +42,7 @@ def test_example_config_loads_and_matches_the_documented_defaults():
     ("[cloud]\ncurve_secret_key = 'k'\n", "moved: write secret_key = ... under \\[curve\\]"),
     ("[llm]\nmax_sessions = 8\n", "llm.checkpoint is missing"),
     ("[llm]\ncheckpoint = 's.bin'\nmax_sessions = 0\n", "max_sessions"),
-    ("[llm]\ncheckpoint = 's.bin'\ncodecs = ['zip']\n", "unknown LLM codecs"),
+    ("[llm]\ncheckpoint = 's.bin'\ncodecs = ['zip']\n", "LLM codecs: unknown hidden-state codec"),
     ("[llm]\ncheckpoint = 's.bin'\nmax_session = 8\n", "llm.max_session"),
     ("[cloud]\n[llm]\ncheckpoint = 's'\n[cloud.llm]\ncheckpoint = 's'\n", "both set"),
     ("[cloud\n", "not valid TOML"),
