@@ -61,15 +61,16 @@ def demo_images(count: int = 256) -> ImageSet:
                     f"demo-synthetic-seed{IMAGE_SEED}")
 
 
-def run_demo(scenario: Scenario, out: Path,
-             progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Build (or reuse) the demo bundle, run every policy, print and return the summary."""
+def run_demo(scenario: Scenario, out: Path, progress: Callable[[str], None] | None = None,
+             recipe: Any = None) -> list[dict[str, Any]]:
+    """Build (or reuse) the demo bundle (``recipe``: a :class:`~tether.testbed.demo_bundle.
+    Recipe`, default the demo's), run every policy, print and return the summary."""
     from tether.testbed.analysis import write_results
-    from tether.testbed.demo_bundle import ensure_demo_bundle
+    from tether.testbed.demo_bundle import Recipe, ensure_demo_bundle
     from tether.testbed.runner import prepare, run_policy, start_infrastructure
     from tether.testbed.procs import ProcessGroup
     out.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_demo_bundle(out, progress)
+    bundle = ensure_demo_bundle(out, progress, recipe or Recipe())
     manifest = Manifest.load(bundle)
     trace_path = out / "uplink.trace"
     demo_uplink(max(scenario.duration_s, 10.0), scenario.seed).save_mahimahi(trace_path)

@@ -15,6 +15,7 @@ minute on two cores, from data the demo makes itself (:mod:`tether.testbed.demo_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from typing import Any, Callable
 import torch
 
 from tether.core.errors import PeerUnavailableError
-from tether.testbed.demo_model import DATA_NOTE, calibrate_model, synthetic_images, to_float
+from tether.testbed.demo_model import (
+    DATA_NOTE, IMAGE_SIZE, calibrate_model, synthetic_images, to_float,
+)
 from tether.testbed.procs import ProcessGroup, tether_command
 
 #: Bumped whenever the recipe changes, so a cached bundle of an older recipe is rebuilt.
@@ -45,13 +48,12 @@ class Rung:
 
 
 #: The codec ladder: rates differ by latent size; the split points by head compute.
-LADDER = (Rung("layer1.0", 8, 4), Rung("layer1.0", 3, 4), Rung("layer2.0", 3, 2))
+LADDER = (Rung("layer1.0", 6, 4), Rung("layer1.0", 2, 4))
 SPLITS = tuple(dict.fromkeys(r.split for r in LADDER))
 EXIT_SPLIT = "layer1.0"
-EXIT_TARGET = 0.97
+EXIT_TARGET = 0.95
 INPUT_CODECS = ("png", "jpeg90", "webp75")
 TENSOR_CODECS = ("fp32", "int8+zlib")
-TRAIN_IMAGES, EVAL_IMAGES = 512, 200
 TRAIN_SEED, EVAL_SEED = 1, 2
 
 
@@ -59,12 +61,15 @@ TRAIN_SEED, EVAL_SEED = 1, 2
 class Recipe:
     """How the demo trains its codecs (small on purpose: it runs on the user's machine)."""
 
-    epochs: int = 3
-    batch_size: int = 32
+    train_images: int = 512
+    eval_images: int = 200
+    epochs: int = 5
+    batch_size: int = 16
     hidden: int = 24
-    beta: float = 0.002          # loss weight per estimated byte
+    beta: float = 0.01           # loss weight per estimated byte
     kd_weight: float = 1.0       # distillation through the frozen tail (0: features only)
-    exit_epochs: int = 6
+    exit_epochs: int = 8
+    exit_conv: int = 32          # exit head: conv channels before pooling
 
 
 def ensure_demo_bundle(out: Path, progress: Callable[[str], None] | None = None,
@@ -74,22 +79,24 @@ def ensure_demo_bundle(out: Path, progress: Callable[[str], None] | None = None,
     marker = bundle / "demo.json"
     if marker.is_file():
         try:
-            if json.loads(marker.read_text()).get("recipe") == RECIPE:
+            built = json.loads(marker.read_text())
+            if built.get("recipe") == RECIPE and built.get("image_size") == IMAGE_SIZE and \
+                    built.get("recipe_settings") == dataclasses.asdict(recipe):
                 return bundle
         except ValueError:
             pass
     say = progress or (lambda _text: None)
     t0 = time.monotonic()
-    train_x, train_y = synthetic_images(TRAIN_IMAGES, TRAIN_SEED)
+    train_x, train_y = synthetic_images(recipe.train_images, TRAIN_SEED)
     weights = out / "demo-model.pt"
-    say(f"fitting the seeded {MODEL} to {TRAIN_IMAGES} synthetic images")
+    say(f"fitting the seeded {MODEL} to {recipe.train_images} synthetic images")
     train_acc = _fit_model(train_x, train_y, weights)
     say("exporting and profiling heads at " + ", ".join(SPLITS))
     _partition(weights, bundle, out / "logs")
     say("training the codec ladder and the exit on the model's own features")
     built = train_ladder(bundle, train_x, train_y, recipe, say)
     built |= {"recipe": RECIPE, "data": DATA_NOTE, "train_accuracy": train_acc,
-              "train_images": TRAIN_IMAGES, "eval_images": EVAL_IMAGES,
+              "recipe_settings": dataclasses.asdict(recipe), "image_size": IMAGE_SIZE,
               "build_seconds": round(time.monotonic() - t0, 1)}
     marker.write_text(json.dumps(built, indent=2))
     say(f"bundle ready in {built['build_seconds']:.0f} s")
@@ -108,6 +115,7 @@ def _fit_model(images: torch.Tensor, labels: torch.Tensor, weights: Path) -> flo
 def _partition(weights: Path, bundle: Path, logs: Path) -> None:
     cmd = tether_command("partition", MODEL, "--weights", str(weights), "--out", str(bundle),
                          "--force", "--splits", ",".join(SPLITS), "--repeats", "5",
+                         "--input-shape", f"1,3,{IMAGE_SIZE},{IMAGE_SIZE}",
                          "--warmup", "2", "--no-progress")
     with ProcessGroup(logs) as group:
         if group.start("partition", cmd).wait() != 0:
@@ -124,7 +132,7 @@ def train_ladder(bundle: Path, train_x: torch.Tensor, train_y: torch.Tensor,
     from tether.codecs.training import teacher_outputs
     from tether.partitioner import BundleModel
     bm = BundleModel.load(bundle)
-    eval_x, eval_y = synthetic_images(EVAL_IMAGES, EVAL_SEED)
+    eval_x, eval_y = synthetic_images(recipe.eval_images, EVAL_SEED)
     xe, xt = to_float(eval_x), to_float(train_x)
     full = bm.full_model()
     full_acc = float((predict(full, xe) == eval_y).double().mean())
@@ -144,7 +152,11 @@ def train_ladder(bundle: Path, train_x: torch.Tensor, train_y: torch.Tensor,
             ladder.append({"split": split, "codec": result.codec, "bytes": result.payload_bytes,
                            "accuracy": result.accuracy})
         if split == EXIT_SPLIT:
-            exits.append(_train_exit(bundle, split, teacher, train_y, feats, eval_y, tail, recipe))
+            found = _train_exit(bundle, split, teacher, train_y, feats, eval_y, tail, recipe)
+            exits += [found] if found is not None else []
+            say(f"  exit at {split}: " + (f"answers {100 * found.exit_rate:.0f} % of images, "
+                                         f"top-1 {100 * (found.accuracy or 0):.1f} % on them"
+                                         if found else "never confident enough, left out"))
     update_costs(bundle, codecs=[r.to_cost() for r in results], exits=exits,
                  full_accuracy=full_acc)
     return {"full_accuracy": full_acc, "ladder": ladder,
@@ -180,13 +192,15 @@ def _train_exit(bundle: Path, split: str, teacher: Any, labels: torch.Tensor,
     from tether.codecs.training import Teacher, TrainConfig, describe
     n_cal = len(labels) // 4
     fit = slice(0, len(labels) - n_cal)
-    cfg = ExitConfig(tuple(teacher.features.shape[1:]), teacher.logits.shape[1], 0)
+    cfg = ExitConfig(tuple(teacher.features.shape[1:]), teacher.logits.shape[1], recipe.exit_conv)
     train = TrainConfig(epochs=recipe.exit_epochs, seed=0, lr=3e-3, temperature=2.0)
     head, history = train_exit(Teacher(teacher.features[fit], teacher.logits[fit]), cfg, train,
                                progress=False)
     with torch.no_grad():
         cal_logits = head(teacher.features[-n_cal:].float())
     calib = calibrate(cal_logits, labels[-n_cal:], EXIT_TARGET)
+    if calib.exit_rate <= 0:
+        return None                   # never confident enough: no exit rather than a dead one
     save_exit(bundle, split, head, calib, {
         "train": describe(train), "history": history, "reference": "labels",
         "calibration_indices": f"demo synthetic images seed {TRAIN_SEED}, last {n_cal}"})
@@ -196,4 +210,6 @@ def _train_exit(bundle: Path, split: str, teacher: Any, labels: torch.Tensor,
     seconds = (time.perf_counter() - t0) / max(len(feats), 1)
     point = exit_curve(split, logits, predict(tail, feats), eval_y, calib.metric,
                        [calib.threshold])[0]
+    if point.exit_accuracy is None:   # took none of the evaluation images
+        point = dataclasses.replace(point, exit_accuracy=calib.accuracy)
     return exit_cost(point, seconds)
