@@ -153,3 +153,25 @@ def test_short_demo_runs_every_policy_live(tiny_demo_bundle, capsys):
     assert (out / "timeline.png").is_file() and (out / "requests.csv").is_file()
     assert np.isfinite([s["mean_s"] for s in summary]).all()
     assert "lowest measured mean latency" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not cpuquota.supported(), reason="needs a per-process CPU clock (Linux)")
+def test_throttle_without_a_writable_cgroup_uses_the_userspace_quota():
+    import dataclasses
+
+    from tether.testbed.platform import CpuThrottle, probe
+    info = dataclasses.replace(probe(network=False), root=False, cgroup="none",
+                               cgroup_cpu_path="")
+    throttle = CpuThrottle("nonroot", 0.2, info=info)
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass\n"
+    try:
+        assert throttle.mode == "userspace" and throttle.applied_cores == 0.2
+        proc = subprocess.Popen([sys.executable, "-c", busy])
+        throttle.add(proc.pid)
+        t0 = time.monotonic()
+        proc.wait(timeout=60)
+        assert time.monotonic() - t0 >= 0.6       # 0.2 s of CPU at 0.2 core: >= ~1 s
+        assert throttle.stats()["nr_throttled"] > 0
+        assert throttle.describe()["throttle"] == "userspace"
+    finally:
+        throttle.close()

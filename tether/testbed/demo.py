@@ -65,7 +65,7 @@ def run_demo(scenario: Scenario, out: Path, progress: Callable[[str], None] | No
              recipe: Any = None) -> list[dict[str, Any]]:
     """Build (or reuse) the demo bundle (``recipe``: a :class:`~tether.testbed.demo_bundle.
     Recipe`, default the demo's), run every policy, print and return the summary."""
-    from tether.testbed.analysis import write_results
+    from tether.testbed.analysis import flatten, write_results
     from tether.testbed.demo_bundle import Recipe, ensure_demo_bundle
     from tether.testbed.runner import prepare, run_policy, start_infrastructure
     from tether.testbed.procs import ProcessGroup
@@ -87,7 +87,8 @@ def run_demo(scenario: Scenario, out: Path, progress: Callable[[str], None] | No
                 progress(f"[{label}] running {scenario.duration_s:g} s")
             rows += run_policy(exp, infra, label, entry)
     summary = write_results(exp, rows)
-    report = timeline_text(rows, exp.up, "adaptive") + "\n\n" + comparison_text(summary)
+    flat = [flatten(r, scenario.deadline_s) for r in rows]
+    report = timeline_text(flat, exp.up, "adaptive") + "\n\n" + comparison_text(summary)
     (out / "demo.txt").write_text(report + "\n")
     print("\n" + report, flush=True)
     return summary
