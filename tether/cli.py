@@ -40,7 +40,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "infer": ("tether infer --edge tcp://127.0.0.1:5560 cat.png ship.jpg",),
     "keys generate": ("tether keys generate --out keys --name server",),
     "keys": ("tether keys generate --out keys --name edge-1",),
-    "demo": ("tether demo --assets ../shared/assets --duration 60",),
+    "demo": ("tether demo --duration 60 --cpu-quota 0.05",),
     "simulate": ("tether simulate --bundle bundles/r20 --trace lte-like --policies "
                  "local,cloud,adaptive --out sim/",),
     "testbed": ("tether testbed probe",),

@@ -93,19 +93,13 @@ def _demo_args(**kw):
     return parser.parse_args(argv), demo
 
 
-def test_demo_without_assets_uses_random_weights_and_images():
-    args, demo = _demo_args(duration=30, policies="local,adaptive")
-    scenario = demo.demo_scenario(args, None)
-    assert scenario.weights is None and scenario.images == "random"
-    assert scenario.duration_s == 15 and scenario.policy_labels == ["local", "adaptive"]
-    assert scenario.link.up == "lte-like" and scenario.link.backend == "userspace"
-
-
-def test_demo_with_assets_uses_pretrained_weights_and_cifar(assets):
-    args, demo = _demo_args()
-    scenario = demo.demo_scenario(args, assets)
-    assert scenario.weights.endswith(".th") and Path(scenario.weights).is_file()
-    assert scenario.images == "cifar10" and len(scenario.policies) == 3
+def test_demo_scenario_is_a_weak_edge_on_a_userspace_link():
+    args, demo = _demo_args(duration=60, rate=2)
+    scenario = demo.demo_scenario(args)
+    assert scenario.weights is None and scenario.duration_s == 10 and scenario.rate_hz == 2
+    assert scenario.cpu_quota == demo.DEFAULT_QUOTA and scenario.link.backend == "userspace"
+    with pytest.raises(ConfigError):
+        demo.demo_scenario(_demo_args(rate=0)[0])
 
 
 def test_oracle_cannot_run_live():

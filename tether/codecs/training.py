@@ -105,7 +105,9 @@ def _bottleneck_step(model: BottleneckAutoencoder, tail: nn.Module, x: torch.Ten
                      energy: float) -> dict[str, torch.Tensor]:
     out = model(x)
     mse = F.mse_loss(out["x_hat"], x) / energy
-    kd = kd_loss(tail(out["x_hat"]), teacher_logits, cfg.temperature)
+    # kd_weight = 0: features only, the frozen tail is not run (much cheaper on small CPUs)
+    kd = (kd_loss(tail(out["x_hat"]), teacher_logits, cfg.temperature) if cfg.kd_weight
+          else mse.new_zeros(()))
     bits = bits_per_sample(out["likelihoods"]["y"])
     loss = cfg.feature_weight * mse + cfg.kd_weight * kd + beta * bits / 8.0
     return {"loss": loss, "mse": mse, "kd": kd, "bytes": bits / 8.0}

@@ -69,10 +69,16 @@ class EdgeCompute:
 
     def warm(self) -> None:
         """Run the whole model and every head once on a dummy input (ONNX Runtime allocates
-        and picks kernels on the first run), so the first request is not cold."""
+        and picks kernels on the first run), and build every learned codec and exit of the
+        manifest (loading them takes seconds of CPU: far too long for a request on a
+        throttled edge), so the first request is not cold."""
         x = np.zeros((1, *self.manifest.input.shape[1:]), dtype=self.manifest.input.dtype)
         for module in (self.full_model, *self.heads.values()):
             module(x)
+        for entry in self.manifest.codecs:
+            self.codec(entry.split, entry.codec)
+        for split in self._exits:
+            self._exit_module(split)
 
     def _load_costs(self) -> CostTable | None:
         try:

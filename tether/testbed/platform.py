@@ -3,8 +3,9 @@
 :func:`probe` checks root, network namespaces, ``tc`` tbf and netem (by trying them in a
 throw-away namespace), and the cgroup CPU controller. :class:`CpuThrottle` puts edge
 processes under a CPU quota: cgroup v1 ``cpu.cfs_quota_us`` or cgroup v2 ``cpu.max`` where
-writable, plus CPU pinning; without either it falls back to thread limits (one intra-op
-thread) and says so in :attr:`CpuThrottle.mode`.
+writable, plus CPU pinning; without one (not root) the same budget is enforced in userspace
+(:class:`tether.testbed.cpuquota.UserspaceQuota`, SIGSTOP/SIGCONT), else only thread limits
+(one intra-op thread); :attr:`CpuThrottle.mode` says which.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def probe(network: bool = True) -> PlatformInfo:
     cgroup, path = _cgroup_cpu() if root else ("none", "")
     notes = []
     if not root:
-        notes.append("not root: no kernel link backend, CPU throttle falls back to thread limits")
+        notes.append("not root: no kernel link backend, CPU quota enforced in userspace "
+                     "(SIGSTOP/SIGCONT on the process CPU clock)")
     elif network and not netem:
         notes.append("tc netem unavailable in this kernel: delay/loss/trace replay use the "
                      "userspace link; the kernel backend shapes rate only (tbf)")
@@ -149,12 +151,18 @@ class CpuThrottle:
         self.mode = "none"
         self.path: Path | None = None
         self.applied_cores: float | None = None   # what the kernel enforces (cgroup modes)
+        self._userspace = None                     # a UserspaceQuota (mode "userspace")
         if cores is not None:
             self.mode = self._create(name, cores)
 
     def _create(self, name: str, cores: float) -> str:
         kind, base = self.info.cgroup, self.info.cgroup_cpu_path
         if kind == "none":
+            from tether.testbed.cpuquota import UserspaceQuota, supported
+            if supported():
+                self._userspace = UserspaceQuota(cores)
+                self.applied_cores = cores
+                return "userspace"
             log.warning("no writable cgroup CPU controller: throttling by thread limits only")
             return "threads"
         path = Path(base) / f"tether-{name}-{os.getpid()}"
@@ -186,9 +194,13 @@ class CpuThrottle:
                 raise PlatformError(f"cannot pin pid {pid} to CPUs {self.pin}: {exc}") from exc
         if self.path is not None:
             (self.path / "cgroup.procs").write_text(str(pid))
+        if self._userspace is not None:
+            self._userspace.add(pid)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """The group's ``cpu.stat`` counters (periods, throttled periods and time), if any."""
+        if self._userspace is not None:
+            return self._userspace.stats()
         if self.path is None or not (self.path / "cpu.stat").exists():
             return {}
         pairs = (line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
@@ -199,7 +211,10 @@ class CpuThrottle:
                 "cpu_pin": list(self.pin), "throttle": self.mode}
 
     def close(self) -> None:
-        """Remove the cgroup (its processes must have exited)."""
+        """Remove the cgroup (its processes must have exited) or stop the userspace quota."""
+        if self._userspace is not None:
+            self._userspace.close()
+            self._userspace = None
         if self.path is not None:
             try:
                 self.path.rmdir()

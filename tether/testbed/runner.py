@@ -340,12 +340,17 @@ def _write_edge_config(path: Path, exp: Experiment, edge: int, connect: str, end
 
 def _edge_answers(endpoint: str) -> bool:
     from tether.edge.client import EdgeClient
-    with EdgeClient(endpoint, timeout=0.5) as client:
-        try:
+    # a context of its own, destroyed after: hundreds of probes on the shared one leaked
+    # socket monitors until pings failed (a stuck fourth or fifth policy)
+    ctx = zmq.Context()
+    try:
+        with EdgeClient(endpoint, timeout=0.5, context=ctx) as client:
             client.ping()
             return True
-        except Exception:  # noqa: BLE001 - any failure means "not yet"
-            return False
+    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        return False
+    finally:
+        ctx.destroy(linger=0)
 
 
 async def _drive(exp: Experiment, label: str, endpoints: list[str],
