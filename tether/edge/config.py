@@ -55,6 +55,7 @@ class EdgeConfig:
     curve_client_cert: Path | None = None   # this edge's secret certificate (.key_secret)
     drain_seconds: float = 5.0           # SIGTERM: how long in-flight requests may finish
     # split LLM on the same endpoint (PREFILL codec "text"), its cloud part at `connect`
+    # over the same link (one socket, CURVE included)
     llm_checkpoint: Path | None = None   # llama2.c .bin or HF directory; None = DNN only
     llm_tokenizer: Path | None = None    # llama2.c tokenizer .bin (default: beside the checkpoint)
     llm_split: int | None = None         # edge keeps layers [0, K); None = half the layers
@@ -118,9 +119,6 @@ class EdgeConfig:
         if min(self.llm_timeout_seconds, self.llm_first_step_timeout_seconds) <= 0 \
                 or self.llm_max_new_tokens < 1:
             raise ConfigError("llm_timeout_seconds must be > 0 and llm_max_new_tokens >= 1")
-        if self.curve_client_cert is not None:
-            raise ConfigError("the LLM session link has no CURVE support yet: serve the LLM "
-                              "without curve_* keys (or use `tether llm-edge` on a trusted link)")
 
 
 def _check_endpoint(name: str, value: str, allow_empty: bool) -> None:

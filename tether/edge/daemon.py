@@ -110,14 +110,15 @@ def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
                      build_link(config, compute, edge_id), sinks, metrics=metrics)
 
 
-def build_llm_edge(config: EdgeConfig) -> LLMEdge | None:
-    """The split LLM's edge part from the ``llm_*`` keys; its cloud is ``connect``."""
+def build_llm_edge(config: EdgeConfig, link: Any = None) -> LLMEdge | None:
+    """The split LLM's edge part from the ``llm_*`` keys; its cloud is ``connect``, over
+    ``link`` (the image path's: one socket, one handshake naming both) when given."""
     if config.llm_checkpoint is None:
         return None
     return open_llm_edge(config.llm_checkpoint, config.llm_tokenizer, config.llm_split,
-                         config.llm_codec, config.connect, config.llm_exit_head,
+                         config.llm_codec, "", config.llm_exit_head,
                          config.llm_exit_threshold, config.llm_timeout_seconds,
-                         config.llm_first_step_timeout_seconds)
+                         config.llm_first_step_timeout_seconds, link=link)
 
 
 class EdgeDaemon:
@@ -128,9 +129,11 @@ class EdgeDaemon:
         self.registry = registry or CollectorRegistry()
         self.metrics = EdgeMetrics(self.registry)
         self.agent = build_agent(config, metrics=self.metrics)
-        self.llm = build_llm_edge(config)
+        self.llm = build_llm_edge(config, self.agent.link)
         if self.llm is not None:
             self.llm.metrics = self.metrics.llm
+        if self.agent.link is not None:
+            self.agent.link.set_message_callback(self.metrics.observe_link_message)
         self.server = EdgeServer(self.agent, config.listen, config.queue_size,
                                  config.max_inflight, llm=self.llm,
                                  llm_max_new_tokens=config.llm_max_new_tokens,
@@ -232,9 +235,7 @@ class EdgeDaemon:
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
-        await self.agent.close()
-        if self.llm is not None and self.llm.link is not None:
-            await self.llm.link.close()
+        await self.agent.close()          # closes the one link (the LLM's too)
         if self._probes is not None:
             await self._probes.stop()
         self._serving = False
