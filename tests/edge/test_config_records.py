@@ -43,13 +43,21 @@ def test_example_config_in_repository_is_valid():
     ("curve_server_key = \"abc\"", "curve"),
     ("llm_checkpoint = \"s.bin\"\nllm_codec = \"zip\"", "llm_codec"),
     ("llm_checkpoint = \"s.bin\"\nllm_split = 0", "llm_split"),
-    ("llm_checkpoint = \"s.bin\"\ncurve_server_key = \"k\"\ncurve_client_cert = \"c\"", "CURVE"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     path = tmp_path / "edge.toml"
     path.write_text(text + "\n")
     with pytest.raises(ConfigError, match=key):
         load_edge_config(path)
+
+
+def test_llm_over_curve_is_a_valid_config(tmp_path):
+    """The LLM's session steps ride the one (CURVE) link: no refusal any more."""
+    path = tmp_path / "edge.toml"
+    path.write_text('connect = "tcp://10.0.0.2:5555"\nllm_checkpoint = "s.bin"\n'
+                    'curve_server_key = "k"\ncurve_client_cert = "c"\n')
+    config = load_edge_config(path)
+    assert config.llm_checkpoint is not None and config.curve_client_cert is not None
 
 
 def test_missing_config_file_is_a_config_error(tmp_path):

@@ -171,7 +171,7 @@ class LLMEdge:
         self._down_until = 0.0
         self._link_started = False
         self._seen_ready = False   # the link completed a handshake once
-        self._waited = False       # waited for a never-ready link once (with an exit head)
+        self._ready_wait: asyncio.Future | None = None    # the streams' shared handshake wait
         self._lock = asyncio.Lock()
         self.metrics: Any = None        # tether.core.metrics.LLMMetrics, set by the daemon
         self.link: CloudLink | None = None
@@ -317,8 +317,9 @@ class LLMEdge:
 
     async def _wait_ready(self) -> None:
         """Start the link on first use and wait for its handshake: the whole first-step budget
-        when the edge has no alternative (no exit head), a step's budget otherwise; a link
-        lost after it was ready is not waited for when the exit head can answer."""
+        when the edge has no alternative (no exit head), a step's budget otherwise, once (the
+        streams starting together share that wait); a link lost after it was ready is not
+        waited for when the exit head can answer (it reconnects in the background)."""
         link = self.link
         if link is None:
             return
@@ -329,12 +330,16 @@ class LLMEdge:
         if link.ready:
             self._seen_ready = True
             return
-        if self.has_exit and (self._seen_ready or self._waited):
-            return          # the link reconnects in the background; the exit head answers now
-        self._waited = True
-        budget = self.config.first_timeout_s if not (self.has_exit or self._seen_ready) \
-            else self.config.timeout_s
-        self._seen_ready = await link.wait_ready(budget) or self._seen_ready
+        if self.has_exit and self._seen_ready:
+            return
+        wait = self._ready_wait
+        if wait is None or (wait.done() and not self.has_exit):
+            budget = self.config.timeout_s if self.has_exit or self._seen_ready \
+                else self.config.first_timeout_s
+            wait = self._ready_wait = asyncio.ensure_future(link.wait_ready(budget))
+        elif wait.done():
+            return          # waited once already: the exit head answers meanwhile
+        self._seen_ready = await asyncio.shield(wait) or self._seen_ready
 
     async def _cloud_step(self, s: _Session) -> tuple[int, int, int]:
         if self.link is None:

@@ -160,6 +160,16 @@ class ZmqCloudLink(LinkReadiness):
             error = with_bytes(PeerUnavailableError(f"send to {self.endpoint} failed: {exc}"), sent)
             self._observe(kind, t0, sent, 0, error)
             raise error from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise                   # our caller is cancelled: not a link failure
+            # the connection was dropped while the send waited for a peer (zmq.asyncio
+            # cancels a pending send when its socket closes)
+            error = with_bytes(PeerUnavailableError(
+                f"cloud {self.endpoint}: connection lost while sending"), sent)
+            self._observe(kind, t0, sent, 0, error)
+            raise error from None
         finally:
             self._pending.pop(wire_id, None)
         self._observe(kind, t0, sent, received)
@@ -228,8 +238,8 @@ class ZmqCloudLink(LinkReadiness):
         if missing:
             served = [f"{b.model_id}:{b.fingerprint[:12]}" for b in ready.bundles]
             wanted = [f"{b.model_id}:{b.fingerprint[:12]}" for b in missing]
-            self._refused(f"cloud {self.endpoint} does not serve {wanted}; it serves "
-                          f"{served}: deploy the same bundle on both sides")
+            self._refused(f"cloud {self.endpoint} does not serve this bundle ({', '.join(wanted)}); "
+                          f"it serves {served}: deploy the same bundle on both sides")
             return False
         self.server, self.last_refusal = ready, ""
         self._last_seen = time.monotonic()
