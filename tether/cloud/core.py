@@ -42,7 +42,6 @@ from tether.core.errors import (
     BundleError, DeadlineExceededError, InputShapeError, PayloadError, ProtocolError,
     PeerUnavailableError, SessionError, TetherError,
 )
-__all__ = ["CloudCore", "SessionHandler"]
 from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
 
 log = logging.getLogger(__name__)
