@@ -35,12 +35,13 @@ def _bundle(path: Path | None) -> Path:
 
 
 def _serve(bundle: Path, box: dict, ready: threading.Event, stop: threading.Event) -> None:
-    from tether.edge.config import EdgeConfig
+    from tether.edge.config import EdgeConfig, HttpConfig
     from tether.edge.daemon import EdgeDaemon
 
     async def main() -> None:
-        daemon = EdgeDaemon(EdgeConfig(bundle=bundle, listen="tcp://127.0.0.1:0", http_port=0,
-                                       action="local", deadline_seconds=10.0))
+        daemon = EdgeDaemon(EdgeConfig(bundle=bundle, listen="tcp://127.0.0.1:0",
+                                       http=HttpConfig(port=0), action="local",
+                                       deadline_seconds=10.0))
         box["endpoint"] = await daemon.start()
         box["port"] = daemon.http_port
         ready.set()

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/llm_split.py [--tokens 48] [--assets DIR]
 
-1. perplexity change per codec on the shared TinyStories sample (target: int8 <= 1 %).
+1. perplexity change per codec on the shared TinyStories sample (target: int8-token <= 1 %).
 2. early exit: exit rate vs agreement with the whole model per split layer (raw and trained
    exit heads, thresholds calibrated on held-out text).
 3. tokens/s of edge-only, cloud-only (k=0) and split generation over real ZeroMQ sockets on
@@ -33,11 +33,15 @@ from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer  # noqa: E402
 from tether.core import protocol as P  # noqa: E402
 from tether.edge.llm import GenerateConfig, LLMEdge  # noqa: E402
 from tether.edge.zmq_link import ZmqCloudLink  # noqa: E402
-from tether.partitioner.llm import (HIDDEN_CODECS, EdgeLM, calibrate_threshold,  # noqa: E402
-                                    encode_texts, exit_curve, make_hidden_codec, open_llm, split_llm, split_loss,
+from tether.codecs import hidden_codec, wire_roundtrip  # noqa: E402
+from tether.partitioner.llm import (EdgeLM, calibrate_threshold, encode_texts,  # noqa: E402
+                                    exit_curve, open_llm, split_llm, split_loss,
                                     split_paragraphs, split_stories, train_exit_head)
 
 RTTS_MS = (0, 20, 50, 100)
+#: The hidden-state codecs measured here (any of tether.codecs.TENSOR_CODEC_IDS would run).
+CODECS = ("fp32", "fp16", "int8-token", "int4-token", "int8-channel", "fp16+zlib",
+          "int8-token+zlib", "int4-token+zlib")
 
 
 class _DelayedLink:
@@ -109,13 +113,13 @@ async def wire_bytes(ckpt, part, tokens):
     print("\n## 4. Bytes per token per codec (dim 64; decode steps after the prefill)\n")
     print("| codec | payload B/token | request frames B/token (socket) | reply B/token |")
     print("|---|---|---|---|")
-    for cid in HIDDEN_CODECS:
+    for cid in CODECS:
         events, _ = await _generate(ckpt, part, endpoint, 0, tokens, codec=cid)
         steps = [e for e in events[1:] if e.source == "cloud"]
         sent = sum(e.bytes_sent for e in steps) / len(steps)
         recv = sum(e.bytes_received for e in steps) / len(steps)
         h = torch.randn(1, 64)
-        payload = sum(len(f) for f in make_hidden_codec(cid).encode(h)[1])
+        payload = hidden_codec(cid).encode(h).payload_bytes
         print(f"| {cid} | {payload} | {sent:.0f} | {recv:.0f} |")
     await server.close()
 
@@ -128,10 +132,10 @@ def perplexity(ckpt, texts):
     for k in (1, 2, 3, 4):
         edge, cloud = split_llm(ckpt, k)
         base = split_loss(edge, cloud, toks)
-        for cid in HIDDEN_CODECS:
+        for cid in CODECS:
             if "zlib" in cid:
                 continue        # lossless stage: same numbers as without it
-            loss = split_loss(edge, cloud, toks, make_hidden_codec(cid))
+            loss = split_loss(edge, cloud, toks, wire_roundtrip(hidden_codec(cid)))
             print(f"| {k} | {cid} | {loss:.4f} | {math.exp(loss):.4f} | "
                   f"{100 * (math.exp(loss - base) - 1):+.3f} % |")
 
@@ -183,7 +187,7 @@ def engine_batching(ckpt, sessions=8, steps=32):
           "engine only (no sockets, no edge compute):\n")
     print("| cloud engine | decode steps/s | speed-up |")
     print("|---|---|---|")
-    edge, codec = EdgeLM(ckpt, 2, with_exit=False), make_hidden_codec("fp16")
+    edge, codec = EdgeLM(ckpt, 2, with_exit=False), hidden_codec("fp16")
     rates = {}
     for mode in ("one by one", "batched"):
         engine = LLMEngine(ckpt, LLMEngineConfig(max_batch=sessions))
@@ -207,9 +211,9 @@ def engine_batching(ckpt, sessions=8, steps=32):
 
 
 def _session_msg(cls, i, ckpt, codec, hidden, position):
-    header, frames = codec.encode(hidden)
+    encoded = codec.encode(hidden)
     return cls(i, f"s{i}", ckpt.fingerprint, "layer2", "fp16", position, hidden.shape[0],
-               header, None, tuple(frames))
+               encoded.header, None, tuple(encoded.payload))
 
 
 def main() -> int:

@@ -117,3 +117,21 @@ def test_fast_readme_commands_run_as_written(workdir):
     assert any(c.startswith("tether partition cifar_resnet20") for c in ran), ran
     assert (checkout / "bundles" / "r20" / "manifest.json").is_file()
     assert skipped and all(reason for _, reason in skipped)
+
+
+#: the config files shown in the README and docs/runtime.md: ```toml blocks whose first line names one
+SHOWN_CONFIGS = [(doc, block) for doc in ("README.md", "docs/runtime.md")
+                 for block in re.findall(r"```toml\n(# (?:edge|cloud)\.toml.*?)```",
+                                         (REPO / doc).read_text(), flags=re.S)]
+
+
+def test_shown_config_files_load(tmp_path):
+    from tether.cloud.config import load_cloud_config
+    from tether.edge.config import load_edge_config
+    assert len(SHOWN_CONFIGS) >= 4
+    for doc, block in SHOWN_CONFIGS:
+        path = tmp_path / block.split()[1].rstrip(":")
+        path.write_text(block)
+        config = (load_edge_config if path.name == "edge.toml" else load_cloud_config)(path)
+        config.require_model()
+        assert config.llm.enabled, (doc, block)

@@ -28,9 +28,15 @@ COMMAND_MODULES: dict[str, str] = {
 #: that show their own examples keep them; tests/test_cli_help.py parses every example).
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "profile": ("tether profile bundles/r20 --repeats 30 --rounds 5",),
-    "cloud": ("tether cloud --bundle bundles/r20 --bind tcp://0.0.0.0:5555 --metrics-port 9100",),
+    "cloud": ("tether cloud --bundle bundles/r20 --bind tcp://0.0.0.0:5555 --metrics-port 9100",
+              "tether cloud --bind tcp://0.0.0.0:5555 --llm-checkpoint stories260K.bin "
+              "--llm-max-sessions 32",
+              "tether cloud --config configs/cloud.example.toml"),
     "edge": ("tether edge --bundle bundles/r20 --connect tcp://CLOUD_HOST:5555 "
-             "--listen tcp://127.0.0.1:5560 --action split:layer2.2:fp16",),
+             "--listen tcp://127.0.0.1:5560 --action split:layer2.2:fp16",
+             "tether edge --connect tcp://CLOUD_HOST:5555 --llm-checkpoint stories260K.bin "
+             "--llm-split 2 --llm-codec int8",
+             "tether edge --config configs/edge.example.toml"),
     "infer": ("tether infer --edge tcp://127.0.0.1:5560 cat.png ship.jpg",),
     "keys generate": ("tether keys generate --out keys --name server",),
     "keys": ("tether keys generate --out keys --name edge-1",),
@@ -46,13 +52,20 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
                     "--out runs/lte",),
     "testbed report": ("tether testbed report runs/lte",),
     "generate": ("tether generate --edge tcp://127.0.0.1:5560 \"Once upon a time\"",),
-    "llm-edge": ("tether llm-edge --cloud tcp://127.0.0.1:5570 --split 2 --codec int8",),
-    "llm-serve": ("tether llm-serve --listen tcp://127.0.0.1:5570 --max-sessions 32",),
     "llm-exit": ("tether llm-exit --split 2 --out exits/stories-k2.pt",),
     "codec": ("tether codec train bundles/r20 --split layer3.1 --betas 0.001,0.003 --exit",),
     "codec train": ("tether codec train bundles/r20 --split layer3.1 --betas 0.001,0.003 "
                     "--exit --assets ../shared/assets",),
     "codec eval": ("tether codec eval bundles/r20 --assets ../shared/assets",),
+}
+
+
+#: Sub-commands merged into others (one daemon per side, issue 13): name -> what to run now.
+RETIRED: dict[str, str] = {
+    "llm-edge": "tether edge --connect CLOUD --llm-checkpoint PATH [--llm-split K ...] "
+                "(with --bundle DIR it serves images too)",
+    "llm-serve": "tether cloud --bind ENDPOINT --llm-checkpoint PATH [--llm-max-sessions N ...] "
+                 "(with --bundle DIR it serves images too)",
 }
 
 
@@ -87,6 +100,12 @@ def _decorate(parser: argparse.ArgumentParser, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in RETIRED:
+        print(f"tether: error: `tether {command}` is now part of one daemon per side: run "
+              f"`{RETIRED[command]}`", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

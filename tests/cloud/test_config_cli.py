@@ -38,7 +38,13 @@ def test_example_config_loads_and_matches_the_documented_defaults():
     ("[cloud]\nmax_batch_size = 0\n", "max_batch_size"),
     ("[cloud]\nmax_batch_size = 'x'\n", "max_batch_size"),
     ("[cloud]\nbind = 'localhost:5'\n", "ZeroMQ endpoint"),
-    ("[cloud]\ncurve_secret_key = 'k'\n", "go together"),
+    ("[curve]\nsecret_key = 'k'\n", "curve.secret_key and curve.allowed_keys go together"),
+    ("[cloud]\ncurve_secret_key = 'k'\n", "moved: write secret_key = ... under \\[curve\\]"),
+    ("[llm]\nmax_sessions = 8\n", "llm.checkpoint is missing"),
+    ("[llm]\ncheckpoint = 's.bin'\nmax_sessions = 0\n", "max_sessions"),
+    ("[llm]\ncheckpoint = 's.bin'\ncodecs = ['zip']\n", "unknown LLM codecs"),
+    ("[llm]\ncheckpoint = 's.bin'\nmax_session = 8\n", "llm.max_session"),
+    ("[cloud]\n[llm]\ncheckpoint = 's'\n[cloud.llm]\ncheckpoint = 's'\n", "both set"),
     ("[cloud\n", "not valid TOML"),
 ])
 def test_bad_configs_name_the_key(tmp_path, toml, match):
@@ -58,6 +64,54 @@ def test_flags_override_the_file(tmp_path):
     assert config.bind == "tcp://127.0.0.1:7000" and config.workers == 2
     assert config.max_batch_size == 8 and config.max_queue_delay_s == pytest.approx(0.003)
     assert config.bundles == (Path("a"), Path("b"))
+
+
+def test_llm_section_sets_every_engine_knob_and_flags_override_it(tmp_path):
+    from tether.cloud.llm import LLMEngineConfig
+    path = tmp_path / "c.toml"
+    path.write_text("[cloud]\nbind = 'tcp://127.0.0.1:7000'\n"
+                    "[llm]\ncheckpoint = 'm/stories260K.bin'\nmax_sessions = 8\n"
+                    "max_kv_bytes = 1048576\nmax_session_tokens = 128\n"
+                    "idle_timeout_seconds = 30.0\nmax_batch = 4\nsplits = [2, 3]\n"
+                    "codecs = ['fp16', 'int8']\n")
+    config = load_cloud_config(path)
+    assert config.llm.engine_config() == LLMEngineConfig(
+        max_sessions=8, max_kv_bytes=1 << 20, max_session_tokens=128, idle_timeout_s=30.0,
+        max_batch=4, splits=(2, 3), codecs=("fp16", "int8"))
+    assert config.llm.name == "stories260K"
+    args = parse(["cloud", "--config", str(path), "--llm-max-sessions", "2", "--llm-max-kv-mib",
+                  "3", "--llm-idle-timeout", "5", "--llm-max-batch", "2", "--llm-splits", "1,2",
+                  "--llm-codecs", "fp32", "--llm-max-session-tokens", "64"])
+    engine = build_config(args).llm.engine_config()
+    assert (engine.max_sessions, engine.max_kv_bytes, engine.idle_timeout_s, engine.max_batch,
+            engine.splits, engine.codecs, engine.max_session_tokens) == \
+        (2, 3 << 20, 5.0, 2, (1, 2), ("fp32",), 64)
+
+
+def test_every_engine_knob_is_a_key_of_the_llm_section():
+    """Whoever adds a knob to LLMEngineConfig adds it to [llm] (CloudLLMConfig) too."""
+    import dataclasses
+    from tether.cloud.config import CloudLLMConfig
+    from tether.cloud.llm import LLMEngineConfig
+    section = {f.name: f.default for f in dataclasses.fields(CloudLLMConfig)}
+    for f in dataclasses.fields(LLMEngineConfig):
+        assert f.name in section, f"[llm] lacks the engine knob {f.name}"
+        assert section[f.name] == f.default, f"[llm] {f.name} default differs from the engine's"
+
+
+def test_curve_and_llm_flags_and_tables_beside_or_inside_cloud(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[cloud]\n[cloud.curve]\nsecret_key = 'k/server.key_secret'\n"
+                    "allowed_keys = 'k/allowed'\n[ray]\naddress = 'auto'\n")
+    config = load_cloud_config(path)
+    assert config.curve.enabled and config.curve.allowed_keys == Path("k/allowed")
+    assert config.ray.address == "auto"
+    args = parse(["cloud", "--curve-secret-key", "a.key_secret", "--curve-allowed-keys", "d",
+                  "--llm-checkpoint", "s.bin", "--llm-tokenizer", "t.bin"])
+    config = build_config(args)
+    assert (config.curve.secret_key, config.curve.allowed_keys) == (Path("a.key_secret"), Path("d"))
+    assert (config.llm.checkpoint, config.llm.tokenizer) == (Path("s.bin"), Path("t.bin"))
+    config.require_model()                  # an LLM-only cloud is a valid cloud
 
 
 def test_cloud_without_bundle_fails_with_a_fix():

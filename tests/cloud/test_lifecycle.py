@@ -16,6 +16,7 @@ import zmq
 import zmq.auth
 
 from tether.cloud import CloudConfig
+from tether.cloud.config import CloudCurveConfig
 from tether.cloud.twin import InProcessCloud
 from tether.core import protocol as P
 
@@ -166,7 +167,7 @@ def test_curve_serves_allowed_clients_and_refuses_unknown_keys(tmp_path, ctx):
     os.replace(good_pub, allowed / "good.key")
     server_key, _ = zmq.auth.load_certificate(server_pub)
     bundle, _ = slow_bundle(0.0)
-    config = _config(curve_secret_key=Path(server_sec), curve_allowed_keys=allowed)
+    config = _config(curve=CloudCurveConfig(Path(server_sec), allowed))
     with ServerThread(config, [bundle]) as srv:
         good = RawClient(srv.endpoint, ctx, (server_key, *zmq.auth.load_certificate(good_sec)))
         assert isinstance(good.request(_slow_infer(good, 1)), P.Result)

@@ -12,7 +12,7 @@ import pytest
 import zmq.auth
 
 from tether.cloud import CloudConfig
-from tether.cloud.config import load_cloud_config
+from tether.cloud.config import CloudCurveConfig, load_cloud_config
 from tether.cloud.curve import load_allowed_keys
 from tether.commands import cloud as cloud_command
 from tether.core.errors import ConfigError
@@ -90,8 +90,7 @@ def test_one_unparsable_allowed_key_refuses_to_start_naming_file_and_line(tmp_pa
     with pytest.raises(ConfigError, match=match):
         load_allowed_keys(allowed)
     bundle, _ = slow_bundle(0.0)
-    config = CloudConfig(bind="tcp://127.0.0.1:*", curve_secret_key=server_secret,
-                         curve_allowed_keys=allowed)
+    config = CloudConfig(bind="tcp://127.0.0.1:*", curve=CloudCurveConfig(server_secret, allowed))
     srv = ServerThread(config, [bundle])
     try:
         with pytest.raises(ConfigError, match=match):

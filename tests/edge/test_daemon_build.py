@@ -7,7 +7,7 @@ import zmq.auth
 
 from tether.core.errors import ConfigError
 from tether.core.types import LOCAL, Action
-from tether.edge.config import EdgeConfig
+from tether.edge.config import EdgeConfig, EdgeLinkConfig
 from tether.edge.daemon import build_agent
 from tether.edge.zmq_link import CurveClientKeys, ZmqCloudLink
 
@@ -15,7 +15,7 @@ from tether.edge.zmq_link import CurveClientKeys, ZmqCloudLink
 def test_auto_action_is_local_without_a_cloud_and_smallest_split_with_one(bundle):
     alone = build_agent(EdgeConfig(bundle=bundle))
     assert alone.link is None and alone.policy.decide(None) == LOCAL
-    linked = build_agent(EdgeConfig(bundle=bundle, connect="tcp://127.0.0.1:9"))
+    linked = build_agent(EdgeConfig(bundle=bundle, link=EdgeLinkConfig("tcp://127.0.0.1:9")))
     assert isinstance(linked.link, ZmqCloudLink)
     assert linked.policy.decide(None) == Action.parse("split:layer2.2:fp32")   # 32 KiB < 64 KiB
     assert linked.link.bundle.fingerprint == linked.compute.fingerprint
@@ -53,7 +53,8 @@ def test_curve_keys_load_from_files_or_z85_and_fail_clearly(tmp_path):
 def test_an_action_the_bundle_cannot_run_is_refused_at_start(bundle, action, says):
     """Defect: these started, reported ready and answered 100 % by local fallback."""
     with pytest.raises(ConfigError, match=says):
-        build_agent(EdgeConfig(bundle=bundle, connect="tcp://127.0.0.1:9", action=action))
+        build_agent(EdgeConfig(bundle=bundle, link=EdgeLinkConfig("tcp://127.0.0.1:9"),
+                                action=action))
     assert build_agent(EdgeConfig(bundle=bundle, action="offload:jpeg90")).policy.decide(None) \
         == Action.parse("offload:jpeg90")
 

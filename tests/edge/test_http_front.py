@@ -55,10 +55,11 @@ async def _start_cloud(bundle):
 
 
 async def _start_edge(**overrides):
-    from tether.edge.config import EdgeConfig
+    from tether.edge.config import EdgeConfig, EdgeLinkConfig, HttpConfig
     from tether.edge.daemon import EdgeDaemon
-    config = dict(listen="tcp://127.0.0.1:0", metrics_port=0, http_port=0,
-                  deadline_seconds=PATIENT) | overrides
+    connect = overrides.pop("connect", "")
+    config = dict(listen="tcp://127.0.0.1:0", metrics_port=0, http=HttpConfig(port=0),
+                  link=EdgeLinkConfig(connect), deadline_seconds=PATIENT) | overrides
     daemon = EdgeDaemon(EdgeConfig(**config))
     endpoint = await daemon.start()
     return daemon, endpoint
@@ -141,7 +142,7 @@ def _declared_too_big(daemon) -> bytes:
     import socket
     with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as sock:
         sock.sendall(f"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     f"Content-Length: {daemon.config.http_max_body_bytes + 1}\r\n\r\n".encode())
+                     f"Content-Length: {daemon.config.http.max_body_bytes + 1}\r\n\r\n".encode())
         return sock.recv(4096)
 
 

@@ -10,7 +10,7 @@ import zmq.auth
 from prometheus_client import CollectorRegistry
 
 from tether.cloud.bundles import ServedBundle
-from tether.cloud.config import CloudConfig
+from tether.cloud.config import CloudConfig, CloudCurveConfig
 from tether.cloud.server import CloudServer
 from tether.core.metrics import CloudMetrics
 from tether.core.policy import FixedPolicy
@@ -46,8 +46,8 @@ def test_unknown_client_key_gets_no_service(bundle, keys):
     compute = EdgeCompute(bundle)
     images = sample_images(4)
     expected = reference_logits(bundle, images)
-    config = CloudConfig(bind=f"tcp://127.0.0.1:{free_port()}", curve_secret_key=keys["server_sec"],
-                         curve_allowed_keys=keys["allowed"], max_queue_delay_s=0.0)
+    config = CloudConfig(bind=f"tcp://127.0.0.1:{free_port()}", max_queue_delay_s=0.0,
+                         curve=CloudCurveConfig(keys["server_sec"], keys["allowed"]))
     action = FixedPolicy(Action.parse(f"split:{SPLITS[0]}:fp32"))
 
     def edge(name, cert):

@@ -1,4 +1,5 @@
-"""`tether generate` and `tether llm-exit` from the command line (edge-only, no server)."""
+"""`tether generate` and `tether llm-exit` from the command line (edge-only, no server); the LLM
+settings of `tether cloud`; the merged `llm-edge` / `llm-serve` commands."""
 
 from __future__ import annotations
 
@@ -38,3 +39,22 @@ def test_generate_without_exit_head_and_no_cloud_fails_with_one_line(assets, mon
     errors = [line for line in out.err.splitlines() if line.startswith("tether: error:")]
     assert len(errors) == 1 and "no trained exit head" in errors[0], out.err
     assert "Traceback" not in out.err and out.out.strip() == "Once"
+
+
+def test_cloud_builds_its_llm_engine_from_the_llm_section(assets):
+    from tether.cloud.config import CloudLLMConfig
+    from tether.commands.cloud import build_llm_engine
+    from tether.partitioner.llm import split_name
+    llm = CloudLLMConfig(assets / "tinyllm" / "stories260K.bin", max_sessions=3, max_batch=2,
+                         idle_timeout_s=9.0, splits=(2,), codecs=("fp16",))
+    engine = build_llm_engine(llm)
+    assert engine.config == llm.engine_config() and engine.model_id == "stories260K"
+    assert engine.bundle.splits == (split_name(2),)
+    assert build_llm_engine(CloudLLMConfig()) is None
+
+
+def test_merged_daemon_commands_name_their_replacement(capsys):
+    for old, new in (("llm-serve", "tether cloud"), ("llm-edge", "tether edge")):
+        assert main([old, "--listen", "tcp://127.0.0.1:5570"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tether: error:") and new in err[0], err

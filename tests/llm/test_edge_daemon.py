@@ -37,7 +37,7 @@ def served(assets, bundle, stories):
     from tether.cloud.bundles import ServedBundle
     from tether.cloud.llm import LLMEngine
     from tether.cloud.server import CloudServer
-    from tether.edge.config import EdgeConfig
+    from tether.edge.config import EdgeConfig, EdgeLinkConfig, EdgeLLMConfig
     from tether.edge.daemon import EdgeDaemon
 
     ready, stop, box = threading.Event(), threading.Event(), {}
@@ -49,10 +49,10 @@ def served(assets, bundle, stories):
                             [ServedBundle.load(bundle)], sessions=engine)
         await cloud.start()
         daemon = EdgeDaemon(EdgeConfig(
-            bundle=bundle, connect=cloud.endpoint, listen="tcp://127.0.0.1:0",
+            bundle=bundle, link=EdgeLinkConfig(cloud.endpoint), listen="tcp://127.0.0.1:0",
             action=f"split:{SPLITS[1]}:fp32", deadline_seconds=PATIENT,
-            llm_checkpoint=assets / "tinyllm" / "stories260K.bin", llm_split=2,
-            llm_codec="fp16", llm_timeout_seconds=PATIENT))
+            llm=EdgeLLMConfig(assets / "tinyllm" / "stories260K.bin", split=2, codec="fp16",
+                              timeout_seconds=PATIENT)))
         box["daemon"] = daemon
         try:
             box["endpoint"] = await daemon.start()

@@ -11,15 +11,16 @@ from tether.cloud.llm import LLMEngine, LLMEngineConfig, _Job
 from tether.core import protocol as P
 from tether.core.errors import (BundleError, BusyError, ConfigError, PayloadError, SessionError,
                                 UnknownCodecError)
-from tether.partitioner.llm import EdgeLM, make_hidden_codec
+from tether.codecs import hidden_codec
+from tether.partitioner.llm import EdgeLM
 
 from .llm_tiny import tiny_checkpoint
 
 
 def _msg(cls, rid, sid, ckpt, hidden, position=0, codec="fp16", split="layer2", **kw):
-    header, frames = make_hidden_codec(codec).encode(hidden)
+    encoded = hidden_codec(codec).encode(hidden)
     return cls(rid, sid, kw.pop("fingerprint", ckpt.fingerprint), split, codec, position,
-               hidden.shape[0], header, None, tuple(frames))
+               hidden.shape[0], encoded.header, None, tuple(encoded.payload))
 
 
 def _job(msg):
@@ -98,9 +99,10 @@ def test_bad_requests_get_clear_errors_and_others_are_served(tiny):
     engine = LLMEngine(ckpt, LLMEngineConfig(codecs=("fp16",)))
     h = edge(torch.tensor([[1, 5]]))[0]
     jobs = [_job(_msg(P.Prefill, 1, "x", ckpt, h, fingerprint="0" * 64)),
-            _job(_msg(P.Prefill, 2, "y", ckpt, h, codec="int8")),
+            _job(_msg(P.Prefill, 2, "y", ckpt, h, codec="int8-token")),
             _job(_msg(P.Prefill, 3, "z", ckpt, h, split="layer9")),
-            _job(P.Prefill(4, "w", ckpt.fingerprint, "layer2", "fp16", 0, 5, {"n": 2, "d": 32},
+            _job(P.Prefill(4, "w", ckpt.fingerprint, "layer2", "fp16", 0, 2,
+                           {"codec": "fp16", "shape": [2, 32], "dtype": "float32"},
                            None, (b"short",))),
             _job(_msg(P.Prefill, 5, "ok", ckpt, h))]
     replies = engine.run_jobs(jobs)

@@ -42,7 +42,7 @@ async def _start(assets, stories, bundle):
     from tether.cloud.bundles import ServedBundle
     from tether.cloud.llm import LLMEngine
     from tether.cloud.server import CloudServer
-    from tether.edge.config import EdgeConfig
+    from tether.edge.config import EdgeConfig, EdgeLinkConfig, EdgeLLMConfig, HttpConfig
     from tether.edge.daemon import EdgeDaemon
     engine = LLMEngine(stories, model_id="stories260K")
     await engine.start()
@@ -50,10 +50,10 @@ async def _start(assets, stories, bundle):
                         [ServedBundle.load(bundle)], sessions=engine)
     await cloud.start()
     daemon = EdgeDaemon(EdgeConfig(
-        bundle=bundle, connect=cloud.endpoint, listen="tcp://127.0.0.1:0", http_port=0,
-        metrics_port=0, deadline_seconds=PATIENT,
-        llm_checkpoint=assets / "tinyllm" / "stories260K.bin", llm_split=2, llm_codec="fp16",
-        llm_timeout_seconds=PATIENT))
+        bundle=bundle, link=EdgeLinkConfig(cloud.endpoint), listen="tcp://127.0.0.1:0",
+        http=HttpConfig(port=0), metrics_port=0, deadline_seconds=PATIENT,
+        llm=EdgeLLMConfig(assets / "tinyllm" / "stories260K.bin", split=2, codec="fp16",
+                          timeout_seconds=PATIENT)))
     endpoint = await daemon.start()
     return {"engine": engine, "cloud": cloud, "daemon": daemon, "endpoint": endpoint}
 

@@ -21,8 +21,7 @@ from tether.core.types import TensorSpec
 
 log = logging.getLogger(__name__)
 INPUT = "input"
-#: Built-in codec ids every split accepts (parametric image codecs for "input" too).
-TENSOR_CODECS = ("fp32", "fp16", "int8", "fp16+zlib", "int8+zlib")
+#: Parametric image codecs the "input" split accepts besides every tensor codec.
 INPUT_CODECS = ("jpeg<q>", "webp<q>", "png")
 
 TailFactory = Callable[[str], Callable[[Any], Any]]
@@ -146,10 +145,11 @@ class ServedBundle:
 
     def info(self) -> BundleInfo:
         """What READY says about this bundle."""
+        from tether.codecs import TENSOR_CODEC_IDS     # torch, like every codec: lazily
         learned: list[str] = []
         if self.manifest is not None:
             learned = [c.codec for c in self.manifest.codecs]
-        codecs = tuple(dict.fromkeys((*TENSOR_CODECS, *learned, *INPUT_CODECS)))
+        codecs = tuple(dict.fromkeys((*TENSOR_CODEC_IDS, *learned, *INPUT_CODECS)))
         return BundleInfo(self.model_id, self.fingerprint, (INPUT, *self.splits), codecs,
                           TensorDesc(self.input.shape, self.input.dtype))
 

@@ -1,21 +1,32 @@
-"""The cloud service's configuration: a frozen dataclass loaded from TOML (``[cloud]`` table
-or top level), validated at start; CLI flags override through
-:func:`tether.core.config.with_overrides`. See ``configs/cloud.example.toml``.
+"""The cloud daemon's configuration: frozen dataclasses loaded from TOML, validated at start.
+
+One file configures one cloud, serving DNN bundles, a split LLM's cloud part or both. The
+daemon's own keys sit at the top level or in ``[cloud]``; its parts are nested tables beside it
+(or inside it, ``[cloud.llm]``)::
+
+    [cloud]   bundles, bind, metrics, batching, queue bounds, threads, drain ...
+    [llm]     the LLM: checkpoint, tokenizer and every engine knob (tether.cloud.llm.LLMEngineConfig)
+    [curve]   CurveZMQ: the server's secret key and the allowed client keys
+    [ray]     tails (and LLM sessions) on a pool of Ray workers
+
+:func:`load_cloud_config` reads the file and applies the entry point's overrides (dotted field
+paths, see :data:`tether.commands.cloud.CLOUD_FLAGS`). See ``configs/cloud.example.toml``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from tether.core.config import component_table, from_mapping, load_toml
+from tether.core.config import load_daemon_config, refuse_settings_without
 from tether.core.errors import ConfigError
 from tether.core.protocol import Limits
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    """``[cloud.ray]``: run tails on a pool of Ray workers instead of threads of the front."""
+    """``[ray]``: run tails on a pool of Ray workers instead of threads of the front."""
 
     address: str = ""                       # "": no Ray; "auto": this machine's / a new local
     tail_workers: int = 2                   # cluster; else the head's host:port
@@ -45,6 +56,63 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class CloudLLMConfig:
+    """``[llm]``: serve layers [k, L) of a split LLM (sessions with a KV cache each, batched
+    decode). Without ``checkpoint`` the cloud serves no LLM. The other keys are the engine's
+    (:class:`tether.cloud.llm.LLMEngineConfig`, one to one: :meth:`engine_config`)."""
+
+    checkpoint: Path | None = None          # llama2.c .bin or HF model directory
+    tokenizer: Path | None = None           # llama2.c tokenizer .bin (default: beside it)
+    model_id: str = ""                      # name edges see in READY; "": the checkpoint's stem
+    max_sessions: int = 64                  # concurrent sessions (KV caches)
+    max_kv_bytes: int = 256 * 1024 * 1024   # all sessions' KV caches; LRU sessions evicted
+    max_session_tokens: int = 0             # 0: the model's max_position_embeddings
+    idle_timeout_s: float = 120.0           # an idle session's KV cache is freed after this
+    max_batch: int = 16                     # decode steps of different sessions per forward
+    splits: tuple[int, ...] = ()            # split layers served (preloaded); empty: any, lazily
+    codecs: tuple[str, ...] = ()            # hidden-state codecs accepted; empty: all
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is None:
+            refuse_settings_without(self, "checkpoint", "llm", "--llm-checkpoint")
+            return
+        try:
+            self.engine_config()            # the engine's own checks, at start
+        except ConfigError as exc:
+            raise ConfigError(f"llm: {exc}") from exc
+
+    @property
+    def enabled(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
+    def name(self) -> str:
+        return self.model_id or (self.checkpoint.stem if self.checkpoint else "llm")
+
+    def engine_config(self) -> Any:
+        """The :class:`~tether.cloud.llm.LLMEngineConfig` of these settings."""
+        from tether.cloud.llm import LLMEngineConfig
+        return LLMEngineConfig(**{f.name: getattr(self, f.name) for f in fields(LLMEngineConfig)})
+
+
+@dataclass(frozen=True)
+class CloudCurveConfig:
+    """``[curve]``: CurveZMQ (both keys, or neither: then anyone reaching the port is served)."""
+
+    secret_key: Path | None = None          # server .key_secret (tether keys generate)
+    allowed_keys: Path | None = None        # directory of allowed client .key files
+
+    def __post_init__(self) -> None:
+        if (self.secret_key is None) != (self.allowed_keys is None):
+            raise ConfigError("curve.secret_key and curve.allowed_keys go together: set both "
+                              "(see `tether keys generate`) or neither")
+
+    @property
+    def enabled(self) -> bool:
+        return self.secret_key is not None
+
+
+@dataclass(frozen=True)
 class CloudConfig:
     """Everything ``tether cloud`` needs. Times in seconds."""
 
@@ -65,9 +133,9 @@ class CloudConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     drain_timeout_s: float = 10.0           # SIGTERM: finish queued work for at most this
     preload: bool = True                    # build every tail at start
-    curve_secret_key: Path | None = None    # server .key_secret (tether keys generate)
-    curve_allowed_keys: Path | None = None  # directory of allowed client .key files
-    ray: RayConfig = RayConfig()            # [cloud.ray]: tails on a Ray pool (issue 12)
+    llm: CloudLLMConfig = CloudLLMConfig()  # [llm]: a split LLM's cloud part
+    curve: CloudCurveConfig = CloudCurveConfig()   # [curve]: CurveZMQ
+    ray: RayConfig = RayConfig()            # [ray]: tails on a Ray pool (issue 12)
 
     def __post_init__(self) -> None:
         if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
@@ -83,43 +151,37 @@ class CloudConfig:
                 raise ConfigError(f"{key}: must be between 0 and 3600 seconds")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads: must be 0 (torch default) or positive")
-        if (self.curve_secret_key is None) != (self.curve_allowed_keys is None):
-            raise ConfigError("curve_secret_key and curve_allowed_keys go together: set both "
-                              "(see `tether keys generate`) or neither")
-
-    @property
-    def curve(self) -> bool:
-        return self.curve_secret_key is not None
 
     @property
     def limits(self) -> Limits:
         return Limits(max_message_bytes=self.max_message_bytes)
 
+    def require_model(self) -> None:
+        """Refuse (one line) a cloud that would serve nothing: neither bundle nor LLM."""
+        if not self.bundles and not self.llm.enabled:
+            raise ConfigError("no bundle to serve: pass --bundle DIR (or `bundles` in the "
+                              "config) and/or --llm-checkpoint PATH ([llm] checkpoint)")
 
-#: TOML spellings in the ``_seconds`` style of the edge config -> the field they set (the
-#: ``_s`` names keep working; giving both is refused)
+
+#: TOML spellings in the ``_seconds`` style of the edge config -> the field they set, in any
+#: table (the ``_s`` names keep working; giving both is refused)
 SECONDS_ALIASES = {"max_queue_delay_seconds": "max_queue_delay_s",
                    "drain_timeout_seconds": "drain_timeout_s",
-                   "inline_compute_seconds": "inline_compute_s"}
+                   "inline_compute_seconds": "inline_compute_s",
+                   "idle_timeout_seconds": "idle_timeout_s",
+                   "batch_timeout_seconds": "batch_timeout_s",
+                   "start_timeout_seconds": "start_timeout_s"}
+
+#: keys of the flat layout -> where they live now (an old file is refused with the fix)
+MOVED_KEYS = {"curve_secret_key": "curve.secret_key", "curve_allowed_keys": "curve.allowed_keys"}
 
 
-def load_cloud_config(path: str | Path | None) -> CloudConfig:
-    """CloudConfig from a TOML file (its ``[cloud]`` table if present), defaults if ``None``.
+def load_cloud_config(path: str | Path | None,
+                      overrides: dict[str, Any] | None = None) -> CloudConfig:
+    """CloudConfig from a TOML file (defaults without one), then the non-None ``overrides``
+    (dotted field paths: ``{"llm.max_sessions": 8}``).
 
     Unknown keys and unknown sections (e.g. ``[policy]``: the cloud has no policy) are errors.
     """
-    if path is None:
-        return CloudConfig()
-    table, where = component_table(load_toml(path), "cloud", path)
-    return from_mapping(CloudConfig, _unalias(table, where), where=where)
-
-
-def _unalias(table: dict, where: str) -> dict:
-    table = dict(table)
-    for alias, name in SECONDS_ALIASES.items():
-        if alias in table:
-            if name in table:
-                raise ConfigError(f"{where + '.' if where else ''}{alias} and {name} set the "
-                                  f"same value: keep only {alias}")
-            table[name] = table.pop(alias)
-    return table
+    return load_daemon_config(CloudConfig, path, "cloud", overrides, moved=MOVED_KEYS,
+                              aliases=SECONDS_ALIASES)

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from tether.cloud.sessions import SessionLimits
+from tether.codecs import TENSOR_CODEC_IDS, decode_hidden, hidden_codec
 from tether.core import protocol as P
 from tether.core.errors import (BundleError, BusyError, ConfigError, DeadlineExceededError,
-                                PayloadError, ProtocolError, SessionError, TetherError,
-                                UnknownCodecError)
-from tether.partitioner.llm import (HIDDEN_CODECS, CloudLM, LLMCheckpoint, make_hidden_codec,
-                                    num_layers, parse_split, split_name)
+                                ProtocolError, SessionError, TetherError, UnknownCodecError)
+from tether.partitioner.llm import (CloudLM, LLMCheckpoint, num_layers, parse_split,
+                                    split_name)
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ class LLMEngineConfig:
             raise ConfigError("max_sessions, max_kv_bytes, max_batch and max_queue must be positive")
         if self.idle_timeout_s <= 0 or self.max_session_tokens < 0:
             raise ConfigError("idle_timeout_s must be > 0 and max_session_tokens >= 0")
-        unknown = [c for c in self.codecs if c not in HIDDEN_CODECS]
-        if unknown:
-            raise ConfigError(f"unknown LLM codecs {unknown}; known: {sorted(HIDDEN_CODECS)}")
+        try:     # current names (old LLM names int8/int4 are int8-token/int4-token)
+            object.__setattr__(self, "codecs", tuple(hidden_codec(c).codec_id for c in self.codecs))
+        except UnknownCodecError as exc:
+            raise ConfigError(f"LLM codecs: {exc}") from exc
 
 
 @dataclass
@@ -137,7 +138,7 @@ class LLMEngine:
     def bundle(self) -> P.BundleInfo:
         splits = self.config.splits or range(self.n_layers + 1)
         return P.BundleInfo(self.model_id, self.fingerprint, tuple(split_name(k) for k in splits),
-                            tuple(self.config.codecs or HIDDEN_CODECS))
+                            tuple(self.config.codecs or TENSOR_CODEC_IDS))
 
     @property
     def kv_bytes(self) -> int:
@@ -279,14 +280,13 @@ class LLMEngine:
         return self._parts[session.k]
 
     def _hidden(self, msg: Any, part: CloudLM) -> tuple[torch.Tensor, float]:
-        if self.config.codecs and msg.codec not in self.config.codecs:
+        codec = hidden_codec(msg.codec)
+        if self.config.codecs and codec.codec_id not in self.config.codecs:
             raise UnknownCodecError(f"codec {msg.codec!r} not accepted; use one of "
                                     f"{list(self.config.codecs)}")
         t0 = time.perf_counter()
-        h = make_hidden_codec(msg.codec).decode(msg.codec_header, msg.payload,
-                                                dim=int(part.config.hidden_size))
-        if h.shape[0] != msg.token_count:
-            raise PayloadError(f"payload holds {h.shape[0]} tokens, header says {msg.token_count}")
+        h = decode_hidden(codec, msg.codec_header, msg.payload, int(part.config.hidden_size),
+                          msg.token_count)
         return h, time.perf_counter() - t0
 
     def _prefill(self, job: _Job) -> Any:

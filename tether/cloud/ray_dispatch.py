@@ -56,10 +56,12 @@ class TailWorker:
         self.core = CloudCore(self.bundles, config) if self.bundles else None
         self.engine = None
         if settings.get("llm_checkpoint"):
-            from tether.cloud.llm import LLMEngine
+            from tether.cloud.llm import LLMEngine, LLMEngineConfig
+            from tether.core.config import from_mapping
             from tether.partitioner.llm import open_llm
             ckpt = open_llm(settings["llm_checkpoint"], settings.get("llm_tokenizer"))
-            self.engine = LLMEngine(ckpt, model_id=settings["llm_model_id"])
+            engine = from_mapping(LLMEngineConfig, settings.get("llm_engine", {}), "llm")
+            self.engine = LLMEngine(ckpt, engine, model_id=settings["llm_model_id"])
 
     def ready(self) -> dict[str, Any]:
         """Build every tail now; who and where this worker is."""

@@ -73,9 +73,9 @@ class CloudServer:
     async def start(self) -> None:
         """Check the keys, load tails, bind the socket and the HTTP endpoint, start serving."""
         curve = None
-        if self.config.curve:        # every key file parsed before anything starts
-            curve = (load_server_keys(self.config.curve_secret_key),
-                     load_allowed_keys(self.config.curve_allowed_keys))
+        if self.config.curve.enabled:    # every key file parsed before anything starts
+            curve = (load_server_keys(self.config.curve.secret_key),
+                     load_allowed_keys(self.config.curve.allowed_keys))
         await self.core.start()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -104,7 +104,7 @@ class CloudServer:
                            for b in self.core.info())
         log.info("tether cloud %s serving %s on %s%s%s", self.core.server_id, served, self.endpoint,
                  f", metrics on http://{self.config.metrics_host}:{self.metrics_port}/metrics"
-                 if self._http else "", " (CURVE)" if self.config.curve else " (no CURVE: trusted link only)")
+                 if self._http else "", " (CURVE)" if self.config.curve.enabled else " (no CURVE: trusted link only)")
 
     @property
     def metrics_port(self) -> int | None:

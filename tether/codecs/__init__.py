@@ -4,7 +4,8 @@ API::
 
     from tether.codecs import make_codec, EncodedTensor, Codec
 
-    codec = make_codec("int8+zlib")                   # fp32 fp16 int8 [+zlib] jpeg<q> webp<q> png
+    codec = make_codec("int8-channel+zlib")   # fp32 fp16 int8-channel int8-token int4-token
+                                              # [+zlib|+zstd] jpeg<q> webp<q> png
     codec = make_codec("bottleneck-b0.001", bundle_dir, manifest, split="layer2")  # learned
     enc = codec.encode(tensor)       # EncodedTensor(header: dict of msgpack-able scalars, lists,
                                      # bytes; payload: list[bytes | memoryview] frames)
@@ -13,6 +14,17 @@ API::
 
     make_codec("nope")  -> UnknownCodecError naming the known ids
     learned_codec_ids(manifest, split)                 # learned codec ids a bundle offers
+
+LLM hidden states (``[tokens, hidden]``) use the same codecs::
+
+    codec = hidden_codec("int8-token")        # any TENSOR_CODEC_IDS; old LLM names int8/int4
+    enc = codec.encode(hidden)                # edge
+    h = decode_hidden(codec, enc.header, enc.payload, dim=hidden_size, tokens=n)   # cloud:
+                                              # shape checked against the model before allocating
+
+Old codec names work only through :data:`RENAMED` (``int8`` -> ``int8-channel`` for features,
+``int8-token`` for hidden states); :func:`canonical_codec_id` resolves them.
+``wire_roundtrip(codec)`` is ``h -> decode(encode(h))``, for quality checks of a split.
 
 Early exits (edge side)::
 
@@ -30,7 +42,9 @@ them and raise ``CodecStateError("Uninitialized CDFs. Run update() first")`` bef
 from __future__ import annotations
 
 from tether.codecs.base import Codec, EncodedTensor
-from tether.codecs.factory import KNOWN_IDS_TEXT, learned_codec_ids, make_codec
+from tether.codecs.factory import (KNOWN_IDS_TEXT, RENAMED, TENSOR_CODEC_IDS, canonical_codec_id,
+                                   hidden_codec, learned_codec_ids, make_codec)
+from tether.codecs.tokens import decode_hidden, wire_roundtrip
 
 
 def load_exit(bundle_dir, manifest=None, split=None):  # noqa: ANN001 - thin lazy wrapper
@@ -39,5 +53,6 @@ def load_exit(bundle_dir, manifest=None, split=None):  # noqa: ANN001 - thin laz
     return _load(bundle_dir, manifest, split)
 
 
-__all__ = ["Codec", "EncodedTensor", "KNOWN_IDS_TEXT", "learned_codec_ids", "load_exit",
-           "make_codec"]
+__all__ = ["Codec", "EncodedTensor", "KNOWN_IDS_TEXT", "RENAMED", "TENSOR_CODEC_IDS",
+           "canonical_codec_id", "decode_hidden", "hidden_codec", "learned_codec_ids",
+           "load_exit", "make_codec", "wire_roundtrip"]

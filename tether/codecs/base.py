@@ -25,6 +25,10 @@ from tether.core.types import DTYPE_SIZES
 MAX_ELEMENTS = 1 << 27
 #: Most dimensions a decoded tensor may have.
 MAX_DIMS = 8
+#: Largest finite float16; codecs clamp to it rather than send infinities.
+FP16_MAX = 65504.0
+#: Floating dtypes a lossy codec accepts and restores on decode.
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 Frame = bytes | bytearray | memoryview
 
@@ -139,6 +143,12 @@ def check_floats(value: Any, count: int, what: str, positive: bool = False) -> l
             raise PayloadError(f"header {what} must be positive, got {v!r}")
         out.append(float(v))
     return out
+
+
+def finite_for_fp16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float32 with NaN -> 0 and values clamped to the fp16 range (no infinities)."""
+    return torch.nan_to_num(t.float(), nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX) \
+        .clamp(-FP16_MAX, FP16_MAX)
 
 
 def tensor_from_frame(frame: Frame, shape: tuple[int, ...], dtype: str) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Baseline tensor codecs: fp32 passthrough, fp16, per-channel int8, zlib and zstd stages.
 
 Headers carry ``codec``, ``shape`` and ``dtype`` (the dtype ``decode`` restores), plus the
-codec's own fields (int8: per-channel ``scale`` and ``zero_point``; zlib/zstd: raw frame
-sizes).
+codec's own fields (int8-channel: per-channel ``scale`` and ``zero_point``; zlib/zstd: raw
+frame sizes). Per-token int8/int4 (LLM hidden states) live in :mod:`tether.codecs.tokens`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import torch
 
 from tether.core.errors import CodecError, PayloadError
 from tether.codecs.base import (
-    DTYPE_NAMES, TORCH_DTYPES, Codec, EncodedTensor, Frame, check_dtype, check_floats,
-    check_frames, check_header, check_shape, frame_len, require_tensor, tensor_frame,
-    tensor_from_frame,
+    DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES, Codec, EncodedTensor, Frame, check_dtype,
+    check_floats, check_frames, check_header, check_shape, finite_for_fp16, frame_len,
+    require_tensor, tensor_frame, tensor_from_frame,
 )
-
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-FP16_MAX = 65504.0
 
 
 class _CastCodec(Codec):
@@ -60,16 +57,17 @@ class Fp32Codec(_CastCodec):
 
 
 class Fp16Codec(_CastCodec):
-    """Half precision; finite values beyond the fp16 range are clamped, not made infinite."""
+    """Half precision; values beyond the fp16 range (infinities too) are clamped to it and
+    NaN is sent as 0, so one bad value never poisons the peer's computation."""
 
     wire_dtype = "float16"
 
     def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
-        return t.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+        return finite_for_fp16(t).to(torch.float16)
 
 
-class Int8Codec(Codec):
-    """Per-channel affine int8 (channel = dim 1; per-tensor for 1-D input).
+class Int8ChannelCodec(Codec):
+    """``int8-channel``: per-channel affine int8 (channel = dim 1; per-tensor for 1-D input).
 
     ``q = clamp(round(x / scale) + zero_point, -128, 127)``, ``x' = (q - zero_point) * scale``;
     ``scale`` (float32 little-endian bytes) and ``zero_point`` (int8 bytes) travel in the
@@ -79,7 +77,7 @@ class Int8Codec(Codec):
 
     lossless = False
 
-    def __init__(self, codec_id: str = "int8") -> None:
+    def __init__(self, codec_id: str = "int8-channel") -> None:
         self.codec_id = codec_id
 
     def encode(self, tensor: torch.Tensor) -> EncodedTensor:

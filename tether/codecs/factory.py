@@ -1,9 +1,14 @@
 """``make_codec``: the one literal mapping from codec ids to codec classes.
 
-Ids: ``fp32``, ``fp16``, ``int8``; any of them followed by ``+zlib`` or ``+zstd`` (lossless
-stage);
-input codecs ``jpeg<q>``, ``webp<q>`` (q = 1..100) and ``png``; learned codecs
-(``bottleneck-b<beta>``, ``student-b<beta>``) as listed in a bundle manifest's ``codecs`` entries.
+Ids: ``fp32``, ``fp16``, ``int8-channel`` (per-channel affine, scales in the header),
+``int8-token`` and ``int4-token`` (one fp16 scale per row/token, for LLM hidden states); any
+of them followed by ``+zlib`` or ``+zstd`` (lossless stage); input codecs ``jpeg<q>``,
+``webp<q>`` (q = 1..100) and ``png``; learned codecs (``bottleneck-b<beta>``,
+``student-b<beta>``) as listed in a bundle manifest's ``codecs`` entries.
+
+Old names keep working through :data:`RENAMED` only: ``int8`` is ``int8-channel`` for DNN
+features (bundles, profiles, ``--codec``) and ``int8-token`` for LLM hidden states, where
+``int4`` is ``int4-token``. :func:`hidden_codec` builds the codec an LLM split sends.
 """
 
 from __future__ import annotations
@@ -15,20 +20,52 @@ from typing import Callable
 from tether.core.bundle import CodecEntry, Manifest
 from tether.core.errors import CodecError, UnknownCodecError
 from tether.codecs.base import Codec
-from tether.codecs.baseline import Fp16Codec, Fp32Codec, Int8Codec, ZlibCodec, ZstdCodec
+from tether.codecs.baseline import Fp16Codec, Fp32Codec, Int8ChannelCodec, ZlibCodec, ZstdCodec
 from tether.codecs.image import ImageCodec
+from tether.codecs.tokens import TokenIntCodec
 
 TENSOR_CODECS: dict[str, Callable[[], Codec]] = {
     "fp32": lambda: Fp32Codec("fp32"),
     "fp16": lambda: Fp16Codec("fp16"),
-    "int8": lambda: Int8Codec("int8"),
+    "int8-channel": lambda: Int8ChannelCodec("int8-channel"),
+    "int8-token": lambda: TokenIntCodec("int8-token", 8),
+    "int4-token": lambda: TokenIntCodec("int4-token", 4),
 }
 LOSSLESS_STAGES = ("zlib", "zstd")
+#: Every tensor codec id (any tensor, LLM hidden states included): each base, then with stages.
+TENSOR_CODEC_IDS: tuple[str, ...] = tuple(
+    f"{base}{stage}" for base in TENSOR_CODECS for stage in ("", "+zlib", "+zstd"))
+#: The one alias table: old codec names, per what they encode -> the name that says what it does.
+RENAMED: dict[str, dict[str, str]] = {
+    "features": {"int8": "int8-channel"},
+    "hidden": {"int8": "int8-token", "int4": "int4-token"},
+}
 INPUT_CODEC_RE = re.compile(r"^(jpeg|webp)([1-9][0-9]?|100)$")
 #: Learned codec kinds: manifest ``kind`` -> loader module attribute (imported lazily).
 LEARNED_KINDS = ("bottleneck", "student")
-KNOWN_IDS_TEXT = ("fp32, fp16, int8, <any of those>+zlib or +zstd, jpeg<1-100>, webp<1-100>, "
-                  "png")
+KNOWN_IDS_TEXT = (f"{', '.join(TENSOR_CODECS)}, <any of those>+zlib or +zstd, jpeg<1-100>, "
+                  f"webp<1-100>, png (old name: int8 = int8-channel)")
+
+
+def canonical_codec_id(codec_id: str, role: str = "features") -> str:
+    """The current name of ``codec_id``; ``role`` is ``"features"`` or ``"hidden"`` (LLM)."""
+    base, plus, stage = codec_id.partition("+")
+    new = RENAMED[role].get(base)
+    return codec_id if new is None else f"{new}{plus}{stage}"
+
+
+def hidden_codec(codec_id: str) -> Codec:
+    """The codec an LLM split sends its ``[tokens, hidden]`` states with (any tensor codec).
+
+    Old LLM names ``int8``/``int4`` (+``zlib``) mean ``int8-token``/``int4-token``.
+    Raises :class:`UnknownCodecError` naming the valid ids.
+    """
+    name = canonical_codec_id(codec_id, "hidden") if isinstance(codec_id, str) else codec_id
+    if name not in TENSOR_CODEC_IDS:
+        raise UnknownCodecError(f"unknown hidden-state codec {codec_id!r}; LLM split codecs: "
+                                f"{', '.join(TENSOR_CODECS)}, each alone or +zlib or +zstd "
+                                f"(old names: int8 = int8-token, int4 = int4-token)")
+    return make_codec(name)
 
 
 def make_codec(codec_id: str, bundle_dir: str | Path | None = None,
@@ -42,13 +79,13 @@ def make_codec(codec_id: str, bundle_dir: str | Path | None = None,
     if not isinstance(codec_id, str) or not codec_id:
         raise UnknownCodecError(f"codec id must be a non-empty string, got {codec_id!r}; "
                                 f"known ids: {KNOWN_IDS_TEXT}")
-    base, _, stage = codec_id.partition("+")
+    base, _, stage = canonical_codec_id(codec_id).partition("+")
     if stage:
         if stage not in LOSSLESS_STAGES or base not in TENSOR_CODECS:
             raise _unknown(codec_id, bundle_dir, manifest)
         return (ZlibCodec if stage == "zlib" else ZstdCodec)(TENSOR_CODECS[base]())
-    if codec_id in TENSOR_CODECS:
-        return TENSOR_CODECS[codec_id]()
+    if base in TENSOR_CODECS:
+        return TENSOR_CODECS[base]()
     if codec_id == "png":
         return ImageCodec("png")
     match = INPUT_CODEC_RE.match(codec_id)

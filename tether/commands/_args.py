@@ -1,4 +1,5 @@
-"""Shared argparse pieces: comma-or-space separated lists, the help formatter, examples."""
+"""Shared argparse pieces: comma-or-space separated lists, flags -> config overrides, the help
+formatter."""
 
 from __future__ import annotations
 
@@ -40,3 +41,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if isinstance(default, (list, tuple)):
             default = ",".join(str(v) for v in default) or "none"
         return f"{text} (default: {str(default).replace('%', '%%')})".lstrip()
+
+
+def flag_overrides(args: argparse.Namespace, flags: dict[str, str],
+                   units: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """The config overrides that ``flags`` (argparse dest -> dotted config field) make; a flag
+    not given is None (the file's value stays). ``units`` converts flags given in other units
+    than their field (``--max-queue-delay-ms`` -> seconds)."""
+    overrides = {}
+    for dest, field in flags.items():
+        value = getattr(args, dest)
+        if value is not None and units and dest in units:
+            value = units[dest](value)
+        overrides[field] = value
+    return overrides

@@ -26,7 +26,8 @@ from tether.codecs.training import (
 )
 
 log = logging.getLogger("tether.codec")
-TENSOR_BASELINES = ("fp16", "int8", "fp16+zlib", "int8+zlib", "fp16+zstd", "int8+zstd")
+TENSOR_BASELINES = ("fp16", "int8-channel", "fp16+zlib", "int8-channel+zlib", "fp16+zstd",
+                    "int8-channel+zstd")
 CALIBRATION_SIZE = 1000
 
 

@@ -1,4 +1,4 @@
-"""`tether edge` (the edge agent daemon) and `tether infer` (its command-line client)."""
+"""`tether edge` (the edge daemon: images and LLM sessions) and `tether infer` (its image client)."""
 
 from __future__ import annotations
 
@@ -7,39 +7,62 @@ import json
 import sys
 from pathlib import Path
 
-from tether.core.errors import ConfigError, InputShapeError
+from tether.commands._args import flag_overrides
+from tether.core.errors import InputShapeError
+
+
+#: One literal mapping: ``tether edge`` option (argparse dest) -> the config field it sets
+#: (dotted: ``[link] connect`` is ``link.connect``). Flags win over the TOML file.
+EDGE_FLAGS: dict[str, str] = {
+    "bundle": "bundle", "listen": "listen", "edge_id": "edge_id", "metrics_port": "metrics_port",
+    "action": "action", "deadline": "deadline_seconds", "records": "records",
+    "connect": "link.connect",
+    "curve_server_key": "curve.server_key", "curve_client_cert": "curve.client_cert",
+    "http_port": "http.port",
+    "llm_checkpoint": "llm.checkpoint", "llm_tokenizer": "llm.tokenizer", "llm_split": "llm.split",
+    "llm_codec": "llm.codec", "llm_exit_head": "llm.exit_head",
+    "llm_exit_threshold": "llm.exit_threshold", "llm_timeout": "llm.timeout_seconds",
+    "llm_first_step_timeout": "llm.first_step_timeout_seconds",
+    "llm_max_new_tokens": "llm.max_new_tokens",
+}
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``edge`` and ``infer`` sub-commands."""
     p = subparsers.add_parser(
-        "edge", help="run the edge agent daemon (heads on ONNX Runtime, tails on a cloud)",
-        description="Serve a bundle to local applications: per request a policy picks local, "
+        "edge", help="run the edge daemon: a DNN bundle, a split LLM or both on one endpoint",
+        description="Serve a DNN bundle (heads on ONNX Runtime) and/or a split LLM's edge part "
+                    "to local applications (`tether infer`, `tether generate --edge`, HTTP), "
+                    "over one link to a `tether cloud`. Per image a policy picks local, "
                     "split+codec, early exit or full offload; requests the cloud cannot answer "
-                    "in time fall back to the whole model on the edge. SIGTERM drains.")
+                    "in time are answered on the edge. SIGTERM drains.")
     p.add_argument("--config", type=Path, metavar="FILE",
-                   help="TOML config (keys of EdgeConfig, top level or [edge]); flags override")
-    p.add_argument("--bundle", type=Path, metavar="DIR", help="bundle directory")
-    p.add_argument("--connect", metavar="ENDPOINT",
-                   help="cloud endpoint, e.g. tcp://10.0.0.2:5555 (omit: local answers only)")
+                   help="TOML config: keys at the top level or in [edge], and the tables [link], "
+                        "[curve], [llm], [http], [policy] (configs/edge.example.toml); "
+                        "flags override it")
+    p.add_argument("--bundle", type=Path, metavar="DIR", help="DNN bundle directory")
     p.add_argument("--listen", metavar="ENDPOINT",
                    help="local endpoint for applications (default tcp://127.0.0.1:5560)")
     p.add_argument("--metrics-port", type=int, metavar="P", help="Prometheus /metrics port")
-    p.add_argument("--http-port", type=int, metavar="P",
-                   help="also serve HTTP on P (0: any free port): POST /v1/infer, OpenAI-style "
-                        "/v1/completions and /v1/chat/completions, probes (default off; needs "
-                        "pip install 'tether[http]')")
     p.add_argument("--action", metavar="KEY",
                    help="fixed action: split:SPLIT:CODEC, local, offload:CODEC, exit:SPLIT:CODEC "
                         "(default auto: the smallest exported split, fp32)")
-    p.add_argument("--deadline", type=float, metavar="S", dest="deadline_seconds",
+    p.add_argument("--deadline", type=float, metavar="S",
                    help="default per-request deadline in seconds (default 1.0)")
     p.add_argument("--records", type=Path, metavar="FILE",
                    help="append one record per request to FILE (.jsonl or .csv)")
     p.add_argument("--edge-id", metavar="NAME", help="name in records and metrics")
-    p.add_argument("--curve-server-key", metavar="Z85|FILE", help="the cloud's CURVE public key")
-    p.add_argument("--curve-client-cert", type=Path, metavar="FILE",
-                   help="this edge's CURVE secret certificate (from `tether keys generate`)")
+    link = p.add_argument_group("link to the cloud ([link], [curve])")
+    link.add_argument("--connect", metavar="ENDPOINT",
+                      help="cloud endpoint, e.g. tcp://10.0.0.2:5555 (omit: local answers only)")
+    link.add_argument("--curve-server-key", metavar="Z85|FILE", help="the cloud's CURVE public key")
+    link.add_argument("--curve-client-cert", type=Path, metavar="FILE",
+                      help="this edge's CURVE secret certificate (from `tether keys generate`)")
+    http = p.add_argument_group("HTTP front ([http])")
+    http.add_argument("--http-port", type=int, metavar="P",
+                      help="also serve HTTP on P (0: any free port): POST /v1/infer, OpenAI-style "
+                           "/v1/completions and /v1/chat/completions, probes (default off; "
+                           "needs pip install 'tether[http]')")
     _add_llm_options(p)
     p.set_defaults(handler=_run_edge)
 
@@ -59,37 +82,37 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_llm_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "split LLM", "also stream LLM generations on --listen (`tether generate --edge`), "
-        "layers [K, L) served by the --connect cloud (`tether cloud --llm-checkpoint`)")
+        "split LLM ([llm])", "also stream LLM generations on --listen (`tether generate --edge`); "
+        "layers [K, L) are served by the --connect cloud (`tether cloud --llm-checkpoint`)")
     g.add_argument("--llm-checkpoint", type=Path, metavar="PATH",
                    help="llama2.c .bin or HF model directory")
     g.add_argument("--llm-tokenizer", type=Path, metavar="PATH", help="llama2.c tokenizer .bin")
     g.add_argument("--llm-split", type=int, metavar="K",
                    help="edge keeps layers [0, K) (default: half the layers)")
     g.add_argument("--llm-codec", metavar="CODEC",
-                   help="hidden-state codec: fp32, fp16, int8, int4 (+zlib) (default fp16)")
+                   help="hidden-state codec: fp32, fp16, int8-token, int4-token, int8-channel, "
+                        "each +zlib or +zstd (old names int8, int4 = int8-token, int4-token) "
+                        "(default fp16)")
     g.add_argument("--llm-exit-head", type=Path, metavar="FILE",
                    help="trained exit head (`tether llm-exit`)")
     g.add_argument("--llm-exit-threshold", type=float, metavar="P",
-                   help="answer on the edge when the exit's probability >= P")
-    g.add_argument("--llm-timeout", type=float, metavar="S", dest="llm_timeout_seconds",
-                   help="per cloud step (default 2.0)")
+                   help="answer on the edge when the exit's probability >= P "
+                        "(default: the exit head's calibrated one)")
+    g.add_argument("--llm-timeout", type=float, metavar="S",
+                   help="seconds to wait for the cloud per generation step (default 2.0)")
+    g.add_argument("--llm-first-step-timeout", type=float, metavar="S",
+                   help="cloud readiness + a session's first step (a cold cloud loads its "
+                        "layers first; default 30)")
+    g.add_argument("--llm-max-new-tokens", type=int, metavar="N",
+                   help="cap on the tokens of one generation (default 1024)")
 
 
 def _run_edge(args: argparse.Namespace) -> int:
     from tether.edge.config import load_edge_config
     from tether.edge.daemon import run_daemon
 
-    config = load_edge_config(
-        args.config, bundle=args.bundle, connect=args.connect, listen=args.listen,
-        metrics_port=args.metrics_port, http_port=args.http_port, action=args.action,
-        deadline_seconds=args.deadline_seconds, records=args.records, edge_id=args.edge_id,
-        curve_server_key=args.curve_server_key, curve_client_cert=args.curve_client_cert,
-        llm_checkpoint=args.llm_checkpoint, llm_tokenizer=args.llm_tokenizer,
-        llm_split=args.llm_split, llm_codec=args.llm_codec, llm_exit_head=args.llm_exit_head,
-        llm_exit_threshold=args.llm_exit_threshold, llm_timeout_seconds=args.llm_timeout_seconds)
-    if config.bundle is None:
-        raise ConfigError("no bundle: pass --bundle DIR or set bundle in --config")
+    config = load_edge_config(args.config, flag_overrides(args, EDGE_FLAGS))
+    config.require_model()
     return run_daemon(config)
 
 

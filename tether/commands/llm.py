@@ -1,17 +1,16 @@
-"""`tether generate`, `llm-edge`, `llm-serve`, `llm-exit`: split LLM inference from the shell.
+"""`tether generate` and `tether llm-exit`: split LLM inference and exit heads from the shell.
 
-    tether llm-serve --checkpoint stories260K.bin --listen tcp://0.0.0.0:5570
-    tether generate --cloud tcp://HOST:5570 --checkpoint stories260K.bin --split 3 "Once upon"
-    tether llm-edge --cloud tcp://HOST:5570 --split 3 --listen tcp://127.0.0.1:5571
-    tether generate --edge tcp://127.0.0.1:5571 "Once upon"
-    tether edge --bundle DIR --connect tcp://HOST:5555 --llm-checkpoint stories260K.bin \
-        --llm-split 3                # DNN + LLM on one endpoint (cloud: --llm-checkpoint too)
+The daemons are `tether cloud` and `tether edge` (one per side, images and LLMs alike)::
+
+    tether cloud --bind tcp://0.0.0.0:5555 --llm-checkpoint stories260K.bin   # (+ --bundle DIR)
+    tether edge --connect tcp://HOST:5555 --llm-checkpoint stories260K.bin --llm-split 3
     tether generate --edge tcp://127.0.0.1:5560 "Once upon"
+    tether generate --cloud tcp://HOST:5555 --checkpoint stories260K.bin --split 3 "Once upon"
     tether llm-exit --checkpoint stories260K.bin --split 3 --out exit3.pt
 
 ``generate`` streams tokens to stdout as they come (a summary goes to stderr), either from a
-running ``llm-edge`` daemon or ``tether edge --llm-checkpoint`` (``--edge``) or running the edge part (layers [0, k), KV cache,
-early exit) in this process. Without ``--checkpoint``
+running ``tether edge`` daemon (``--edge``) or running the edge part (layers [0, k), KV cache,
+early exit) in this process against a ``tether cloud`` (``--cloud``). Without ``--checkpoint``
 the shared assets' stories260K is used (``TETHER_ASSETS`` or ../shared/assets).
 """
 
@@ -28,49 +27,38 @@ from tether.core.errors import ConfigError
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``generate``, ``llm-serve`` and ``llm-exit``."""
+    """Register ``generate`` and ``llm-exit`` (the daemons are ``tether edge`` / ``tether cloud``)."""
     _add_generate(subparsers)
-    _add_edge(subparsers)
-    _add_serve(subparsers)
     _add_exit(subparsers)
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     g = subparsers.add_parser(
         "generate", help="generate text with an LLM split between this machine and a cloud",
-        description="Run embeddings + layers [0, k) here and layers [k, L) on `tether llm-serve` "
-                    "at --cloud; stream tokens as they come. Without --cloud (or when it is "
+        description="Stream tokens from a running `tether edge --llm-checkpoint` daemon "
+                    "(--edge), or run embeddings + layers [0, k) here and layers [k, L) on a "
+                    "`tether cloud --llm-checkpoint` at --cloud. Without --cloud (or when it is "
                     "unreachable) the edge answers alone through its exit head.")
     g.add_argument("prompt", help="prompt text")
     g.add_argument("--edge", metavar="ENDPOINT",
-                   help="a running `tether llm-edge`, or `tether edge --llm-checkpoint` daemon, "
-                        "e.g. tcp://127.0.0.1:5571 (the "
-                        "daemon holds the edge part; the options below are then ignored)")
+                   help="a running `tether edge --llm-checkpoint` daemon's --listen endpoint, "
+                        "e.g. tcp://127.0.0.1:5560 (the daemon holds the edge part; the options "
+                        "below are then ignored)")
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate")
     _add_edge_part(g)
     g.set_defaults(handler=_run_generate)
 
 
-def _add_edge(subparsers: argparse._SubParsersAction) -> None:
-    d = subparsers.add_parser(
-        "llm-edge", help="edge daemon for split LLMs: apps stream tokens from --listen",
-        description="Hold the edge part (layers [0, K), KV caches, exit head) and serve "
-                    "`tether generate --edge ENDPOINT` / tether.edge.client.LLMClient on --listen. "
-                    "LLM only; `tether edge --llm-checkpoint` serves it beside a DNN bundle.")
-    _add_edge_part(d)
-    d.add_argument("--listen", default="tcp://127.0.0.1:5571", metavar="ENDPOINT",
-                   help="ZeroMQ endpoint applications connect to")
-    d.set_defaults(handler=_run_edge)
-
-
 def _add_edge_part(p: argparse.ArgumentParser) -> None:
     _add_checkpoint(p)
-    p.add_argument("--cloud", metavar="ENDPOINT", help="LLM cloud, e.g. tcp://127.0.0.1:5570")
+    p.add_argument("--cloud", metavar="ENDPOINT",
+                   help="a `tether cloud --llm-checkpoint` daemon, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--split", type=int, default=None, metavar="K",
                    help="edge keeps layers [0, K) (default: half the layers)")
-    p.add_argument("--codec", default="fp16", help="hidden-state codec: fp32, fp16, int8, int4 "
-                   "(+zlib) (default fp16)")
+    p.add_argument("--codec", default="fp16", help="hidden-state codec: fp32, fp16, int8-token, "
+                   "int4-token, int8-channel, each +zlib or +zstd (old names int8, int4 = "
+                   "int8-token, int4-token) (default fp16)")
     p.add_argument("--exit-head", type=Path, metavar="FILE", help="trained exit head (llm-exit)")
     p.add_argument("--exit-threshold", type=float, metavar="P",
                    help="answer on the edge when the exit's probability >= P "
@@ -80,24 +68,6 @@ def _add_edge_part(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-step-timeout", type=float, default=30.0, metavar="S",
                    help="cloud readiness + first step of a session (a cold cloud loads its "
                         "layers first; default 30)")
-
-
-def _add_serve(subparsers: argparse._SubParsersAction) -> None:
-    s = subparsers.add_parser(
-        "llm-serve", help="serve the cloud part of split LLMs (PREFILL/DECODE/CLOSE sessions)",
-        description="Bind a ZeroMQ ROUTER and serve layers [k, L) of the checkpoint for any "
-                    "split k the edges ask for, with a KV cache per session and batched decode.")
-    _add_checkpoint(s)
-    s.add_argument("--listen", default="tcp://127.0.0.1:5570", metavar="ENDPOINT",
-                   help="ZeroMQ endpoint the ROUTER binds (edges connect here)")
-    s.add_argument("--max-sessions", type=int, default=64, metavar="N",
-                   help="concurrent generation sessions (KV caches) before BUSY")
-    s.add_argument("--max-kv-mib", type=int, default=256, help="KV cache memory bound (MiB)")
-    s.add_argument("--idle-timeout", type=float, default=120.0, metavar="S",
-                   help="seconds after which an idle session's KV cache is freed")
-    s.add_argument("--max-batch", type=int, default=16, metavar="N",
-                   help="decode steps of different sessions batched together")
-    s.set_defaults(handler=_run_serve)
 
 
 def _add_exit(subparsers: argparse._SubParsersAction) -> None:
@@ -185,26 +155,6 @@ def _generate_via_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_edge(args: argparse.Namespace) -> int:
-    from tether.edge.llm import LLMEdgeServer
-
-    edge = _build_edge(args)
-
-    async def serve() -> None:
-        server = LLMEdgeServer(edge, args.listen, (args.checkpoint or Path("stories260K")).stem)
-        endpoint = await server.start()
-        print(f"edge part {edge.split} ({edge.config.codec}, cloud {args.cloud or 'none'}) "
-              f"serving apps on {endpoint}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await server.close()
-            if edge.link is not None:
-                await edge.link.close()
-    asyncio.run(serve())
-    return 0
-
-
 async def _stream(edge, prompt: str, max_new_tokens: int) -> int:
     t0, counts, sent = time.perf_counter(), {}, 0
     sys.stdout.write(prompt)
@@ -225,26 +175,6 @@ async def _stream(edge, prompt: str, max_new_tokens: int) -> int:
     print(f"[{n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s; split layer{edge.part.k}, "
           f"codec {edge.config.codec}; by source {counts}; {sent / max(n, 1):.0f} bytes sent/token]",
           file=sys.stderr)
-    return 0
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
-
-    ckpt = _open(args)
-    config = LLMEngineConfig(max_sessions=args.max_sessions, max_kv_bytes=args.max_kv_mib << 20,
-                             idle_timeout_s=args.idle_timeout, max_batch=args.max_batch)
-    name = (args.checkpoint or Path("stories260K")).stem
-
-    async def serve() -> None:
-        server = LLMServer(LLMEngine(ckpt, config, name), args.listen)
-        endpoint = await server.start()
-        print(f"serving {name} ({ckpt.fingerprint[:12]}) LLM sessions on {endpoint}", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await server.close()
-    asyncio.run(serve())
     return 0
 
 

@@ -3,8 +3,9 @@
 Components declare their config as frozen dataclasses (fields with defaults, validation
 in ``__post_init__`` raising :class:`ConfigError`). :func:`from_mapping` builds one from
 a parsed TOML table, rejecting unknown keys and wrong types with the dotted key path in
-the message; :func:`load_config` does the same from a file. Environment variables and
-CLI flags are read only at entry points, which pass overrides to :func:`with_overrides`.
+the message; :func:`load_config` does the same from a file, and :func:`load_daemon_config`
+loads a daemon's file with nested tables (``[link]``, ``[llm]``, ...). Environment variables
+and CLI flags are read only at entry points, which pass them as overrides.
 """
 
 from __future__ import annotations
@@ -48,26 +49,111 @@ def load_config(cls: type[T], path: str | Path, table: str | None = None) -> T:
     return from_mapping(cls, data, where=table or "")
 
 
-def component_table(data: dict[str, Any], section: str, path: str | Path,
-                    siblings: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
-    """The ``[section]`` table of a component's config file and its dotted prefix.
+def load_daemon_config(cls: type[T], path: str | Path | None, section: str,
+                       overrides: dict[str, Any] | None = None,
+                       moved: dict[str, str] | None = None,
+                       aliases: dict[str, str] | None = None) -> T:
+    """A daemon's config (``cls``) from its TOML file, then the entry point's overrides.
 
-    A file either holds the component's keys at the top level (prefix ``""``) or in
-    ``[section]``; beside that table only the ``siblings`` sections may appear. Anything else
-    (a ``[policy]`` table in a cloud config, a misspelt ``[clod]``) is a :class:`ConfigError`,
-    never silently ignored.
+    The daemon's own keys sit at the top level of the file or in ``[section]``; each nested
+    table of ``cls`` (a dataclass or dict field such as ``llm``) sits beside ``[section]``
+    (``[llm]``) or inside it (``[section.llm]``), never both. Anything else in the file is
+    refused. ``overrides`` are dotted field paths (``{"llm.checkpoint": path}``; ``None``
+    values are skipped: the flag was not given). ``moved`` maps keys of an older flat layout
+    to their dotted place now, so an old file is refused with the fix; ``aliases`` are
+    accepted second spellings of a key (in any table; giving both is refused). Errors are one
+    line naming the file and the dotted key.
     """
-    if section not in data:
-        return data, ""
-    table = data[section]
+    raw = load_toml(path) if path is not None else {}
+    tables = nested_tables(cls)
+    try:
+        data, where, places = _gather(raw, section, tables)
+        _refuse_moved(data, where, moved or {})
+        for name in (None, *tables):
+            table = data if name is None else data.get(name)
+            if isinstance(table, dict) and aliases:
+                _unalias(table, aliases, where if name is None else places[name])
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                _set_dotted(data, key, value)
+        for name, tp in tables.items():
+            if name in data and dataclasses.is_dataclass(tp):
+                data[name] = from_mapping(tp, data[name], places[name])
+        return from_mapping(cls, data, where)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def refuse_settings_without(config: Any, key: str, table: str, flag: str) -> None:
+    """A table whose ``key`` (say the model) is unset must not set anything else: its other
+    settings would be silently ignored (a misspelt or forgotten ``checkpoint``)."""
+    for f in dataclasses.fields(config):
+        if f.name != key and f.default is not dataclasses.MISSING \
+                and getattr(config, f.name) != f.default:
+            raise ConfigError(f"{table}.{f.name} is set but {table}.{key} is missing: "
+                              f"set {table}.{key} (or {flag}) or drop [{table}]")
+
+
+def nested_tables(cls: type) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that are TOML tables (nested dataclasses, dicts)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints[f.name]) or typing.get_origin(hints[f.name]) is dict}
+
+
+def _gather(raw: dict[str, Any], section: str,
+            tables: dict[str, Any]) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """The daemon's table with its nested tables merged in, its dotted prefix, and where
+    each nested table was written (for error messages)."""
+    if section not in raw:
+        return dict(raw), "", {name: name for name in tables}
+    table = raw[section]
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [{section}] must be a table")
-    unknown = sorted(set(data) - {section, *siblings})
+        raise ConfigError(f"[{section}] must be a table")
+    unknown = sorted(set(raw) - {section, *tables})
     if unknown:
-        allowed = ", ".join(f"[{s}]" for s in (section, *siblings))
-        raise ConfigError(f"{path}: unknown config section or key {unknown[0]!r} beside "
+        allowed = ", ".join(f"[{s}]" for s in (section, *tables))
+        raise ConfigError(f"unknown config section or key {unknown[0]!r} beside "
                           f"[{section}]; this file may hold {allowed} only")
-    return table, section
+    data, places = dict(table), {}
+    for name in tables:
+        places[name] = f"{section}.{name}"
+        if name in raw:
+            if name in data:
+                raise ConfigError(f"[{name}] and [{section}.{name}] both set; keep one")
+            data[name], places[name] = raw[name], name
+    return data, section, places
+
+
+def _refuse_moved(data: dict[str, Any], where: str, moved: dict[str, str]) -> None:
+    for key in data:
+        if key in moved:
+            table, _, name = moved[key].rpartition(".")
+            raise ConfigError(f"{_join(where, key)!r} moved: write {name} = ... under "
+                              f"[{table}] (or pass its flag)")
+
+
+def _unalias(table: dict[str, Any], aliases: dict[str, str], where: str) -> None:
+    for alias, name in aliases.items():
+        if alias in table:
+            if name in table:
+                raise ConfigError(f"{_join(where, alias)} and {name} set the same value: "
+                                  f"keep only {alias}")
+            table[name] = table.pop(alias)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    head, dot, rest = key.partition(".")
+    if not dot:
+        data[head] = value
+        return
+    table = data.setdefault(head, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{head}: expected a table, got {table!r}")
+    data[head] = table = dict(table)
+    _set_dotted(table, rest, value)
 
 
 def from_mapping(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -130,7 +216,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value, key)
+        return value if isinstance(value, tp) else from_mapping(tp, value, key)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -1,37 +1,50 @@
 """The one exception tree of tether.
 
-Every error tether raises on purpose derives from :class:`TetherError`. Third-party
-exceptions are mapped at the boundary with ``raise ... from exc`` so callers only
-ever need to catch this tree. Each class carries a stable ``code`` string; the wire
-protocol's ERROR message carries that code so the peer can rebuild the same class
-(see :func:`error_from_code`).
+Every error tether raises on purpose derives from :class:`TetherError`, and every concrete
+class is exactly one of :class:`TransientError` (the same request may succeed later or
+elsewhere: fall back, retry, re-route) or :class:`FatalError` (it fails the same way again
+until input, config or deployment change). Callers test the category with ``isinstance(exc,
+TransientError)``, never with tuples of classes. Third-party exceptions are mapped at the
+boundary with ``raise ... from exc``. Each class carries a stable ``code``; the wire
+protocol's ERROR message carries it so the peer rebuilds the same class
+(:func:`error_from_code`).
 
     TetherError
-    ├── ConfigError            bad or missing config key, unreadable TOML
-    ├── ModelError             unknown model, untraceable model, bad input shape
-    │   ├── UnknownModelError
-    │   ├── NotTraceableError
-    │   └── InputShapeError
-    │       └── NonFiniteInputError   NaN/Inf in an input tensor
-    ├── WeightsError           unreadable, corrupt or mismatched weights file
-    ├── SplitError             unknown split point (message lists the valid ones)
-    ├── BundleError            missing/corrupt bundle or manifest, fingerprint mismatch
-    ├── CodecError
-    │   ├── UnknownCodecError
-    │   ├── CodecStateError    e.g. "Uninitialized CDFs. Run update() first"
-    │   └── PayloadError       truncated, wrong length or corrupt codec payload
-    ├── ProtocolError          malformed frames, bad header, oversized message
-    │   └── VersionMismatchError
-    ├── SessionError           unknown or expired LLM session
-    ├── BusyError              peer refused: queue full or deadline cannot be met
-    ├── DeadlineExceededError  no answer within the request's deadline
-    ├── PeerUnavailableError   not connected / handshake not done
-    ├── RemoteError            the peer reported an error with an unknown code
-    ├── TraceError             unreadable or invalid bandwidth trace
-    └── PlatformError          the machine lacks a capability (root, cgroups, netns)
+    ├── TransientError           try again later, elsewhere, or answer locally
+    │   ├── BusyError              peer refused: queue full or deadline cannot be met
+    │   ├── DeadlineExceededError  no answer within the request's deadline
+    │   └── PeerUnavailableError   not connected / handshake not done
+    └── FatalError               the same request fails the same way again
+        ├── ConfigError            bad or missing config key, unreadable TOML
+        ├── ModelError             unknown model, untraceable model, bad input shape
+        │   ├── UnknownModelError
+        │   ├── NotTraceableError
+        │   └── InputShapeError
+        │       ├── NonFiniteInputError   NaN/Inf in an input tensor
+        │       └── TooLargeError         an upload over the configured size limit
+        ├── WeightsError           unreadable, corrupt or mismatched weights file
+        ├── SplitError             unknown split point (message lists the valid ones)
+        ├── BundleError            missing/corrupt bundle or manifest, fingerprint mismatch
+        ├── CodecError
+        │   ├── UnknownCodecError
+        │   ├── CodecStateError    e.g. "Uninitialized CDFs. Run update() first"
+        │   └── PayloadError       truncated, wrong length or corrupt codec payload
+        ├── ProtocolError          malformed frames, bad header, oversized message
+        │   └── VersionMismatchError
+        ├── SessionError           unknown or expired LLM session (re-prefill to go on)
+        ├── RemoteError            the peer reported an error with an unknown code
+        ├── TraceError             unreadable or invalid bandwidth trace
+        ├── PlatformError          the machine lacks a capability (root, cgroups, netns)
+        └── InternalError          a bug: an unexpected exception, reported as "internal"
+
+Byte accounting: an error that ends a request after bytes went on the socket carries them
+as constructor fields (``bytes_sent``, ``bytes_received``); :meth:`TetherError.with_traffic`
+returns a copy with the counts, so nothing sets attributes on an exception after the fact.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class TetherError(Exception):
@@ -39,12 +52,46 @@ class TetherError(Exception):
 
     code = "internal"
 
+    def __init__(self, *args: Any, bytes_sent: int = 0, bytes_received: int = 0) -> None:
+        super().__init__(*args)
+        self.bytes_sent = bytes_sent            # bytes on the socket before it failed
+        self.bytes_received = bytes_received
 
-class ConfigError(TetherError):
+    def with_traffic(self, sent: int, received: int = 0) -> "TetherError":
+        """A copy carrying the request's socket byte counts (a count already known wins)."""
+        return type(self)(*self.args, bytes_sent=self.bytes_sent or sent,
+                          bytes_received=self.bytes_received or received)
+
+
+class TransientError(TetherError):
+    """The request may succeed later or elsewhere: fall back, retry or re-route."""
+
+    code = "transient"
+
+
+class FatalError(TetherError):
+    """The request fails the same way again until input, config or deployment change."""
+
+    code = "fatal"
+
+
+class BusyError(TransientError):
+    code = "busy"
+
+
+class DeadlineExceededError(TransientError):
+    code = "deadline"
+
+
+class PeerUnavailableError(TransientError):
+    code = "unavailable"
+
+
+class ConfigError(FatalError):
     code = "config"
 
 
-class ModelError(TetherError):
+class ModelError(FatalError):
     code = "model"
 
 
@@ -64,19 +111,23 @@ class NonFiniteInputError(InputShapeError):
     code = "non_finite"
 
 
-class WeightsError(TetherError):
+class TooLargeError(InputShapeError):
+    code = "too_large"
+
+
+class WeightsError(FatalError):
     code = "weights"
 
 
-class SplitError(TetherError):
+class SplitError(FatalError):
     code = "unknown_split"
 
 
-class BundleError(TetherError):
+class BundleError(FatalError):
     code = "bundle"
 
 
-class CodecError(TetherError):
+class CodecError(FatalError):
     code = "codec"
 
 
@@ -92,7 +143,7 @@ class PayloadError(CodecError):
     code = "bad_payload"
 
 
-class ProtocolError(TetherError):
+class ProtocolError(FatalError):
     code = "protocol"
 
 
@@ -100,47 +151,40 @@ class VersionMismatchError(ProtocolError):
     code = "version"
 
 
-class SessionError(TetherError):
+class SessionError(FatalError):
     code = "session"
 
 
-class BusyError(TetherError):
-    code = "busy"
-
-
-class DeadlineExceededError(TetherError):
-    code = "deadline"
-
-
-class PeerUnavailableError(TetherError):
-    code = "unavailable"
-
-
-class RemoteError(TetherError):
+class RemoteError(FatalError):
     code = "remote"
 
 
-class TraceError(TetherError):
+class TraceError(FatalError):
     code = "trace"
 
 
-class PlatformError(TetherError):
+class PlatformError(FatalError):
     code = "platform"
 
 
-_ALL: tuple[type[TetherError], ...] = (
-    TetherError, ConfigError, ModelError, UnknownModelError, NotTraceableError,
-    InputShapeError, NonFiniteInputError, WeightsError, SplitError, BundleError, CodecError,
-    UnknownCodecError, CodecStateError, PayloadError, ProtocolError,
-    VersionMismatchError, SessionError, BusyError, DeadlineExceededError,
-    PeerUnavailableError, RemoteError, TraceError, PlatformError,
+class InternalError(FatalError):
+    code = "internal"
+
+
+#: Every class a peer can name on the wire (the root TetherError is reported as "internal").
+ERRORS: tuple[type[TetherError], ...] = (
+    TransientError, BusyError, DeadlineExceededError, PeerUnavailableError,
+    FatalError, ConfigError, ModelError, UnknownModelError, NotTraceableError,
+    InputShapeError, NonFiniteInputError, TooLargeError, WeightsError, SplitError, BundleError, CodecError,
+    UnknownCodecError, CodecStateError, PayloadError, ProtocolError, VersionMismatchError,
+    SessionError, RemoteError, TraceError, PlatformError, InternalError,
 )
-ERROR_CLASSES: dict[str, type[TetherError]] = {cls.code: cls for cls in _ALL}
+ERROR_CLASSES: dict[str, type[TetherError]] = {cls.code: cls for cls in ERRORS}
 
 
 def error_from_code(code: str, message: str) -> TetherError:
     """Rebuild the error a peer reported; unknown codes become :class:`RemoteError`."""
-    cls = ERROR_CLASSES.get(code, RemoteError)
-    if cls is RemoteError and code != RemoteError.code:
+    cls = ERROR_CLASSES.get(code)
+    if cls is None:
         return RemoteError(f"[{code}] {message}")
     return cls(message)

@@ -2,9 +2,10 @@
 
 :func:`build_agent` wires compute, policy, cloud link, records and metrics;
 :class:`EdgeDaemon` adds the local endpoint, the Prometheus endpoint and the
-SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`. With ``llm_checkpoint``
-the daemon also holds the edge part of a split LLM (:func:`build_llm_edge`) and streams
-its generations on the same endpoint, its cloud part served by the same ``connect`` cloud.
+SIGTERM/SIGINT drain. ``tether edge`` calls :func:`run_daemon`. With ``[llm]`` the daemon
+also holds the edge part of a split LLM (:func:`build_llm_edge`) and streams its generations
+on the same endpoint, its cloud part served by the same ``[link]`` cloud; without a bundle it
+serves the LLM alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from tether.core import protocol as P
 from tether.core.config import from_mapping
 from tether.core.errors import ConfigError, SplitError, TetherError
 from tether.core.http import Health, HealthServer
@@ -67,7 +69,7 @@ def fixed_action(config: EdgeConfig, compute: EdgeCompute) -> Action:
     split (local without a cloud)."""
     if config.action != "auto":
         return check_action(Action.parse(config.action), compute)
-    if not config.connect:
+    if not config.link.connect:
         return LOCAL
     return Action.parse(f"split:{compute.default_split()}:fp32")
 
@@ -84,16 +86,19 @@ def build_policy(config: EdgeConfig, compute: EdgeCompute) -> Policy:
     return build_named(policy_config, compute.costs, manifest=compute.manifest)
 
 
-def build_link(config: EdgeConfig, compute: EdgeCompute, edge_id: str) -> ZmqCloudLink | None:
-    if not config.connect:
+def build_link(config: EdgeConfig, bundle: P.BundleInfo, edge_id: str) -> ZmqCloudLink | None:
+    """The one cloud link (``[link]``, ``[curve]``) whose handshake names ``bundle``; the
+    split LLM adds its weights to the same link (one socket for images and sessions)."""
+    link = config.link
+    if not link.connect:
         return None
     curve = None
-    if config.curve_client_cert is not None:
-        curve = CurveClientKeys.load(config.curve_server_key, config.curve_client_cert)
-    timing = LinkTiming(config.heartbeat_interval_seconds, config.heartbeat_timeout_seconds,
-                        config.handshake_timeout_seconds, config.reconnect_min_seconds,
-                        config.reconnect_max_seconds)
-    return ZmqCloudLink(config.connect, compute.bundle_info(), edge_id, timing, curve)
+    if config.curve.enabled:
+        curve = CurveClientKeys.load(config.curve.server_key, config.curve.client_cert)
+    timing = LinkTiming(link.heartbeat_interval_seconds, link.heartbeat_timeout_seconds,
+                        link.handshake_timeout_seconds, link.reconnect_min_seconds,
+                        link.reconnect_max_seconds)
+    return ZmqCloudLink(link.connect, bundle, edge_id, timing, curve)
 
 
 def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
@@ -107,38 +112,46 @@ def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
     if config.records is not None:
         sinks.append(open_sink(config.records))
     return EdgeAgent(compute, build_policy(config, compute), config,
-                     build_link(config, compute, edge_id), sinks, metrics=metrics)
+                     build_link(config, compute.bundle_info(), edge_id), sinks, metrics=metrics)
 
 
-def build_llm_edge(config: EdgeConfig, link: Any = None) -> LLMEdge | None:
-    """The split LLM's edge part from the ``llm_*`` keys; its cloud is ``connect``, over
-    ``link`` (the image path's: one socket, one handshake naming both) when given."""
-    if config.llm_checkpoint is None:
+def build_llm_edge(config: EdgeConfig, link: ZmqCloudLink | None = None) -> LLMEdge | None:
+    """The split LLM's edge part from ``[llm]``; its cloud is ``[link] connect`` over
+    ``link`` (the image path's: one socket, one handshake naming both), or over a link of
+    its own (same ``[link]``/``[curve]`` settings) on an LLM-only edge."""
+    llm = config.llm
+    if not llm.enabled:
         return None
-    return open_llm_edge(config.llm_checkpoint, config.llm_tokenizer, config.llm_split,
-                         config.llm_codec, "", config.llm_exit_head,
-                         config.llm_exit_threshold, config.llm_timeout_seconds,
-                         config.llm_first_step_timeout_seconds, link=link)
+    edge = open_llm_edge(llm.checkpoint, llm.tokenizer, llm.split, llm.codec, "",
+                         llm.exit_head, llm.exit_threshold, llm.timeout_seconds,
+                         llm.first_step_timeout_seconds)
+    link = link or build_link(config, edge.bundle_info(), config.edge_id or default_edge_id())
+    if link is not None:
+        edge.attach(link)
+    return edge
 
 
 class EdgeDaemon:
-    """The agent served on its local endpoint, with metrics and a graceful stop."""
+    """The agent (DNN bundle) and/or the split LLM served on one local endpoint, with metrics
+    and a graceful stop. Without a bundle ``agent`` is None: an LLM-only edge."""
 
     def __init__(self, config: EdgeConfig, registry: CollectorRegistry | None = None) -> None:
+        config.require_model()
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = EdgeMetrics(self.registry)
-        self.agent = build_agent(config, metrics=self.metrics)
-        self.llm = build_llm_edge(config, self.agent.link)
+        self.agent = build_agent(config, metrics=self.metrics) \
+            if config.bundle is not None else None
+        self.llm = build_llm_edge(config, self.agent.link if self.agent is not None else None)
         if self.llm is not None:
             self.llm.metrics = self.metrics.llm
-        if self.agent.link is not None:
-            self.agent.link.set_message_callback(self.metrics.observe_link_message)
+        link = self.agent.link if self.agent is not None else (self.llm.link if self.llm else None)
+        if link is not None:
+            link.set_message_callback(self.metrics.observe_link_message)
         self.server = EdgeServer(self.agent, config.listen, config.queue_size,
                                  config.max_inflight, llm=self.llm,
-                                 llm_max_new_tokens=config.llm_max_new_tokens,
-                                 llm_model_id=config.llm_checkpoint.stem
-                                 if config.llm_checkpoint else "llm")
+                                 llm_max_new_tokens=config.llm.max_new_tokens,
+                                 llm_model_id=config.llm.model_id)
         self._stop = asyncio.Event()
         self._gauges: asyncio.Task | None = None
         self.metrics_port: int | None = None
@@ -149,8 +162,11 @@ class EdgeDaemon:
         self._serving = False
 
     async def start(self) -> str:
-        await self.agent.start()
-        self._local_seconds = self.agent.compute.local_seconds()
+        if self.agent is not None:
+            await self.agent.start()
+            self._local_seconds = self.agent.compute.local_seconds()
+        elif self.llm is not None and self.llm.link is not None:
+            await self.llm.link.start()       # an LLM-only edge connects at start too
         endpoint = await self.server.start()
         if self.config.metrics_port is not None:
             self._probes = HealthServer(self.registry, self.health)
@@ -161,24 +177,34 @@ class EdgeDaemon:
                                   f"{self.config.metrics_port}: {exc}; choose another "
                                   "--metrics-port") from exc
             self.metrics_port = self._probes.port
-        if self.config.http_port is not None:
+        if self.config.http.port is not None:
             from tether.edge.http import HttpFront      # starlette + uvicorn: the [http] extra
             self._front = HttpFront(self)
-            self.http_port = await self._front.start(self.config.http_host, self.config.http_port)
+            self.http_port = await self._front.start(self.config.http.host, self.config.http.port)
         self._serving = True
         # read at scrape time: a gauge refreshed by the loop lags the link by up to 0.25 s
-        self.metrics.cloud_ready.set_function(lambda: 1.0 if self.agent.cloud_available else 0.0)
+        self.metrics.cloud_ready.set_function(lambda: 1.0 if self._cloud_available() else 0.0)
         self._gauges = asyncio.create_task(self._update_gauges())
-        link = self.agent.link
-        llm = (f" and LLM {self.config.llm_checkpoint} (layers [0, {self.llm.part.k}), "
-               f"{self.llm.config.codec})") if self.llm else ""
-        log.info("edge %s serving %s (%s)%s on %s; cloud %s; policy %s; metrics %s",
-                 self.agent.edge_id, self.agent.compute.manifest.model_id,
-                 self.config.bundle, llm, endpoint, link.endpoint if link else "none (local only)",
-                 getattr(self.agent.policy, "name", "?"),
+        self._log_serving(endpoint)
+        return endpoint
+
+    def _cloud_available(self) -> bool:
+        if self.agent is not None:
+            return self.agent.cloud_available
+        return self.llm is not None and self.llm.cloud_available
+
+    def _log_serving(self, endpoint: str) -> None:
+        agent, llm = self.agent, self.llm
+        served = [f"{agent.compute.manifest.model_id} ({self.config.bundle}, policy "
+                  f"{getattr(agent.policy, 'name', '?')})"] if agent else []
+        if llm is not None:
+            served.append(f"LLM {self.config.llm.checkpoint} (layers [0, {llm.part.k}), "
+                          f"{llm.config.codec})")
+        log.info("edge %s serving %s on %s; cloud %s; metrics %s",
+                 agent.edge_id if agent else self.config.edge_id or "-", " and ".join(served),
+                 endpoint, self.config.link.connect or "none (local only)",
                  f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
                  if self.metrics_port else "off")
-        return endpoint
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -192,7 +218,7 @@ class EdgeDaemon:
         if announce:
             metrics = f" metrics http://{self.config.metrics_host}:{self.metrics_port}/metrics" \
                 if self.metrics_port else ""
-            http = f" http http://{self.config.http_host}:{self.http_port}" \
+            http = f" http http://{self.config.http.host}:{self.http_port}" \
                 if self.http_port else ""
             print(f"tether edge ready on {endpoint}{metrics}{http}", flush=True)
         loop = asyncio.get_running_loop()
@@ -214,10 +240,12 @@ class EdgeDaemon:
         """Liveness and readiness (``/healthz``, ``/readyz``): loaded, not draining, and
         every served model can answer: its cloud link is up or its local fallback can
         (the whole model within ``deadline_seconds``; an LLM's exit head)."""
-        checks = {"loaded": self._serving, "not_draining": not self.server.draining,
-                  "cloud_link": self.agent.cloud_available,
-                  "local_fallback": self._local_seconds <= self.config.deadline_seconds}
-        answers = checks["cloud_link"] or checks["local_fallback"]
+        checks = {"loaded": self._serving, "not_draining": not self.server.draining}
+        answers = True
+        if self.agent is not None:
+            checks["cloud_link"] = self.agent.cloud_available
+            checks["local_fallback"] = self._local_seconds <= self.config.deadline_seconds
+            answers = checks["cloud_link"] or checks["local_fallback"]
         if self.llm is not None:
             checks["llm_cloud"] = self.llm.cloud_available
             checks["llm_exit_head"] = self.llm.has_exit
@@ -235,7 +263,10 @@ class EdgeDaemon:
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
-        await self.agent.close()          # closes the one link (the LLM's too)
+        if self.agent is not None:
+            await self.agent.close()          # closes the one link (the LLM's too)
+        elif self.llm is not None and self.llm.link is not None:
+            await self.llm.link.close()       # an LLM-only edge's own link
         if self._probes is not None:
             await self._probes.stop()
         self._serving = False
@@ -244,7 +275,8 @@ class EdgeDaemon:
     async def _update_gauges(self) -> None:
         counted = 1          # the first handshake is a connect, not a reconnect
         while True:
-            link = self.agent.link
+            link = self.agent.link if self.agent is not None else \
+                (self.llm.link if self.llm is not None else None)
             connects = getattr(link, "connects", 0)
             if connects > counted:
                 self.metrics.reconnects.inc(connects - counted)
@@ -253,6 +285,8 @@ class EdgeDaemon:
             await asyncio.sleep(0.25)
 
     def _export_estimates(self) -> None:
+        if self.agent is None:
+            return
         estimates = getattr(self.agent.policy, "estimates", None)
         try:
             values = estimates(time.monotonic()) if callable(estimates) else {}

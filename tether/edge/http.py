@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import numpy as np
 
 from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError, InputShapeError,
-                                PeerUnavailableError, ProtocolError, TetherError)
+                                PeerUnavailableError, ProtocolError, TetherError, TooLargeError,
+                                TransientError, UnknownModelError)
 from tether.core.http import PROBE_PATHS, probe_response
 from tether.edge.openai_api import (CompletionRequest, ResponseShape, StopMatcher, error_body,
                                     parse_request, sse)
@@ -49,8 +50,8 @@ except ImportError as exc:   # pragma: no cover - exercised only without the ext
         from exc
 
 log = logging.getLogger(__name__)
-_STATUS = {InputShapeError: 400, ProtocolError: 400, ConfigError: 400, BusyError: 503,
-           PeerUnavailableError: 503, DeadlineExceededError: 504}
+_STATUS = {TooLargeError: 413, InputShapeError: 400, ProtocolError: 400, ConfigError: 400,
+           DeadlineExceededError: 504, TransientError: 503}     # most specific class wins
 _IMAGE_FIELDS = ("file", "image")
 
 
@@ -169,11 +170,15 @@ class HttpFront:
         return Response(body, status, media_type=ctype)
 
     async def models(self, request: "Request") -> "JSONResponse":
-        ids = [self.agent.compute.manifest.model_id] + ([self._llm_id()] if self.llm else [])
+        ids = ([self.agent.compute.manifest.model_id] if self.agent else []) + \
+            ([self._llm_id()] if self.llm else [])
         return JSONResponse({"object": "list", "data": [
             {"id": i, "object": "model", "created": 0, "owned_by": "tether"} for i in ids]})
 
     async def infer(self, request: "Request") -> "Response":
+        if self.agent is None:
+            return error_response(UnknownModelError(
+                "this edge serves no image model (started without a bundle)"), 404)
         try:
             self._admit()
             image = await self._read_tensor(request)
@@ -231,15 +236,15 @@ class HttpFront:
         return await asyncio.to_thread(decode_image, data, int(shape[2]), int(shape[3]))
 
     async def _body(self, request: "Request") -> bytes:
-        limit = self.config.http_max_body_bytes
+        limit = self.config.http.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _TooLarge(limit)
+            raise _too_large(limit)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _TooLarge(limit)
+                raise _too_large(limit)
             chunks.append(chunk)
         if not size:
             raise InputShapeError("empty body: send an image or a .npy tensor")
@@ -248,8 +253,8 @@ class HttpFront:
     async def _form_file(self, request: "Request") -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and \
-                int(declared) > self.config.http_max_body_bytes:
-            raise _TooLarge(self.config.http_max_body_bytes)
+                int(declared) > self.config.http.max_body_bytes:
+            raise _too_large(self.config.http.max_body_bytes)
         async with request.form(max_files=1, max_fields=8) as form:
             for name in _IMAGE_FIELDS:
                 upload = form.get(name)
@@ -348,14 +353,8 @@ class HttpFront:
                 "total_tokens": prompt + completion}
 
 
-class _TooLarge(InputShapeError):
-    code = "too_large"
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"body larger than http_max_body_bytes={limit}")
-
-
-_STATUS[_TooLarge] = 413
+def _too_large(limit: int) -> TooLargeError:
+    return TooLargeError(f"body larger than http_max_body_bytes={limit}")
 
 
 def _float_param(request: "Request", name: str) -> float | None:

@@ -117,10 +117,8 @@ class CloudLink(Protocol):
 
 
 def with_bytes(exc: TetherError, sent: int, received: int = 0) -> TetherError:
-    """Attach socket byte counts to an error so failed requests are still accounted."""
-    exc.bytes_sent = sent            # type: ignore[attr-defined]
-    exc.bytes_received = getattr(exc, "bytes_received", 0) or received   # type: ignore[attr-defined]
-    return exc
+    """A copy of ``exc`` carrying the socket byte counts, so failed requests are accounted."""
+    return exc.with_traffic(sent, received)
 
 
 def message_error(msg: Any) -> TetherError | None:

@@ -49,13 +49,13 @@ import numpy as np
 import torch
 
 from tether.core import protocol as P
-from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError,
-                                PeerUnavailableError, ProtocolError, SessionError, TetherError)
+from tether.codecs import hidden_codec
+from tether.core.errors import (BusyError, ConfigError, PeerUnavailableError, ProtocolError,
+                                SessionError, TetherError, TransientError)
 from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
 from tether.edge.link import CloudLink
-from tether.partitioner.llm import EdgeLM, make_hidden_codec, split_name
+from tether.partitioner.llm import EdgeLM, split_name
 
-_UNREACHABLE = (PeerUnavailableError, DeadlineExceededError, BusyError)
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +71,7 @@ class GenerateConfig:
     max_catchup_tokens: int = 256         # more pending hidden states: re-prefill instead
 
     def __post_init__(self) -> None:
-        make_hidden_codec(self.codec)
+        object.__setattr__(self, "codec", hidden_codec(self.codec).codec_id)   # current name
         if self.exit_threshold is not None and not 0.0 <= self.exit_threshold <= 1.0:
             raise ConfigError(f"exit_threshold must be in [0, 1], got {self.exit_threshold}")
         if self.timeout_s <= 0 or self.retry_after_s < 0 or self.max_catchup_tokens < 1:
@@ -161,7 +161,7 @@ class LLMEdge:
                  model_id: str = "llm") -> None:
         self.part, self.fingerprint, self.tokenizer = part, fingerprint, tokenizer
         self.config, self.model_id = config, model_id
-        self.codec = make_hidden_codec(config.codec)
+        self.codec = hidden_codec(config.codec)
         self.split = split_name(part.k)
         if config.exit_threshold is not None and not self.has_exit:
             raise ConfigError(f"exit_threshold needs a trained exit head at split {part.k} "
@@ -285,7 +285,7 @@ class LLMEdge:
             s.retry_at = until
             return
         self._down_until = until
-        if not isinstance(exc, _UNREACHABLE):
+        if not isinstance(exc, TransientError):
             log.warning("cloud %s refused session %s: %s", self._where(), s.id, exc)
 
     def _where(self) -> str:
@@ -300,7 +300,7 @@ class LLMEdge:
                if self.link is not None else "no cloud configured")
         text = (f"{why}; this edge part (split {self.split}) has no trained exit head to "
                 "continue alone, so generation stops here (train one with `tether llm-exit`)")
-        if failure is not None and not isinstance(failure, _UNREACHABLE):
+        if failure is not None and not isinstance(failure, TransientError):
             return type(failure)(text)
         cls = type(failure) if failure is not None else PeerUnavailableError
         return cls(text)
@@ -347,14 +347,14 @@ class LLMEdge:
         pending = s.pending()
         if s.cloud_length and len(pending) > self.config.max_catchup_tokens:
             s.cloud_length, pending = 0, torch.cat(s.hidden)
-        header, frames = self.codec.encode(pending)
+        encoded = self.codec.encode(pending)
         fingerprint = "" if s.cloud_length else self.fingerprint   # DECODE: bound by PREFILL
         # a PREFILL may meet a cold cloud that builds its part of the model first
         timeout = self.config.timeout_s if s.cloud_length else self.config.first_timeout_s
         common = dict(request_id=0, session_id=s.id, fingerprint=fingerprint,
                       split=self.split, codec=self.config.codec, position=s.cloud_length,
-                      token_count=len(pending), codec_header=header,
-                      deadline_s=timeout, payload=tuple(frames))
+                      token_count=len(pending), codec_header=encoded.header,
+                      deadline_s=timeout, payload=tuple(encoded.payload))
         msg = P.Decode(**common) if s.cloud_length else P.Prefill(**common)
         reply = await self.link.session(msg, timeout)     # request id: the link's
         if not reply.result.tensors:

@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
-from tether.core.errors import InputShapeError, ProtocolError, TetherError
+from tether.core.errors import InputShapeError, ProtocolError, TetherError, UnknownModelError
 from tether.core.types import RequestRecord
 from tether.edge.agent import EdgeAgent
 from tether.edge.client import LOCAL_CODEC
@@ -72,7 +72,7 @@ def encode_reply(request_id: int, logits: np.ndarray, record: RequestRecord,
 class EdgeServer:
     """Serves an :class:`EdgeAgent` on a local ROUTER endpoint."""
 
-    def __init__(self, agent: EdgeAgent, endpoint: str, queue_size: int = 256, workers: int = 32,
+    def __init__(self, agent: EdgeAgent | None, endpoint: str, queue_size: int = 256, workers: int = 32,
                  context: zmq.asyncio.Context | None = None,
                  limits: P.Limits = P.DEFAULT_LIMITS, llm: LLMEdge | None = None,
                  llm_max_new_tokens: int = 1024, llm_model_id: str = "llm") -> None:
@@ -144,8 +144,9 @@ class EdgeServer:
             self._reply(identity, P.encode(P.Pong(msg.request_id, msg.t)))
             return
         if isinstance(msg, P.Hello):
-            infos = (self.agent.compute.bundle_info(),) + self._llm_info()
-            self._reply(identity, P.encode(P.Ready(msg.request_id, self.agent.edge_id, infos)))
+            infos = ((self.agent.compute.bundle_info(),) if self.agent else ()) + self._llm_info()
+            edge_id = self.agent.edge_id if self.agent else "tether-edge"
+            self._reply(identity, P.encode(P.Ready(msg.request_id, edge_id, infos)))
             return
         if self.llm is not None and is_generate_request(msg):
             self._start_stream(identity, msg)
@@ -154,6 +155,9 @@ class EdgeServer:
             extra = ", PREFILL (codec 'text')" if self.llm is not None else ""
             raise ProtocolError(f"the edge endpoint answers HELLO, INFER{extra} and PING, "
                                 f"not {msg.TYPE.name}")
+        if self.agent is None:
+            raise UnknownModelError("this edge serves no image model (started without a "
+                                    "bundle); it answers LLM generation requests only")
         if self.draining:
             self._reply(identity, P.encode(P.Busy(msg.request_id, "draining")))
             return

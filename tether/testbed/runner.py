@@ -331,10 +331,10 @@ def _write_edge_config(path: Path, exp: Experiment, edge: int, connect: str, end
                        entry: dict[str, Any]) -> None:
     policy = {k: v for k, v in entry.items() if k != "label"}
     _write_toml(path, {
-        "edge": {"bundle": str(exp.bundle.resolve()), "connect": connect,
-                 "listen": endpoint, "edge_id": f"edge{edge}",
-                 "deadline_seconds": exp.scenario.deadline_s,
+        "edge": {"bundle": str(exp.bundle.resolve()), "listen": endpoint,
+                 "edge_id": f"edge{edge}", "deadline_seconds": exp.scenario.deadline_s,
                  "records": str(path.with_suffix(".records.csv"))},
+        "link": {"connect": connect},
         "policy": policy})
 
 

@@ -1,4 +1,6 @@
-"""Decoder-only LLM split: llama2.c/HF checkpoints, edge/cloud parts, hidden-state codecs.
+"""Decoder-only LLM split: llama2.c/HF checkpoints, edge/cloud parts, early exits.
+
+What crosses the cut is encoded by ``tether.codecs`` (``hidden_codec``, ``decode_hidden``).
 
 Imported by its full path (``tether.partitioner.llm``); transformers is imported lazily.
 """
@@ -20,14 +22,13 @@ from tether.partitioner.llm.split import (
     FAMILIES, CloudLM, EdgeLM, family_of, full_model, num_layers, parse_split, split_llm,
     split_name,
 )
-from tether.partitioner.llm.wire import HIDDEN_CODECS, HiddenCodec, make_hidden_codec
 
 __all__ = [
-    "FAMILIES", "HIDDEN_CODECS", "CloudLM", "EdgeLM", "ExitHead", "ExitPoint", "HFDirCheckpoint",
-    "HiddenCodec", "LLMCheckpoint", "Llama2cCheckpoint", "Llama2cTokenizer",
+    "FAMILIES", "CloudLM", "EdgeLM", "ExitHead", "ExitPoint", "HFDirCheckpoint",
+    "LLMCheckpoint", "Llama2cCheckpoint", "Llama2cTokenizer",
     "StateDictCheckpoint", "StreamDecoder", "calibrate_threshold", "encode_texts",
     "exit_curve", "family_of", "load_exit_head", "new_exit_head", "save_exit_head",
-    "train_exit_head", "full_model", "load_llama2c", "make_hidden_codec",
+    "train_exit_head", "full_model", "load_llama2c",
     "num_layers", "open_llm", "parse_split", "read_exit_meta", "read_llama2c", "split_llm", "split_loss",
     "split_name", "split_paragraphs", "split_stories",
 ]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tether.core.errors import ConfigError
 from tether.partitioner.llm.split import CloudLM, EdgeLM
-from tether.partitioner.llm.wire import HiddenCodec
 
 
 def split_stories(text: str, separator: str = "<|endoftext|>") -> list[str]:
@@ -25,15 +24,15 @@ def split_stories(text: str, separator: str = "<|endoftext|>") -> list[str]:
 
 @torch.no_grad()
 def split_loss(edge: EdgeLM, cloud: CloudLM, token_lists: Sequence[Sequence[int]],
-               codec: HiddenCodec | None = None) -> float:
-    """Mean nats/token of the split model, hidden states passed through ``codec``."""
+               through: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Mean nats/token of the split model, ``[T, D]`` hidden states passed ``through`` what
+    crosses the cut (e.g. ``tether.codecs.wire_roundtrip(codec)``)."""
     total, count = 0.0, 0
     for ids in token_lists:
         x = torch.tensor([list(ids)])
         h = edge(x)[0]
-        if codec is not None:
-            header, frames = codec.encode(h)
-            h = codec.decode(header, frames, dim=h.shape[-1])
+        if through is not None:
+            h = through(h)
         logits = cloud(h.unsqueeze(0), last_only=False)[0]
         total += F.cross_entropy(logits[:-1], x[0, 1:], reduction="sum").item()
         count += x.shape[1] - 1
