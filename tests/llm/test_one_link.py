@@ -15,7 +15,7 @@ import torch
 import zmq.auth
 from prometheus_client import CollectorRegistry
 
-from tether.cloud.config import CloudConfig
+from tether.cloud.config import CloudConfig, CloudCurveConfig
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
 from tether.core import protocol as P
 from tether.core.errors import BusyError, PeerUnavailableError, TetherError
@@ -75,8 +75,7 @@ def test_generation_over_curve_and_a_stranger_gets_no_service(stories, reference
 
     async def main():
         config = CloudConfig(bind="tcp://127.0.0.1:0", preload=False,
-                             curve_secret_key=tmp_path / "server.key_secret",
-                             curve_allowed_keys=allowed)
+                             curve=CloudCurveConfig(tmp_path / "server.key_secret", allowed))
         server = LLMServer(LLMEngine(stories, LLMEngineConfig(), "stories260K"), config.bind,
                            config=config)
         endpoint = await server.start()
