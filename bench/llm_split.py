@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer  # noqa: E402
 from tether.core import protocol as P  # noqa: E402
-from tether.edge.llm import GenerateConfig, LLMEdge, SessionLink  # noqa: E402
+from tether.edge.llm import GenerateConfig, LLMEdge  # noqa: E402
+from tether.edge.zmq_link import ZmqCloudLink  # noqa: E402
 from tether.codecs import hidden_codec, wire_roundtrip  # noqa: E402
 from tether.partitioner.llm import (EdgeLM, calibrate_threshold, encode_texts,  # noqa: E402
                                     exit_curve, open_llm, split_llm, split_loss,
@@ -43,8 +44,26 @@ CODECS = ("fp32", "fp16", "int8-token", "int4-token", "int8-channel", "fp16+zlib
           "int8-token+zlib", "int4-token+zlib")
 
 
+class _DelayedLink:
+    """The edge's real cloud link with an emulated round trip on session steps: half the
+    RTT before sending, half after the answer."""
+
+    def __init__(self, link, delay_s):
+        self.link, self.delay_s = link, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.link, name)
+
+    async def session(self, msg, timeout):
+        await asyncio.sleep(self.delay_s / 2)
+        reply = await self.link.session(msg, timeout)
+        await asyncio.sleep(self.delay_s / 2)
+        return reply
+
+
 async def _generate(ckpt, part, endpoint, rtt_s, tokens, threshold=None, codec="fp16"):
-    link = SessionLink(endpoint, delay_s=rtt_s) if endpoint else None
+    link = _DelayedLink(ZmqCloudLink(endpoint, P.BundleInfo("stories260K", ckpt.fingerprint)),
+                        rtt_s) if endpoint else None
     edge = LLMEdge(part, ckpt.fingerprint, ckpt.tokenizer(),
                    GenerateConfig(codec=codec, exit_threshold=threshold, timeout_s=5.0), link)
     t0 = time.perf_counter()

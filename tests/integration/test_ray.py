@@ -231,7 +231,9 @@ def test_four_edges_on_two_nodes_equal_the_whole_model(compute, expected, ray_cl
 def test_llm_sessions_stay_on_their_worker_and_equal_the_whole_model(ray_cloud):
     import torch
 
-    from tether.edge.llm import GenerateConfig, LLMEdge, SessionLink
+    from tether.core import protocol as P
+    from tether.edge.llm import GenerateConfig, LLMEdge
+    from tether.edge.zmq_link import ZmqCloudLink
     from tether.partitioner.llm import EdgeLM, full_model, open_llm
     if _stories() is None:
         pytest.skip("stories260K not in the assets")
@@ -242,7 +244,7 @@ def test_llm_sessions_stay_on_their_worker_and_equal_the_whole_model(ray_cloud):
     before = _metric(ray_cloud.daemon.metrics(), "tether_cloud_worker_batches_total")
 
     async def main():
-        link = SessionLink(ray_cloud.endpoint)
+        link = ZmqCloudLink(ray_cloud.endpoint, P.BundleInfo("stories260K", stories.fingerprint))
         edges = [LLMEdge(EdgeLM(stories, k), stories.fingerprint, stories.tokenizer(),
                          GenerateConfig(codec="fp32", timeout_s=30.0), link) for k in (1, 2, 1, 2)]
 

@@ -53,6 +53,7 @@ def served(assets, bundle, stories):
             action=f"split:{SPLITS[1]}:fp32", deadline_seconds=PATIENT,
             llm=EdgeLLMConfig(assets / "tinyllm" / "stories260K.bin", split=2, codec="fp16",
                               timeout_seconds=PATIENT)))
+        box["daemon"] = daemon
         try:
             box["endpoint"] = await daemon.start()
             ready.set()
@@ -74,13 +75,17 @@ def served(assets, bundle, stories):
     assert ready.wait(120), "edge daemon did not start"
     if "error" in box:
         raise box["error"]
-    yield box["endpoint"]
+    yield box["endpoint"], box["daemon"]
     stop.set()
     thread.join(60)
 
 
 def test_one_edge_endpoint_answers_images_and_token_streams(served, bundle, stories,
                                                              stories_full, capsys):
+    served, daemon = served
+    assert daemon.llm.link is daemon.agent.link          # one link, one socket, one handshake
+    assert {b.fingerprint for b in daemon.agent.link.bundles} == {
+        daemon.agent.compute.bundle_info().fingerprint, stories.fingerprint}
     images = sample_images(4)
     with EdgeClient(served, timeout=PATIENT) as client:
         assert client.info().model_id == "cifar_resnet20"
@@ -116,4 +121,8 @@ def test_one_edge_endpoint_answers_images_and_token_streams(served, bundle, stor
     out = capsys.readouterr()
     assert out.out.strip() == prompt + text.rstrip()
     assert f"{STEPS} tokens" in out.err and f"'cloud': {STEPS}" in out.err
+    from tether.core.metrics import render
+    text = render(daemon.registry).decode()              # per message kind, on the one link
+    for kind in ("infer", "prefill", "decode", "close"):
+        assert f'tether_edge_link_messages_total{{kind="{kind}",outcome="ok"}}' in text, kind
 

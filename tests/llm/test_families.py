@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tether.cloud.llm import LLMEngine, LLMEngineConfig
-from tether.edge.llm import GenerateConfig, LLMEdge, LocalSessionLink
+from tether.edge.llm import GenerateConfig, LLMEdge
 from tether.partitioner.llm import EdgeLM, full_model, num_layers
 
+from .links import local_cloud
 from .llm_tiny import tiny_checkpoint
 
 STEPS = 12
@@ -36,13 +37,14 @@ def test_greedy_tokens_through_edge_and_cloud_equal_the_whole_model(family):
     assert len(set(ref)) > 1       # a degenerate reference would prove little
     engine = LLMEngine(ckpt, LLMEngineConfig(), f"tiny-{family}")
 
-    async def run(k):
+    async def run(k, link):
         edge = LLMEdge(EdgeLM(ckpt, k), ckpt.fingerprint, _IdsTokenizer(),
-                       GenerateConfig(codec="fp32", timeout_s=30.0), LocalSessionLink(engine.handle))
+                       GenerateConfig(codec="fp32", timeout_s=30.0), link)
         return [ev async for ev in edge.generate(prompt, STEPS, stop_at_eos=False)]
 
     async def both():            # one event loop: the engine lives on it, as in a daemon
-        return {k: await run(k) for k in (1, num_layers(ckpt.config) - 1)}
+        async with local_cloud(engine) as link:
+            return {k: await run(k, link) for k in (1, num_layers(ckpt.config) - 1)}
 
     for k, events in asyncio.run(both()).items():
         assert [e.token for e in events] == ref, (family, k)

@@ -9,8 +9,10 @@ import torch
 
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
 from tether.core.errors import DeadlineExceededError, PeerUnavailableError
-from tether.edge.llm import GenerateConfig, LLMEdge, LocalSessionLink, SessionLink
+from tether.edge.llm import GenerateConfig, LLMEdge
 from tether.partitioner.llm import EdgeLM, new_exit_head, split_llm, train_exit_head
+
+from .links import local_cloud, zmq_link
 
 STEPS = 24
 PATIENT = 30.0      # the shared 2-core machine can be very slow: never fall back by accident
@@ -46,6 +48,7 @@ async def _collect(edge, prompt=(1,), steps=STEPS, on_token=None):
 
 
 def _serve(stories, endpoint="tcp://127.0.0.1:0", **cfg):
+    """The cloud service with only the LLM engine (``tether llm-serve``)."""
     return LLMServer(LLMEngine(stories, LLMEngineConfig(**cfg), "stories260K"), endpoint)
 
 
@@ -54,7 +57,7 @@ def test_several_splits_and_sessions_at_once_equal_the_whole_model(stories, edge
     async def main():
         server = _serve(stories)
         endpoint = await server.start()
-        links = [SessionLink(endpoint) for _ in range(2)]
+        links = [zmq_link(endpoint, stories.fingerprint) for _ in range(2)]
         clients = [LLMEdge(edges[k], stories.fingerprint, stories.tokenizer(), GenerateConfig(codec=c, timeout_s=PATIENT),
                            links[i % 2]) for i, (k, c) in enumerate([(1, "fp16"), (2, "fp16"),
                                                                      (3, "fp16"), (4, "fp32")])]
@@ -77,7 +80,7 @@ def test_several_splits_and_sessions_at_once_equal_the_whole_model(stories, edge
 def test_lost_session_is_reprefilled_and_output_unchanged(stories, edges, reference):
     async def main():
         server = _serve(stories)
-        link = SessionLink(await server.start())
+        link = zmq_link(await server.start(), stories.fingerprint)
         edge = LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
                        GenerateConfig(timeout_s=PATIENT), link)
 
@@ -100,7 +103,7 @@ def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, with_
     async def main():
         server = _serve(stories)
         endpoint = await server.start()
-        link = SessionLink(endpoint)
+        link = zmq_link(endpoint, stories.fingerprint)
         edge = LLMEdge(with_exit, stories.fingerprint, stories.tokenizer(),
                        GenerateConfig(timeout_s=0.5, retry_after_s=0.0), link)
         state = {"server": server}
@@ -111,6 +114,7 @@ def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, with_
             if n == 10:
                 state["server"] = _serve(stories, endpoint, splits=(4,))   # preloaded
                 await state["server"].start()
+                assert await link.wait_ready(10.0)      # the link reconnects by itself
         events = await _collect(edge, on_token=outage)
         await link.close()
         await state["server"].close()
@@ -121,6 +125,8 @@ def test_generation_continues_on_the_edge_while_the_cloud_is_gone(stories, with_
     assert sources[-1] == "cloud" and any(e.reprefilled for e in events[10:])
     assert len(events) == STEPS
     assert record.local == 6 and record.cloud == STEPS - 6 and record.error == ""
+    assert [(i, src) for i, src, _ in record.switches] == [(4, "local"), (10, "cloud")]
+    assert record.switches[0][2] in ("unavailable", "deadline")
 
 
 def test_unreachable_cloud_means_edge_only_generation(stories, edges, with_exit):
@@ -129,8 +135,13 @@ def test_unreachable_cloud_means_edge_only_generation(stories, edges, with_exit)
                        GenerateConfig(timeout_s=0.2, retry_after_s=60.0, first_step_timeout_s=0.5),
                        link)
         return await _collect(edge, steps=8)
-    link = SessionLink("tcp://127.0.0.1:9")          # nothing listens on the discard port
-    events = asyncio.run(main(with_exit, link))
+    async def unreachable():
+        link = zmq_link("tcp://127.0.0.1:9", stories.fingerprint)   # nothing listens there
+        try:
+            return await main(with_exit, link)
+        finally:
+            await link.close()
+    events = asyncio.run(unreachable())
     assert {e.source for e in events} == {"local"}
     assert [e.token for e in events] == [e.token for e in asyncio.run(main(with_exit, None))]
     with pytest.raises(PeerUnavailableError, match="no trained exit head"):
@@ -141,7 +152,7 @@ def test_without_exit_head_a_lost_cloud_ends_the_stream_with_an_error(stories, e
     """Defect: the raw final norm + LM head at layer k answered "local" ("to to to...")."""
     async def main():
         server = _serve(stories)
-        link = SessionLink(await server.start())
+        link = zmq_link(await server.start(), stories.fingerprint)
         edge = LLMEdge(edges[4], stories.fingerprint, stories.tokenizer(),
                        GenerateConfig(timeout_s=0.3, first_step_timeout_s=PATIENT), link)
 
@@ -169,7 +180,7 @@ def test_a_cold_or_late_cloud_is_waited_for_on_the_first_step(stories, edges, re
     endpoint = f"tcp://127.0.0.1:{free_port()}"
 
     async def main():
-        link = SessionLink(endpoint)
+        link = zmq_link(endpoint, stories.fingerprint)
         edge = LLMEdge(edges[3], stories.fingerprint, stories.tokenizer(),
                        GenerateConfig(timeout_s=PATIENT / 4, first_step_timeout_s=PATIENT), link)
         server = _serve(stories, endpoint)          # not preloaded: builds split 3 on first use
@@ -199,12 +210,10 @@ def test_early_exit_keeps_the_cloud_cache_consistent(stories, stories_full, exit
     part.exit_head = train_exit_head(part, cloud, exit_training_tokens, steps=60)
 
     async def main():
-        engine = LLMEngine(stories, LLMEngineConfig())
-        edge = LLMEdge(part, stories.fingerprint, stories.tokenizer(),
-                       GenerateConfig(exit_threshold=0.5, timeout_s=PATIENT), LocalSessionLink(engine.handle))
-        events = await _collect(edge, steps=32)
-        await engine.close()
-        return events
+        async with local_cloud(LLMEngine(stories, LLMEngineConfig())) as link:
+            edge = LLMEdge(part, stories.fingerprint, stories.tokenizer(),
+                           GenerateConfig(exit_threshold=0.5, timeout_s=PATIENT), link)
+            return await _collect(edge, steps=32)
     events = asyncio.run(main())
     sources = [e.source for e in events]
     assert "exit" in sources and "cloud" in sources
@@ -231,7 +240,7 @@ def test_split_llm_through_the_cloud_service(stories, edges, reference):
         server = CloudServer(CloudConfig(bind="tcp://127.0.0.1:0", preload=False), [dnn],
                              sessions=engine)
         await server.start()
-        link = SessionLink(server.endpoint)
+        link = zmq_link(server.endpoint, stories.fingerprint)
         edge = LLMEdge(edges[3], stories.fingerprint, stories.tokenizer(),
                        GenerateConfig(codec="int8", timeout_s=PATIENT), link)
         events = await asyncio.gather(_collect(edge), _collect(edge))
@@ -256,7 +265,7 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
 
     async def daemon():
         server = _serve(stories)
-        link = SessionLink(await server.start())
+        link = zmq_link(await server.start(), stories.fingerprint)
         edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
                                          GenerateConfig(timeout_s=PATIENT), link),
                                  "tcp://127.0.0.1:0")
@@ -287,22 +296,18 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
 
 
 def test_a_refusing_cloud_means_local_tokens_or_its_error(stories, edges, with_exit):
-    """A cloud serving other weights answers ERROR: the edge goes on alone, or says why."""
-    from tether.core.errors import BundleError
-
+    """A cloud serving other weights refuses the handshake: the edge goes on alone, or says
+    why (the refusal, in the one-line error)."""
     async def main(part):
-        engine = LLMEngine(stories)
-        edge = LLMEdge(part, "0" * 64, stories.tokenizer(),
-                       GenerateConfig(timeout_s=PATIENT, retry_after_s=60.0),
-                       LocalSessionLink(engine.handle))
-        try:
+        async with local_cloud(LLMEngine(stories), "0" * 64) as link:
+            edge = LLMEdge(part, "0" * 64, stories.tokenizer(),
+                           GenerateConfig(timeout_s=2.0, retry_after_s=60.0,
+                                          first_step_timeout_s=2.0), link)
             return await _collect(edge, steps=4)
-        finally:
-            await engine.close()
     assert {e.source for e in asyncio.run(main(with_exit))} == {"local"}
-    with pytest.raises(BundleError, match="deploy the same weights"):
+    with pytest.raises(PeerUnavailableError, match="does not serve .*deploy the same bundle"):
         asyncio.run(main(EdgeLM(stories, 4, with_exit=False)))
-    with pytest.raises(BundleError, match="deploy the same weights"):     # raw LM head: no guess
+    with pytest.raises(PeerUnavailableError, match="does not serve"):   # raw LM head: no guess
         asyncio.run(main(edges[4]))
 
 
@@ -318,7 +323,7 @@ def test_generate_via_the_edge_endpoint_fails_with_one_line_when_it_cannot_go_on
     box = {}
 
     async def daemon():
-        link = SessionLink("tcp://127.0.0.1:9")          # nothing listens there
+        link = zmq_link("tcp://127.0.0.1:9", stories.fingerprint)          # nothing listens there
         edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
                                          GenerateConfig(timeout_s=0.2, first_step_timeout_s=0.5),
                                          link), "tcp://127.0.0.1:0")

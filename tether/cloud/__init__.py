@@ -12,17 +12,19 @@ API::
     twin = InProcessCloud([bundle], CloudConfig())            # same core, no sockets (tests)
 
 Layers: :mod:`.core` (admission, dynamic batching, decode + tail in compute threads; no
-sockets), :mod:`.admission` (the completion estimate behind BUSY "deadline"), :mod:`.server`
+sockets), :mod:`.sessions` (LLM session steps: bounds, BUSY, drain, metrics), :mod:`.llm`
+(the LLM engine: KV caches, batched decode steps), :mod:`.admission` (the completion estimate behind BUSY "deadline"), :mod:`.server`
 (ZeroMQ ROUTER IO, CURVE, HTTP probes), :mod:`.curve` (key files, parsed at start), :mod:`.twin`,
 :mod:`.bundles`, :mod:`.config`. The wire protocol is :mod:`tether.core.protocol`.
 """
 
 from tether.cloud.bundles import INPUT, ServedBundle
 from tether.cloud.config import CloudConfig, load_cloud_config
-from tether.cloud.core import CloudCore, SessionHandler
+from tether.cloud.core import CloudCore
+from tether.cloud.sessions import SessionHandler, SessionLimits
 
 __all__ = ["INPUT", "CloudConfig", "CloudCore", "CloudServer", "InProcessCloud", "ServedBundle",
-           "SessionHandler", "load_cloud_config"]
+           "SessionHandler", "SessionLimits", "load_cloud_config"]
 
 
 def __getattr__(name: str):  # lazy: zmq only when a server is built

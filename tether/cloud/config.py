@@ -69,6 +69,7 @@ class CloudLLMConfig:
     max_session_tokens: int = 0             # 0: the model's max_position_embeddings
     idle_timeout_s: float = 120.0           # an idle session's KV cache is freed after this
     max_batch: int = 16                     # decode steps of different sessions per forward
+    max_queue: int = 256                    # session steps admitted, not answered; beyond: BUSY
     splits: tuple[int, ...] = ()            # split layers served (preloaded); empty: any, lazily
     codecs: tuple[str, ...] = ()            # hidden-state codecs accepted; empty: all
 

@@ -10,6 +10,10 @@ machine, short enough not to stall IO) run on the loop itself. Triton's knobs: a
 dispatched when it holds ``max_batch_size`` requests or its oldest request has waited
 ``max_queue_delay_s``; the group with the oldest request goes first.
 
+LLM session steps (PREFILL/DECODE/CLOSE) pass the :class:`~tether.cloud.sessions.SessionGate`:
+the same kind of admission (bounded sessions, KV memory and step queue; BUSY when full),
+drain and metrics; the session handler batches decode steps.
+
 The socket server (:mod:`tether.cloud.server`) and the in-process twin
 (:class:`tether.cloud.twin.InProcessCloud`) both drive this class.
 """
@@ -23,7 +27,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Iterable, Protocol
+from typing import Any, Iterable
 
 import torch
 
@@ -31,6 +35,7 @@ from tether.cloud.admission import CostModel, completion_estimate
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
 from tether.cloud.executor import BatchExecutor, ThreadPoolBatches
+from tether.cloud.sessions import SESSION_MESSAGES, SessionGate, SessionHandler
 from tether.core import protocol as P
 from tether.core.checks import require_finite
 from tether.core.errors import (
@@ -41,17 +46,6 @@ from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
 
 log = logging.getLogger(__name__)
 Reply = Any   # a protocol message (Ready, Result, Busy, Error, Pong, ...)
-
-
-class SessionHandler(Protocol):
-    """Serves PREFILL/DECODE/CLOSE (LLM sessions: :class:`tether.cloud.llm.LLMEngine`).
-
-    ``bundle`` (a :class:`~tether.core.protocol.BundleInfo`) is listed in READY.
-    """
-
-    bundle: P.BundleInfo
-
-    async def handle(self, msg: Any) -> Reply: ...
 
 
 @dataclass
@@ -96,6 +90,7 @@ class CloudCore:
                               "(create one with `tether partition MODEL --out DIR`)")
         self.metrics = metrics
         self.sessions = sessions
+        self.gate = SessionGate(sessions, metrics) if sessions is not None else None
         self.server_id = config.server_id or f"{socket.gethostname()}:{os.getpid()}"
         self._groups: dict[tuple[str, str, str], _Group] = {}
         self._queued = 0
@@ -126,13 +121,15 @@ class CloudCore:
             self.metrics.ready.set(1)
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Stop accepting INFER (BUSY "draining") and wait for queued work; True if all done."""
+        """Stop accepting INFER and session steps (BUSY "draining") and wait for queued work;
+        True if all done."""
         self._accepting = False
         if self.metrics:
             self.metrics.ready.set(0)
         self._wakeup.set()
+        waits = [self._idle.wait()] + ([self.gate.drain()] if self.gate is not None else [])
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
             return True
         except asyncio.TimeoutError:
             return False
@@ -141,9 +138,12 @@ class CloudCore:
         """Cancel the workers and release the compute threads (after :meth:`drain`).
 
         Every admitted request still unanswered, queued or in a batch being computed, gets
-        BUSY "draining" now: exactly one reply each, even when the drain timed out.
+        BUSY "draining" now: exactly one reply each, even when the drain timed out; so does
+        every open session step, and the sessions are closed.
         """
         self._accepting = False
+        if self.gate is not None:
+            await self.gate.close()
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -169,7 +169,8 @@ class CloudCore:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        """Requests and session steps admitted, not answered."""
+        return self._inflight + (self.gate.queue_depth if self.gate is not None else 0)
 
     @property
     def queue_estimate_s(self) -> float:
@@ -191,8 +192,8 @@ class CloudCore:
             return _done(self.hello(msg))
         if isinstance(msg, P.Ping):
             return _done(P.Pong(msg.request_id, msg.t, self.queue_estimate_s))
-        if isinstance(msg, (P.Prefill, P.Decode, P.Close)):
-            return self._session(msg)
+        if isinstance(msg, SESSION_MESSAGES):
+            return self._session(msg, received)
         if self.metrics:
             self.metrics.errors.labels(ProtocolError.code).inc()
         return _done(P.Error(msg.request_id, ProtocolError.code,
@@ -281,11 +282,11 @@ class CloudCore:
         self._record(msg, reply, bytes_in)
         return _done(reply)
 
-    def _session(self, msg: Any) -> asyncio.Future:
-        if self.sessions is None:
+    def _session(self, msg: Any, received: float) -> asyncio.Future:
+        if self.gate is None:
             return _done(P.Error(msg.request_id, SessionError.code,
                                  "this cloud serves no LLM sessions: start it with an LLM bundle"))
-        return asyncio.ensure_future(_guarded(msg.request_id, self.sessions.handle(msg)))
+        return self.gate.submit(msg, received)
 
     # ---- compute --------------------------------------------------------------------------
 
@@ -462,13 +463,6 @@ def _done(reply: Reply) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_result(reply)
     return future
-
-
-async def _guarded(request_id: int, reply: Awaitable[Reply]) -> Reply:
-    try:
-        return await reply
-    except Exception as exc:  # noqa: BLE001 - an error reply, never a lost request
-        return P.Error.from_exception(request_id, exc)
 
 
 def _expired(job: _Job, now: float) -> P.Error:

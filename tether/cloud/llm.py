@@ -7,7 +7,8 @@
     reply = await engine.handle(msg)    # a protocol Result or Error; never raises
     await engine.close()
 
-IO never computes: ``handle`` queues a job and awaits it; one worker task drains the queue,
+IO never computes: ``handle`` queues a job (a bounded queue: BUSY when ``max_queue`` steps
+wait) and awaits it; one worker task drains the queue,
 groups single-token DECODEs of the same split into one batched forward pass (sessions of
 different lengths are left-padded and masked; each session's new KV row is appended to its
 own cache afterwards) and runs everything else one by one, in a worker thread.
@@ -19,12 +20,15 @@ position the session holds (``token_count`` > 1 is the edge catching up tokens i
 itself); anything else -- unknown, expired, evicted, out of step -- is a
 :class:`~tether.core.errors.SessionError` so the edge re-prefills. Idle sessions expire after
 ``idle_timeout_s``; when the KV caches exceed ``max_kv_bytes`` or ``max_sessions`` the least
-recently used other sessions are evicted. A RESULT carries two tensors: the next token id
-(int64 ``[1]``) and its probability (float32 ``[1]``).
+recently used other sessions are evicted (the last resort: the cloud core's
+:class:`~tether.cloud.sessions.SessionGate` refuses new sessions with BUSY before that, with
+these same bounds, :attr:`LLMEngine.session_limits`). A step whose ``deadline_s`` passed
+while it waited is answered DEADLINE without compute. A RESULT carries two tensors: the next
+token id (int64 ``[1]``) and its probability (float32 ``[1]``).
 
-:class:`LLMServer` is a minimal ZeroMQ ROUTER front end (HELLO, PING and the session
-messages) for ``tether llm-serve`` and the tests; the cloud service can instead forward
-these three message types to ``engine.handle`` and send back what it returns.
+Served by the cloud service like any bundle (``CloudServer(..., sessions=engine)``: the
+same socket, handshake, CURVE, admission, drain and metrics); :class:`LLMServer` is that
+service with the engine alone (``tether llm-serve``).
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tether.cloud.sessions import SessionLimits
 from tether.codecs import TENSOR_CODEC_IDS, decode_hidden, hidden_codec
 from tether.core import protocol as P
-from tether.core.errors import (BundleError, BusyError, ConfigError, ProtocolError, SessionError,
-                                TetherError, UnknownCodecError)
+from tether.core.errors import (BundleError, BusyError, ConfigError, DeadlineExceededError,
+                                ProtocolError, SessionError, TetherError, UnknownCodecError)
 from tether.partitioner.llm import (CloudLM, LLMCheckpoint, num_layers, parse_split,
                                     split_name)
 
@@ -58,12 +63,13 @@ class LLMEngineConfig:
     max_session_tokens: int = 0          # 0: the model's max_position_embeddings
     idle_timeout_s: float = 120.0
     max_batch: int = 16
+    max_queue: int = 256                 # session steps waiting; beyond: BUSY "queue_full"
     splits: tuple[int, ...] = ()         # split layers served (preloaded); empty: any, lazily
     codecs: tuple[str, ...] = ()         # hidden-state codecs accepted; empty: all
 
     def __post_init__(self) -> None:
-        if self.max_sessions < 1 or self.max_kv_bytes < 1 or self.max_batch < 1:
-            raise ConfigError("max_sessions, max_kv_bytes and max_batch must be positive")
+        if min(self.max_sessions, self.max_kv_bytes, self.max_batch, self.max_queue) < 1:
+            raise ConfigError("max_sessions, max_kv_bytes, max_batch and max_queue must be positive")
         if self.idle_timeout_s <= 0 or self.max_session_tokens < 0:
             raise ConfigError("idle_timeout_s must be > 0 and max_session_tokens >= 0")
         try:     # current names (old LLM names int8/int4 are int8-token/int4-token)
@@ -136,11 +142,17 @@ class LLMEngine:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(s.kv_bytes for s in self.sessions.values())
+        return sum(s.kv_bytes for s in list(self.sessions.values()))
+
+    @property
+    def session_limits(self) -> SessionLimits:
+        """The bounds the cloud core admits sessions with (this engine's)."""
+        c = self.config
+        return SessionLimits(c.max_sessions, c.max_kv_bytes, c.max_queue, c.idle_timeout_s)
 
     async def start(self) -> None:
         if self._worker is None:
-            self._queue = asyncio.Queue()
+            self._queue = asyncio.Queue(self.config.max_queue)
             self._worker = asyncio.create_task(self._work(), name="tether-llm-engine")
 
     async def close(self) -> None:
@@ -150,12 +162,22 @@ class LLMEngine:
             await asyncio.gather(task, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
+    async def close_sessions(self) -> None:
+        """Drop every session (after the in-flight batch: the compute thread does it)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.sessions.clear)
+        except RuntimeError:        # the pool is shut down: nothing computes any more
+            self.sessions.clear()
+
     async def handle(self, msg: Any) -> Any:
-        """Answer one PREFILL/DECODE/CLOSE with a Result or Error message."""
+        """Answer one PREFILL/DECODE/CLOSE with a Result, Busy or Error message."""
         if self._queue is None:
             await self.start()
         job = _Job(msg, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)   # type: ignore[union-attr]
+        try:
+            self._queue.put_nowait(job)   # type: ignore[union-attr]
+        except asyncio.QueueFull:
+            return P.Busy(msg.request_id, "queue_full", self._queue.qsize())  # type: ignore
         return await job.future
 
     async def _work(self) -> None:
@@ -184,10 +206,13 @@ class LLMEngine:
             job.started = started
         self.expire()
         replies: dict[int, Any] = {}
+        self._expired(jobs, replies)
         batches: dict[int, list[int]] = {}
-        single = [isinstance(j.msg, P.Decode) and j.msg.token_count == 1 for j in jobs]
+        single = [isinstance(j.msg, P.Decode) and j.msg.token_count == 1 and i not in replies
+                  for i, j in enumerate(jobs)]
         # a session with any other job in this drain keeps its jobs in arrival order
-        seen = {getattr(j.msg, "session_id", None) for j, one in zip(jobs, single) if not one}
+        seen = {getattr(j.msg, "session_id", None) for i, (j, one) in enumerate(zip(jobs, single))
+                if not one and i not in replies}
         for i, job in enumerate(jobs):
             m = job.msg
             if single[i] and m.session_id not in seen and m.session_id in self.sessions:
@@ -201,6 +226,16 @@ class LLMEngine:
             if i not in replies:
                 replies[i] = self._guard_batch([job])[0]
         return [replies[i] for i in range(len(jobs))]
+
+    def _expired(self, jobs: list[_Job], replies: dict[int, Any]) -> None:
+        """DEADLINE for each step whose ``deadline_s`` passed while it waited (no compute)."""
+        for i, job in enumerate(jobs):
+            deadline = getattr(job.msg, "deadline_s", None)
+            waited = job.started - job.arrived
+            if deadline is not None and waited > deadline:
+                replies[i] = P.Error(job.msg.request_id, DeadlineExceededError.code,
+                                     f"deadline of {deadline:.3f} s passed after {waited:.3f} s "
+                                     "in the LLM queue; dropped before compute")
 
     def _guard_batch(self, jobs: list[_Job]) -> list[Any]:
         try:
@@ -383,59 +418,33 @@ class LLMEngine:
 
 
 class LLMServer:
-    """A ZeroMQ ROUTER serving one :class:`LLMEngine` (HELLO, PING, PREFILL, DECODE, CLOSE)."""
+    """``tether llm-serve``: the cloud service (:class:`~tether.cloud.server.CloudServer`)
+    serving one engine's sessions and no image bundle: the same socket, handshake, CURVE,
+    admission, drain and metrics as any cloud."""
 
     def __init__(self, engine: LLMEngine, endpoint: str, server_id: str = "tether-llm",
-                 limits: P.Limits = P.DEFAULT_LIMITS) -> None:
-        self.engine, self.endpoint, self.server_id, self.limits = engine, endpoint, server_id, limits
-        self._sock: Any = None
-        self._reader: asyncio.Task | None = None
-        self._tasks: set[asyncio.Task] = set()
+                 limits: P.Limits = P.DEFAULT_LIMITS, metrics: Any = None,
+                 config: Any = None) -> None:
+        from tether.cloud.config import CloudConfig
+        from tether.cloud.server import CloudServer
+        self.engine = engine
+        config = config or CloudConfig(bind=endpoint, server_id=server_id, preload=False,
+                                       max_message_bytes=limits.max_message_bytes)
+        self.server = CloudServer(config, [], metrics, sessions=engine)
+        self.endpoint = endpoint
+
+    @property
+    def core(self) -> Any:
+        return self.server.core
 
     async def start(self) -> str:
         """Bind and start serving; returns the bound endpoint (``tcp://127.0.0.1:0`` works)."""
-        import zmq
-        import zmq.asyncio
-        self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(self.endpoint)
-        self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         await self.engine.start()
-        self._reader = asyncio.create_task(self._read(), name="tether-llm-server")
+        await self.server.start()
+        self.endpoint = self.server.endpoint
         return self.endpoint
 
     async def close(self) -> None:
-        tasks = [t for t in (self._reader, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Drain (every open step answered once), close the sessions, release the engine."""
+        await self.server.stop()
         await self.engine.close()
-        if self._sock is not None:
-            self._sock.close(linger=0)
-
-    async def _read(self) -> None:
-        while True:
-            ident, *frames = await self._sock.recv_multipart(copy=False)
-            try:
-                msg = P.decode(frames, self.limits)
-            except ProtocolError as exc:
-                await self._send(ident, P.Error.from_exception(0, exc))
-                continue
-            if isinstance(msg, P.Hello):
-                await self._send(ident, P.Ready(msg.request_id, self.server_id, (self.engine.bundle,),
-                                                self.limits.max_message_bytes))
-            elif isinstance(msg, P.Ping):
-                await self._send(ident, P.Pong(msg.request_id, msg.t))
-            elif isinstance(msg, (P.Prefill, P.Decode, P.Close)):
-                task = asyncio.create_task(self._serve(ident, msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            else:
-                await self._send(ident, P.Error(msg.request_id, ProtocolError.code,
-                                                f"{type(msg).__name__} is not served by the LLM server"))
-
-    async def _serve(self, ident: Any, msg: Any) -> None:
-        await self._send(ident, await self.engine.handle(msg))
-
-    async def _send(self, ident: Any, msg: Any) -> None:
-        await self._sock.send_multipart([ident, *P.encode(msg)], copy=False)

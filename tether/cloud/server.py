@@ -29,7 +29,8 @@ import zmq.asyncio
 
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
-from tether.cloud.core import CloudCore, SessionHandler
+from tether.cloud.core import CloudCore
+from tether.cloud.sessions import SessionHandler
 from tether.cloud.curve import AllowList, load_allowed_keys, load_server_keys
 from tether.core.http import HealthServer
 from tether.core import protocol as P
@@ -49,9 +50,8 @@ class CloudServer:
                  context: zmq.Context | None = None, compute: Any = None) -> None:
         self.config = config
         self.metrics = metrics
-        self.core = CloudCore(bundles, config, metrics, sessions, compute)   # compute: executor.py
-        if metrics is not None and sessions is not None and hasattr(sessions, "kv_bytes"):
-            metrics.track_llm(lambda: len(sessions.sessions), lambda: sessions.kv_bytes)
+        # compute: executor.py; sessions: admitted and bounded by the core's SessionGate
+        self.core = CloudCore(bundles, config, metrics, sessions, compute)
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self._sock: zmq.Socket | None = None

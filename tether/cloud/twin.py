@@ -21,7 +21,8 @@ from typing import Any, Iterable
 
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
-from tether.cloud.core import CloudCore, SessionHandler
+from tether.cloud.core import CloudCore
+from tether.cloud.sessions import SessionHandler
 from tether.core import protocol as P
 from tether.core.errors import ProtocolError
 from tether.core.metrics import CloudMetrics

@@ -51,6 +51,16 @@ class CloudRequestStats:
 
 
 @dataclass(frozen=True)
+class SessionStepStats:
+    """One LLM session step as the cloud saw it. ``outcome``: ok, busy, error."""
+
+    kind: str                   # prefill, decode, close
+    outcome: str
+    reason: str = ""            # busy reason or error code
+    seconds: float = 0.0        # receipt to answer
+
+
+@dataclass(frozen=True)
 class BatchStats:
     """One tail execution over a batch of requests with the same (bundle, split, codec)."""
 
@@ -100,6 +110,12 @@ class CloudMetrics:
                                 registry=registry)
         self.bytes_out = Counter("tether_cloud_sent_bytes_total", "Bytes of all frames sent",
                                  registry=registry)
+        self.llm_steps = Counter("tether_cloud_llm_steps_total",
+                                 "LLM session steps by kind (prefill, decode, close) and outcome "
+                                 "(ok, busy, error)", ("kind", "outcome"), registry=registry)
+        self.llm_step_seconds = Histogram("tether_cloud_llm_step_seconds",
+                                          "Receipt to answer of an LLM session step", ("kind",),
+                                          buckets=SECONDS_BUCKETS, registry=registry)
         self._worker_metrics(registry)
 
     def _worker_metrics(self, registry: CollectorRegistry) -> None:
@@ -124,12 +140,28 @@ class CloudMetrics:
                                  "1 per live tail worker: its Ray node and process id",
                                  ("worker", "node", "pid"), registry=registry)
 
-    def track_llm(self, sessions: Callable[[], float], kv_bytes: Callable[[], float]) -> None:
-        """Read the LLM engine's open sessions and KV-cache bytes at scrape time."""
-        Gauge("tether_cloud_llm_sessions", "Open LLM sessions (KV caches held)",
+    def track_llm(self, sessions: Callable[[], float], kv_bytes: Callable[[], float],
+                  queued: Callable[[], float] | None = None) -> None:
+        """Read the open LLM sessions, their KV-cache bytes and the session steps admitted
+        but not answered at scrape time."""
+        Gauge("tether_cloud_llm_sessions", "Open LLM sessions (admitted, not closed)",
               registry=self.registry).set_function(sessions)
         Gauge("tether_cloud_llm_kv_cache_bytes", "Bytes of all sessions' KV caches",
               registry=self.registry).set_function(kv_bytes)
+        if queued is not None:
+            Gauge("tether_cloud_llm_step_queue_depth",
+                  "LLM session steps admitted, not answered (bounded: beyond it BUSY)",
+                  registry=self.registry).set_function(queued)
+
+    def observe_session_step(self, s: "SessionStepStats") -> None:
+        """One PREFILL/DECODE/CLOSE answered (BUSY and ERROR counted by reason/code too)."""
+        self._child(self.llm_steps, s.kind, s.outcome).inc()
+        if s.outcome == "ok":
+            self._child(self.llm_step_seconds, s.kind).observe(s.seconds)
+        elif s.outcome == "busy":
+            self._child(self.busy, s.reason or "queue_full").inc()
+        else:
+            self._child(self.errors, s.reason or "internal").inc()
 
     def track_queue(self, depth: Callable[[], float], nbytes: Callable[[], float],
                     inflight: Callable[[], float]) -> None:
@@ -211,7 +243,28 @@ class EdgeMetrics:
                                   "Round-trip estimate: the policy's (policy=NAME) and the last "
                                   "heartbeat RTT (policy=\"heartbeat\")", ("policy",),
                                   registry=registry)
+        self.link_messages = Counter("tether_edge_link_messages_total",
+                                     "Requests on the cloud link by message kind (infer, prefill, "
+                                     "decode, close, ping) and outcome (ok or error code)",
+                                     ("kind", "outcome"), registry=registry)
+        self.link_seconds = Histogram("tether_edge_link_round_trip_seconds",
+                                      "Send to answer on the cloud link, by message kind",
+                                      ("kind",), buckets=SECONDS_BUCKETS, registry=registry)
+        self.link_bytes = Counter("tether_edge_link_bytes_total",
+                                  "Bytes on the cloud link by message kind and direction "
+                                  "(sent, received)", ("kind", "direction"), registry=registry)
         self.llm = LLMMetrics(registry)
+
+    def observe_link_message(self, kind: str, outcome: str, seconds: float, sent: int,
+                             received: int) -> None:
+        """One request on the cloud link (the link's message callback)."""
+        self.link_messages.labels(kind, outcome).inc()
+        if outcome == "ok":
+            self.link_seconds.labels(kind).observe(seconds)
+        if sent:
+            self.link_bytes.labels(kind, "sent").inc(sent)
+        if received:
+            self.link_bytes.labels(kind, "received").inc(received)
 
     def observe(self, r: RequestRecord) -> None:
         """Record one finished request."""

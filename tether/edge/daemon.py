@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from tether.core import protocol as P
 from tether.core.config import from_mapping
 from tether.core.errors import ConfigError, SplitError, TetherError
 from tether.core.http import Health, HealthServer
@@ -85,7 +86,9 @@ def build_policy(config: EdgeConfig, compute: EdgeCompute) -> Policy:
     return build_named(policy_config, compute.costs, manifest=compute.manifest)
 
 
-def build_link(config: EdgeConfig, compute: EdgeCompute, edge_id: str) -> ZmqCloudLink | None:
+def build_link(config: EdgeConfig, bundle: P.BundleInfo, edge_id: str) -> ZmqCloudLink | None:
+    """The one cloud link (``[link]``, ``[curve]``) whose handshake names ``bundle``; the
+    split LLM adds its weights to the same link (one socket for images and sessions)."""
     link = config.link
     if not link.connect:
         return None
@@ -95,7 +98,7 @@ def build_link(config: EdgeConfig, compute: EdgeCompute, edge_id: str) -> ZmqClo
     timing = LinkTiming(link.heartbeat_interval_seconds, link.heartbeat_timeout_seconds,
                         link.handshake_timeout_seconds, link.reconnect_min_seconds,
                         link.reconnect_max_seconds)
-    return ZmqCloudLink(link.connect, compute.bundle_info(), edge_id, timing, curve)
+    return ZmqCloudLink(link.connect, bundle, edge_id, timing, curve)
 
 
 def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
@@ -109,17 +112,23 @@ def build_agent(config: EdgeConfig, sinks: list[RecordSink] | None = None,
     if config.records is not None:
         sinks.append(open_sink(config.records))
     return EdgeAgent(compute, build_policy(config, compute), config,
-                     build_link(config, compute, edge_id), sinks, metrics=metrics)
+                     build_link(config, compute.bundle_info(), edge_id), sinks, metrics=metrics)
 
 
-def build_llm_edge(config: EdgeConfig) -> LLMEdge | None:
-    """The split LLM's edge part from ``[llm]``; its cloud is ``[link] connect``."""
+def build_llm_edge(config: EdgeConfig, link: ZmqCloudLink | None = None) -> LLMEdge | None:
+    """The split LLM's edge part from ``[llm]``; its cloud is ``[link] connect`` over
+    ``link`` (the image path's: one socket, one handshake naming both), or over a link of
+    its own (same ``[link]``/``[curve]`` settings) on an LLM-only edge."""
     llm = config.llm
     if not llm.enabled:
         return None
-    return open_llm_edge(llm.checkpoint, llm.tokenizer, llm.split, llm.codec,
-                         config.link.connect, llm.exit_head, llm.exit_threshold,
-                         llm.timeout_seconds, llm.first_step_timeout_seconds)
+    edge = open_llm_edge(llm.checkpoint, llm.tokenizer, llm.split, llm.codec, "",
+                         llm.exit_head, llm.exit_threshold, llm.timeout_seconds,
+                         llm.first_step_timeout_seconds)
+    link = link or build_link(config, edge.bundle_info(), config.edge_id or default_edge_id())
+    if link is not None:
+        edge.attach(link)
+    return edge
 
 
 class EdgeDaemon:
@@ -133,9 +142,12 @@ class EdgeDaemon:
         self.metrics = EdgeMetrics(self.registry)
         self.agent = build_agent(config, metrics=self.metrics) \
             if config.bundle is not None else None
-        self.llm = build_llm_edge(config)
+        self.llm = build_llm_edge(config, self.agent.link if self.agent is not None else None)
         if self.llm is not None:
             self.llm.metrics = self.metrics.llm
+        link = self.agent.link if self.agent is not None else (self.llm.link if self.llm else None)
+        if link is not None:
+            link.set_message_callback(self.metrics.observe_link_message)
         self.server = EdgeServer(self.agent, config.listen, config.queue_size,
                                  config.max_inflight, llm=self.llm,
                                  llm_max_new_tokens=config.llm.max_new_tokens,
@@ -153,6 +165,8 @@ class EdgeDaemon:
         if self.agent is not None:
             await self.agent.start()
             self._local_seconds = self.agent.compute.local_seconds()
+        elif self.llm is not None and self.llm.link is not None:
+            await self.llm.link.start()       # an LLM-only edge connects at start too
         endpoint = await self.server.start()
         if self.config.metrics_port is not None:
             self._probes = HealthServer(self.registry, self.health)
@@ -250,9 +264,9 @@ class EdgeDaemon:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
         if self.agent is not None:
-            await self.agent.close()
-        if self.llm is not None and self.llm.link is not None:
-            await self.llm.link.close()
+            await self.agent.close()          # closes the one link (the LLM's too)
+        elif self.llm is not None and self.llm.link is not None:
+            await self.llm.link.close()       # an LLM-only edge's own link
         if self._probes is not None:
             await self._probes.stop()
         self._serving = False
@@ -261,7 +275,8 @@ class EdgeDaemon:
     async def _update_gauges(self) -> None:
         counted = 1          # the first handshake is a connect, not a reconnect
         while True:
-            link = self.agent.link if self.agent is not None else None
+            link = self.agent.link if self.agent is not None else \
+                (self.llm.link if self.llm is not None else None)
             connects = getattr(link, "connects", 0)
             if connects > counted:
                 self.metrics.reconnects.inc(connects - counted)

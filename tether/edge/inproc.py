@@ -16,9 +16,10 @@ import time
 from typing import Any, Awaitable, Protocol
 
 from tether.core import protocol as P
-from tether.core.errors import DeadlineExceededError, PeerUnavailableError
-from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, message_error,
-                              reply_from_message, with_bytes)
+from tether.core.errors import DeadlineExceededError
+from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, SessionMessage,
+                              SessionReply, message_error, reply_from_message, session_reply,
+                              with_bytes, with_request_id)
 
 
 class FramePeer(Protocol):
@@ -28,18 +29,18 @@ class FramePeer(Protocol):
 class InProcessLink(LinkReadiness):
     """:class:`~tether.edge.link.CloudLink` over an in-process peer."""
 
+    endpoint = "inproc"
+
     def __init__(self, peer: FramePeer, bundle: P.BundleInfo, edge_id: str = "edge") -> None:
-        super().__init__()
+        super().__init__(bundle)
         self.peer = peer
-        self.bundle = bundle
         self.edge_id = edge_id
         self._ids = itertools.count(1)
-        self.last_refusal = ""
 
     async def start(self) -> None:
         """Handshake now; a refusal leaves the link not ready (see ``last_refusal``)."""
-        reply = await self._exchange(P.Hello(next(self._ids), self.edge_id, (self.bundle,)))
-        if isinstance(reply, P.Ready) and reply.bundle(self.bundle.fingerprint) is not None:
+        reply = await self._exchange(P.Hello(next(self._ids), self.edge_id, self.bundles))
+        if isinstance(reply, P.Ready) and not self.missing_bundles(reply):
             self._ready.set()
             self.last_refusal = ""
         else:
@@ -51,24 +52,40 @@ class InProcessLink(LinkReadiness):
         self._ready.clear()
 
     async def infer(self, request: CloudRequest) -> CloudReply:
-        if not self.ready:
-            raise PeerUnavailableError("in-process cloud not connected")
-        frames = P.encode(P.Infer(next(self._ids), self.bundle.fingerprint, request.split,
+        wire_id = next(self._ids)
+        frames = P.encode(P.Infer(wire_id, self.bundle.fingerprint, request.split,
                                   request.codec, request.header, request.budget_seconds,
                                   tuple(request.payload)))
-        sent = P.wire_size(frames)
+        msg, sent, received, rtt = await self._request("infer", frames, request.budget_seconds)
+        return reply_from_message(request.request_id, msg, rtt, sent, received)
+
+    async def session(self, msg: SessionMessage, timeout: float) -> SessionReply:
+        frames = P.encode(with_request_id(msg, next(self._ids)))
+        reply, sent, received, rtt = await self._request(msg.TYPE.name.lower(), frames, timeout)
+        return session_reply(reply, rtt, sent, received)
+
+    async def _request(self, kind: str, frames: list[Any],
+                       timeout: float) -> tuple[Any, int, int, float]:
+        """Frames to the peer and its reply: (message, sent, received, rtt); typed errors."""
         t0 = time.perf_counter()
+        if not self.ready:
+            error = self._not_connected(self.endpoint)
+            self._observe(kind, t0, 0, 0, error)
+            raise error
+        sent = P.wire_size(frames)
         try:
-            out = await asyncio.wait_for(self.peer.request_frames(frames), request.budget_seconds)
+            out = await asyncio.wait_for(self.peer.request_frames(frames), timeout)
         except asyncio.TimeoutError as exc:
-            raise with_bytes(DeadlineExceededError(
-                f"no answer within {request.budget_seconds:.3f} s"), sent) from exc
+            error = with_bytes(DeadlineExceededError(f"no answer within {timeout:.3f} s"), sent)
+            self._observe(kind, t0, sent, 0, error)
+            raise error from exc
         rtt = time.perf_counter() - t0
-        msg = P.decode(out)
+        msg, received = P.decode(out), P.wire_size(out)
         error = message_error(msg)
+        self._observe(kind, t0, sent, received, error)
         if error is not None:
-            raise with_bytes(error, sent, P.wire_size(out))
-        return reply_from_message(request.request_id, msg, rtt, sent, P.wire_size(out))
+            raise with_bytes(error, sent, received)
+        return msg, sent, received, rtt
 
     async def ping(self, timeout: float) -> float:
         t0 = time.perf_counter()

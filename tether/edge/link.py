@@ -1,5 +1,9 @@
 """The edge's view of the cloud: the :class:`CloudLink` interface and its value types.
 
+One link carries every kind of message to one cloud: tail requests of image bundles
+(:meth:`CloudLink.infer`) and the steps of LLM sessions (:meth:`CloudLink.session`:
+PREFILL/DECODE/CLOSE), after one handshake naming every bundle the edge needs served
+(:meth:`CloudLink.add_bundle` for a second one, e.g. the LLM beside the image bundle).
 Two implementations: :class:`tether.edge.zmq_link.ZmqCloudLink` (ZeroMQ DEALER, the real one)
 and :class:`tether.edge.inproc.InProcessLink` (an in-process twin for fast tests). The agent
 only sees this interface; errors are tether's: :class:`~tether.core.errors.BusyError`,
@@ -10,15 +14,20 @@ or the error class the cloud reported.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol, Union, runtime_checkable
 
 import numpy as np
 
 from tether.core import protocol as P
-from tether.core.errors import BusyError, ProtocolError, TetherError
+from tether.core.errors import BusyError, PeerUnavailableError, ProtocolError, TetherError
 
 RttCallback = Callable[[float], None]
+#: ``(kind, outcome, seconds, bytes sent, bytes received)`` per exchange on the link; kind is
+#: the message type ("infer", "prefill", "decode", "close", "ping"), outcome "ok" or an error code
+MessageCallback = Callable[[str, str, float, int, int], None]
+SessionMessage = Union[P.Prefill, P.Decode, P.Close]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,16 @@ class CloudReply:
         return max(0.0, self.round_trip_seconds - cloud)
 
 
+@dataclass(frozen=True)
+class SessionReply:
+    """The cloud's RESULT to one session step, the round trip and the socket byte counts."""
+
+    result: P.Result
+    round_trip_seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
 @runtime_checkable
 class CloudLink(Protocol):
     """Connection to one cloud service for one bundle (fingerprint)."""
@@ -73,6 +92,15 @@ class CloudLink(Protocol):
 
     async def infer(self, request: CloudRequest) -> CloudReply:
         """Send one request and await its RESULT within ``request.budget_seconds``."""
+        ...
+
+    async def session(self, msg: SessionMessage, timeout: float) -> SessionReply:
+        """Send one PREFILL/DECODE/CLOSE (the link sets its request id) and await its
+        RESULT within ``timeout``; BUSY and ERROR raise their typed errors."""
+        ...
+
+    def add_bundle(self, bundle: P.BundleInfo) -> None:
+        """Also require ``bundle`` (by fingerprint) in the handshake; call before :meth:`start`."""
         ...
 
     async def ping(self, timeout: float) -> float:
@@ -98,8 +126,22 @@ def message_error(msg: Any) -> TetherError | None:
     if isinstance(msg, P.Error):
         return msg.to_exception()
     if isinstance(msg, P.Busy):
-        return BusyError(f"cloud busy ({msg.reason}, queue depth {msg.queue_depth})")
+        retry = f", retry in ~{msg.retry_after_s:.3g} s" if msg.retry_after_s > 0 else ""
+        return BusyError(f"cloud busy ({msg.reason}, queue depth {msg.queue_depth}{retry})")
     return None
+
+
+def with_request_id(msg: SessionMessage, wire_id: int) -> SessionMessage:
+    """``msg`` carrying the link's own request id (replies are matched by it)."""
+    return msg if msg.request_id == wire_id else replace(msg, request_id=wire_id)
+
+
+def session_reply(msg: Any, rtt: float, sent: int, received: int) -> SessionReply:
+    """A :class:`SessionReply` from a RESULT (anything else is a ProtocolError)."""
+    if not isinstance(msg, P.Result):
+        raise with_bytes(ProtocolError(f"expected RESULT to a session step, got "
+                                       f"{type(msg).__name__}"), sent, received)
+    return SessionReply(msg, rtt, sent, received)
 
 
 def reply_from_message(request_id: int, msg: Any, rtt: float, sent: int,
@@ -114,18 +156,46 @@ def reply_from_message(request_id: int, msg: Any, rtt: float, sent: int,
 
 
 class LinkReadiness:
-    """What every :class:`CloudLink` shares: the handshake-ready flag and the RTT hook."""
+    """What every :class:`CloudLink` shares: the bundles it needs served, the handshake-ready
+    flag, the RTT hook and the per-message observer."""
 
-    def __init__(self) -> None:
+    def __init__(self, bundle: P.BundleInfo) -> None:
+        self.bundle = bundle                  # INFER requests name this one
+        self.bundles: tuple[P.BundleInfo, ...] = (bundle,)
+        self.last_refusal = ""
         self._ready = asyncio.Event()
         self._rtt_callback: RttCallback | None = None
+        self._message_callback: MessageCallback | None = None
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def add_bundle(self, bundle: P.BundleInfo) -> None:
+        if all(b.fingerprint != bundle.fingerprint for b in self.bundles):
+            self.bundles += (bundle,)
+
     def set_rtt_callback(self, callback: RttCallback | None) -> None:
         self._rtt_callback = callback
+
+    def set_message_callback(self, callback: MessageCallback | None) -> None:
+        """Called after every request on the link (metrics per message kind)."""
+        self._message_callback = callback
+
+    def _observe(self, kind: str, t0: float, sent: int, received: int,
+                 error: BaseException | None = None) -> None:
+        if self._message_callback is None:
+            return
+        outcome = "ok" if error is None else getattr(error, "code", "internal")
+        self._message_callback(kind, outcome, time.perf_counter() - t0, sent, received)
+
+    def _not_connected(self, endpoint: str) -> PeerUnavailableError:
+        why = f" ({self.last_refusal})" if self.last_refusal else ""
+        return PeerUnavailableError(f"cloud {endpoint} not connected{why}")
+
+    def missing_bundles(self, ready: P.Ready) -> list[P.BundleInfo]:
+        """The bundles this link needs that a READY does not list."""
+        return [b for b in self.bundles if ready.bundle(b.fingerprint) is None]
 
     async def wait_ready(self, timeout: float) -> bool:
         try:

@@ -14,19 +14,23 @@ streams tokens as they come (``async for event in edge.generate("prompt")``). Pe
   stored hidden states (also when more than ``max_catchup_tokens`` are pending);
 * when the cloud is unreachable, slow, busy or answers another ERROR, a *trained* exit head
   (``part.exit_head``) answers (``source="local"``) and the cloud is retried after
-  ``retry_after_s``. Without a trained exit head the stream ends with the typed error
+  ``retry_after_s`` (BUSY backs off only the refused stream; a lost or failing cloud, every
+  stream). Without a trained exit head the stream ends with the typed error
   (PeerUnavailableError, DeadlineExceededError, BusyError, or the cloud's own): the raw final
   norm + LM head applied to layer-``k`` states is never passed off as the model's output;
-* before a session's first step the edge waits for the cloud's READY (HELLO), and the first
-  step may take ``first_step_timeout_s`` (a cold cloud builds its part of the model lazily).
+* before its first step the edge waits for the link's handshake, and the first step may
+  take ``first_step_timeout_s`` (a cold cloud builds its part of the model lazily).
 
-Every finished (or failed) stream leaves a :class:`GenerationRecord` in ``LLMEdge.records``
-(tokens by source); the local endpoint sends its counts in the RESULT that ends the stream.
+The session steps travel on the edge's :class:`~tether.edge.link.CloudLink` (ZeroMQ, or the
+in-process twin in tests): the same handshake, heartbeats, reconnects, CURVE and typed
+errors as the image path, and one socket when one daemon serves both. Every finished (or
+failed) stream leaves a :class:`GenerationRecord` in ``LLMEdge.records`` (tokens by source,
+the switches between cloud and edge); the local endpoint sends its counts in the RESULT
+that ends the stream.
 
 :class:`LLMEdgeServer` is the local endpoint applications stream tokens from (``tether
 llm-edge``); its synchronous client is :class:`tether.edge.client.LLMClient` (``tether generate
---edge``), light and re-exported here. The session link to the cloud lives in
-:mod:`tether.edge.llm_link` (``delay_s`` there emulates a round-trip time for benchmarks).
+--edge``), light and re-exported here.
 """
 
 from __future__ import annotations
@@ -46,10 +50,10 @@ import torch
 
 from tether.core import protocol as P
 from tether.codecs import hidden_codec
-from tether.core.errors import (ConfigError, PeerUnavailableError, ProtocolError, SessionError,
-                                TetherError, TransientError)
+from tether.core.errors import (BusyError, ConfigError, PeerUnavailableError, ProtocolError,
+                                SessionError, TetherError, TransientError)
 from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
-from tether.edge.llm_link import LocalSessionLink, SessionLink  # noqa: F401 (public here too)
+from tether.edge.link import CloudLink
 from tether.partitioner.llm import EdgeLM, split_name
 
 log = logging.getLogger(__name__)
@@ -96,7 +100,13 @@ class TokenEvent:
 
 @dataclass
 class GenerationRecord:
-    """One stream's outcome: tokens by source, and the error that ended it, if any."""
+    """One stream's outcome: tokens by source, the switches between cloud and edge, and the
+    error that ended it, if any.
+
+    ``switches``: ``(token index, source it switched to, why)`` each time the answering side
+    changed between the cloud and the edge's fallback (``"local"``, why = the cloud's error
+    code) and back (``"cloud"``, why = ``""``); confident early exits are not switches.
+    """
 
     session_id: str
     tokens: int = 0
@@ -105,8 +115,14 @@ class GenerationRecord:
     local: int = 0              # answered by the exit head because the cloud failed
     error: str = ""             # error code that ended the stream ("" = completed)
     seconds: float = 0.0
+    switches: list[tuple[int, str, str]] = field(default_factory=list)
 
-    def count(self, source: str) -> None:
+    def count(self, source: str, why: str = "") -> None:
+        if source != "exit":
+            last = next((s for _, s, _ in reversed(self.switches)), None)
+            previous = last or ("cloud" if self.cloud else "local" if self.local else None)
+            if previous is not None and previous != source:
+                self.switches.append((self.tokens, source, why if source == "local" else ""))
         self.tokens += 1
         setattr(self, source, getattr(self, source) + 1)
 
@@ -123,6 +139,8 @@ class _Session:
     length: int = 0            # tokens the edge has processed
     cloud_length: int = 0      # tokens the cloud session holds
     prompt_length: int = 0
+    retry_at: float = 0.0      # the cloud refused this stream (BUSY): not before this time
+    failure: str = ""          # code of the cloud's last failure for this stream
 
     def pending(self) -> torch.Tensor:
         """Hidden states the cloud has not seen (only the tail segments are copied)."""
@@ -139,9 +157,10 @@ class LLMEdge:
     """The edge half of a split LLM; one instance serves many sequential or concurrent sessions."""
 
     def __init__(self, part: EdgeLM, fingerprint: str, tokenizer: Any,
-                 config: GenerateConfig = GenerateConfig(), link: Any = None) -> None:
+                 config: GenerateConfig = GenerateConfig(), link: CloudLink | None = None,
+                 model_id: str = "llm") -> None:
         self.part, self.fingerprint, self.tokenizer = part, fingerprint, tokenizer
-        self.config, self.link = config, link
+        self.config, self.model_id = config, model_id
         self.codec = hidden_codec(config.codec)
         self.split = split_name(part.k)
         if config.exit_threshold is not None and not self.has_exit:
@@ -150,9 +169,23 @@ class LLMEdge:
                               "head at an inner layer is not the model's answer")
         self.records: deque[GenerationRecord] = deque(maxlen=1024)   # newest last
         self._down_until = 0.0
-        self._ready = False        # the cloud answered HELLO since it last failed
+        self._link_started = False
+        self._seen_ready = False   # the link completed a handshake once
+        self._ready_wait: asyncio.Future | None = None    # the streams' shared handshake wait
         self._lock = asyncio.Lock()
         self.metrics: Any = None        # tether.core.metrics.LLMMetrics, set by the daemon
+        self.link: CloudLink | None = None
+        if link is not None:
+            self.attach(link)
+
+    def attach(self, link: CloudLink) -> None:
+        """Use ``link`` for the session steps (its handshake also names this LLM's weights)."""
+        link.add_bundle(self.bundle_info())
+        self.link = link
+
+    def bundle_info(self) -> P.BundleInfo:
+        """What the handshake asks the cloud to serve: these weights (by fingerprint)."""
+        return P.BundleInfo(self.model_id, self.fingerprint, (self.split,), (self.config.codec,))
 
     @property
     def has_exit(self) -> bool:
@@ -162,7 +195,8 @@ class LLMEdge:
 
     @property
     def cloud_available(self) -> bool:
-        return self.link is not None and time.monotonic() >= self._down_until
+        return (self.link is not None and self.link.ready
+                and time.monotonic() >= self._down_until)
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 64,
                        stop_at_eos: bool = True) -> AsyncIterator[TokenEvent]:
@@ -188,7 +222,7 @@ class LLMEdge:
                 token, source, sent, received, re = await self._next_token(s, h_last)
                 s.tokens.append(token)
                 step_ids = [token]
-                record.count(source)
+                record.count(source, s.failure)
                 now = time.perf_counter()
                 if self.metrics is not None:
                     self.metrics.observe_token(source, now - t0, now - started, i == 0)
@@ -206,7 +240,8 @@ class LLMEdge:
             self.records.append(record)
             if record.local:
                 log.warning("session %s: %d of %d tokens answered by the exit head while the "
-                            "cloud was unavailable", s.id, record.local, record.tokens)
+                            "cloud was unavailable (switches: %s)", s.id, record.local,
+                            record.tokens, record.switches)
             await self._close_session(s)
 
     async def _compute(self, fn: Any, *args: Any) -> Any:
@@ -229,24 +264,36 @@ class LLMEdge:
             if float(p) >= threshold:
                 return int(tok), "exit", 0, 0, False
         failure: TetherError | None = None
-        if self.cloud_available:
+        now = time.monotonic()
+        if self.link is not None and now >= self._down_until and now >= s.retry_at:
             try:
                 return await self._cloud_token(s)
             except TetherError as exc:      # unreachable, busy, slow or refusing
                 failure = exc
-                self._ready = False
-                self._down_until = time.monotonic() + self.config.retry_after_s
-                if not isinstance(exc, TransientError):
-                    log.warning("cloud %s refused session %s: %s", self.link.endpoint, s.id, exc)
+                self._cloud_failed(s, exc)
         if not self.has_exit:
             raise self._no_local_answer(s, failure)
         if probs is None:
             probs = (await self._compute(self.part.exit_logits, h_last))[0]
         return int(probs.argmax()), "local", 0, 0, False
 
+    def _cloud_failed(self, s: _Session, exc: TetherError) -> None:
+        """BUSY backs off this stream only; anything else the cloud for every stream."""
+        s.failure = exc.code
+        until = time.monotonic() + self.config.retry_after_s
+        if isinstance(exc, BusyError):
+            s.retry_at = until
+            return
+        self._down_until = until
+        if not isinstance(exc, TransientError):
+            log.warning("cloud %s refused session %s: %s", self._where(), s.id, exc)
+
+    def _where(self) -> str:
+        return getattr(self.link, "endpoint", "?") if self.link is not None else "none configured"
+
     def _no_local_answer(self, s: _Session, failure: TetherError | None) -> TetherError:
         """The typed error that ends a stream the edge cannot continue alone."""
-        where = self.link.endpoint if self.link is not None else "none configured"
+        where = self._where()
         why = (f"cloud ({where}) failed at token {len(s.tokens) - s.prompt_length + 1}: "
                f"{failure}" if failure is not None else
                f"cloud ({where}) unavailable (it failed less than {self.config.retry_after_s} s ago)"
@@ -269,14 +316,30 @@ class LLMEdge:
             return token, "cloud", sent, received, True
 
     async def _wait_ready(self) -> None:
-        """Before a first step (and after a failure): the cloud's READY. Without an exit head
-        the edge has no alternative, so it waits the whole first-step budget for it."""
-        if self._ready or self.link is None:
+        """Start the link on first use and wait for its handshake: the whole first-step budget
+        when the edge has no alternative (no exit head), a step's budget otherwise, once (the
+        streams starting together share that wait); a link lost after it was ready is not
+        waited for when the exit head can answer (it reconnects in the background)."""
+        link = self.link
+        if link is None:
             return
-        wait = getattr(self.link, "wait_ready", None)
-        if wait is not None:
-            await wait(self.config.timeout_s if self.has_exit else self.config.first_timeout_s)
-        self._ready = True
+        if not self._link_started:
+            self._link_started = True
+            if not link.ready:
+                await link.start()
+        if link.ready:
+            self._seen_ready = True
+            return
+        if self.has_exit and self._seen_ready:
+            return
+        wait = self._ready_wait
+        if wait is None or (wait.done() and not self.has_exit):
+            budget = self.config.timeout_s if self.has_exit or self._seen_ready \
+                else self.config.first_timeout_s
+            wait = self._ready_wait = asyncio.ensure_future(link.wait_ready(budget))
+        elif wait.done():
+            return          # waited once already: the exit head answers meanwhile
+        self._seen_ready = await asyncio.shield(wait) or self._seen_ready
 
     async def _cloud_step(self, s: _Session) -> tuple[int, int, int]:
         if self.link is None:
@@ -288,22 +351,22 @@ class LLMEdge:
         fingerprint = "" if s.cloud_length else self.fingerprint   # DECODE: bound by PREFILL
         # a PREFILL may meet a cold cloud that builds its part of the model first
         timeout = self.config.timeout_s if s.cloud_length else self.config.first_timeout_s
-        common = dict(request_id=self.link.next_id(), session_id=s.id, fingerprint=fingerprint,
+        common = dict(request_id=0, session_id=s.id, fingerprint=fingerprint,
                       split=self.split, codec=self.config.codec, position=s.cloud_length,
                       token_count=len(pending), codec_header=encoded.header,
                       deadline_s=timeout, payload=tuple(encoded.payload))
         msg = P.Decode(**common) if s.cloud_length else P.Prefill(**common)
-        reply, sent, received = await self.link.call(msg, timeout)
-        if not isinstance(reply, P.Result) or not reply.tensors:
-            raise ProtocolError(f"expected a RESULT with the next token, got {type(reply).__name__}")
+        reply = await self.link.session(msg, timeout)     # request id: the link's
+        if not reply.result.tensors:
+            raise ProtocolError("expected a RESULT with the next token, got an empty one")
         s.cloud_length = s.length
-        return int(reply.tensor(0).reshape(-1)[0]), sent, received
+        return int(reply.result.tensor(0).reshape(-1)[0]), reply.bytes_sent, reply.bytes_received
 
     async def _close_session(self, s: _Session) -> None:
-        if self.link is None or not s.cloud_length or not self.cloud_available:
+        if self.link is None or not s.cloud_length or not self.link.ready:
             return
         try:
-            await self.link.call(P.Close(self.link.next_id(), s.id), min(0.5, self.config.timeout_s))
+            await self.link.session(P.Close(0, s.id), min(0.5, self.config.timeout_s))
         except TetherError:
             pass    # the cloud expires it anyway
 
@@ -316,10 +379,15 @@ class LLMEdge:
 def open_llm_edge(checkpoint: Path, tokenizer: Path | None = None, split: int | None = None,
                   codec: str = "fp16", cloud: str = "", exit_head: Path | None = None,
                   exit_threshold: float | None = None, timeout_s: float = 2.0,
-                  first_step_timeout_s: float = 30.0) -> LLMEdge:
+                  first_step_timeout_s: float = 30.0, link: CloudLink | None = None,
+                  curve: Any = None, timing: Any = None, edge_id: str = "llm-edge") -> LLMEdge:
     """An :class:`LLMEdge` for layers ``[0, split)`` of ``checkpoint`` (default: half the
-    layers), with its exit head and threshold (``exit_head``'s calibrated one unless given)
-    and a :class:`SessionLink` to ``cloud`` ("" = edge only)."""
+    layers), with its exit head and threshold (``exit_head``'s calibrated one unless given).
+
+    Its cloud: ``link`` when given (shared with the image path: one socket), else a new
+    :class:`~tether.edge.zmq_link.ZmqCloudLink` to ``cloud`` (with ``curve`` keys and
+    ``timing``); neither: edge only.
+    """
     from tether.partitioner.llm import load_exit_head, num_layers, open_llm, read_exit_meta
 
     ckpt = open_llm(checkpoint, tokenizer)
@@ -336,7 +404,13 @@ def open_llm_edge(checkpoint: Path, tokenizer: Path | None = None, split: int | 
     tok = ckpt.tokenizer()
     if tok is None:
         raise ConfigError(f"{checkpoint} has no tokenizer: pass its tokenizer file")
-    return LLMEdge(part, ckpt.fingerprint, tok, config, SessionLink(cloud) if cloud else None)
+    edge = LLMEdge(part, ckpt.fingerprint, tok, config, model_id=Path(checkpoint).stem)
+    if link is None and cloud:
+        from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
+        link = ZmqCloudLink(cloud, edge.bundle_info(), edge_id, timing or LinkTiming(), curve)
+    if link is not None:
+        edge.attach(link)
+    return edge
 
 
 class _Detokenizer:

@@ -9,7 +9,9 @@ One supervisor task owns the connection's life::
     -> retry after a backoff (doubling from ``reconnect_min`` to ``reconnect_max``)
 
 Sockets use ``IMMEDIATE`` (nothing queues for a peer that is not there) and ``LINGER 0``.
-Nothing is sent before the handshake for this bundle completed.
+Nothing is sent before the handshake for every bundle of the link (an image bundle, an LLM,
+or both: one socket) completed. Tail requests (INFER) and LLM session steps
+(PREFILL/DECODE/CLOSE) share the connection, its deadlines and its typed errors.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from zmq.utils.monitor import parse_monitor_message
 from tether.core import protocol as P
 from tether.core.errors import (ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, TetherError)
-from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, message_error,
-                              reply_from_message, with_bytes)
+from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, SessionMessage,
+                              SessionReply, message_error, reply_from_message, session_reply,
+                              with_bytes, with_request_id)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +86,8 @@ class ZmqCloudLink(LinkReadiness):
                  timing: LinkTiming = LinkTiming(), curve: CurveClientKeys | None = None,
                  limits: P.Limits = P.DEFAULT_LIMITS,
                  context: zmq.asyncio.Context | None = None) -> None:
-        super().__init__()
+        super().__init__(bundle)
         self.endpoint = endpoint
-        self.bundle = bundle
         self.edge_id = edge_id
         self.timing = timing
         self.curve = curve
@@ -100,7 +102,6 @@ class ZmqCloudLink(LinkReadiness):
         self._supervisor: asyncio.Task | None = None
         self._last_seen = 0.0
         self.server: P.Ready | None = None
-        self.last_refusal = ""
         self.connects = 0
         self.cloud_queue_seconds = 0.0   # the cloud's queue delay, from its last PONG
         self._closing = False
@@ -111,47 +112,73 @@ class ZmqCloudLink(LinkReadiness):
         if self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name="tether-edge-link")
 
+    def add_bundle(self, bundle: P.BundleInfo) -> None:
+        """Also require ``bundle``; a link already connected handshakes again for it."""
+        known = len(self.bundles)
+        super().add_bundle(bundle)
+        if len(self.bundles) > known and self.ready:
+            self._lose("a bundle was added: handshake again")
+
     async def infer(self, request: CloudRequest) -> CloudReply:
-        sock = self._sock
-        if not self.ready or sock is None:
-            raise PeerUnavailableError(f"cloud {self.endpoint} not connected")
         wire_id = next(self._ids)
         frames = P.encode(P.Infer(wire_id, self.bundle.fingerprint, request.split, request.codec,
                                   request.header, request.budget_seconds, tuple(request.payload)))
-        sent = P.wire_size(frames)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[wire_id] = future
-        t0 = time.perf_counter()
-        try:
-            msg, received, t1 = await asyncio.wait_for(
-                _send_then(sock, frames, future), request.budget_seconds)
-        except asyncio.TimeoutError as exc:
-            raise with_bytes(DeadlineExceededError(
-                f"no answer from {self.endpoint} within {request.budget_seconds:.3f} s"), sent) from exc
-        except TetherError as exc:
-            raise with_bytes(exc, sent) from None
-        except zmq.ZMQError as exc:
-            raise with_bytes(PeerUnavailableError(f"send to {self.endpoint} failed: {exc}"), sent) from exc
-        finally:
-            self._pending.pop(wire_id, None)
-        return reply_from_message(request.request_id, msg, t1 - t0, sent, received)
+        msg, sent, received, rtt = await self._request("infer", wire_id, frames,
+                                                       request.budget_seconds)
+        return reply_from_message(request.request_id, msg, rtt, sent, received)
 
-    async def ping(self, timeout: float) -> float:
+    async def session(self, msg: SessionMessage, timeout: float) -> SessionReply:
+        wire_id = next(self._ids)
+        frames = P.encode(with_request_id(msg, wire_id))
+        reply, sent, received, rtt = await self._request(msg.TYPE.name.lower(), wire_id,
+                                                         frames, timeout)
+        return session_reply(reply, rtt, sent, received)
+
+    async def _request(self, kind: str, wire_id: int, frames: list[Any],
+                       timeout: float) -> tuple[Any, int, int, float]:
+        """Send ``frames``, await the answer to ``wire_id``: (message, sent, received, rtt)."""
+        sent = P.wire_size(frames)
+        t0 = time.perf_counter()
         sock = self._sock
         if not self.ready or sock is None:
-            raise PeerUnavailableError(f"cloud {self.endpoint} not connected")
-        wire_id = next(self._ids)
+            error = self._not_connected(self.endpoint)
+            self._observe(kind, t0, 0, 0, error)
+            raise error
         future = asyncio.get_running_loop().create_future()
         self._pending[wire_id] = future
-        t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                _send_then(sock, P.encode(P.Ping(wire_id, time.monotonic())), future), timeout)
+            msg, received, t1 = await asyncio.wait_for(_send_then(sock, frames, future), timeout)
         except asyncio.TimeoutError as exc:
-            raise DeadlineExceededError(f"no PONG from {self.endpoint} in {timeout} s") from exc
+            error = with_bytes(DeadlineExceededError(
+                f"no answer from {self.endpoint} within {timeout:.3f} s"), sent)
+            self._observe(kind, t0, sent, 0, error)
+            raise error from exc
+        except TetherError as exc:
+            self._observe(kind, t0, sent, getattr(exc, "bytes_received", 0), exc)
+            raise with_bytes(exc, sent) from None
+        except zmq.ZMQError as exc:
+            error = with_bytes(PeerUnavailableError(f"send to {self.endpoint} failed: {exc}"), sent)
+            self._observe(kind, t0, sent, 0, error)
+            raise error from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise                   # our caller is cancelled: not a link failure
+            # the connection was dropped while the send waited for a peer (zmq.asyncio
+            # cancels a pending send when its socket closes)
+            error = with_bytes(PeerUnavailableError(
+                f"cloud {self.endpoint}: connection lost while sending"), sent)
+            self._observe(kind, t0, sent, 0, error)
+            raise error from None
         finally:
             self._pending.pop(wire_id, None)
-        return time.perf_counter() - t0
+        self._observe(kind, t0, sent, received)
+        return msg, sent, received, t1 - t0
+
+    async def ping(self, timeout: float) -> float:
+        wire_id = next(self._ids)
+        frames = P.encode(P.Ping(wire_id, time.monotonic()))
+        return (await self._request("ping", wire_id, frames, timeout))[3]
 
     async def close(self) -> None:
         self._closing = True
@@ -198,7 +225,7 @@ class ZmqCloudLink(LinkReadiness):
 
     async def _handshake(self, sock: zmq.asyncio.Socket) -> bool:
         self._hello = asyncio.get_running_loop().create_future()
-        hello = P.Hello(0, self.edge_id, (self.bundle,))
+        hello = P.Hello(0, self.edge_id, self.bundles)
         try:
             ready: P.Ready = await asyncio.wait_for(
                 _send_then(sock, P.encode(hello), self._hello), self.timing.handshake_timeout)
@@ -207,18 +234,19 @@ class ZmqCloudLink(LinkReadiness):
         except TetherError as exc:
             self._refused(f"cloud {self.endpoint} refused the handshake: {exc}")
             return False
-        if ready.bundle(self.bundle.fingerprint) is None:
+        missing = self.missing_bundles(ready)
+        if missing:
             served = [f"{b.model_id}:{b.fingerprint[:12]}" for b in ready.bundles]
-            self._refused(f"cloud {self.endpoint} does not serve this bundle "
-                          f"({self.bundle.model_id}:{self.bundle.fingerprint[:12]}); it serves "
-                          f"{served}: deploy the same bundle on both sides")
+            wanted = [f"{b.model_id}:{b.fingerprint[:12]}" for b in missing]
+            self._refused(f"cloud {self.endpoint} does not serve this bundle ({', '.join(wanted)}); "
+                          f"it serves {served}: deploy the same bundle on both sides")
             return False
         self.server, self.last_refusal = ready, ""
         self._last_seen = time.monotonic()
         self.connects += 1
         self._ready.set()
         log.info("edge %s connected to cloud %s (%s) for %s", self.edge_id, self.endpoint,
-                 ready.server_id, self.bundle.model_id)
+                 ready.server_id, ", ".join(b.model_id for b in self.bundles))
         return True
 
     def _refused(self, message: str) -> None:
