@@ -20,7 +20,9 @@ itself); anything else -- unknown, expired, evicted, out of step -- is a
 :class:`~tether.core.errors.SessionError` so the edge re-prefills. Idle sessions expire after
 ``idle_timeout_s``; when the KV caches exceed ``max_kv_bytes`` or ``max_sessions`` the least
 recently used other sessions are evicted. A RESULT carries two tensors: the next token id
-(int64 ``[1]``) and its probability (float32 ``[1]``).
+(int64 ``[1]``) and its probability (float32 ``[1]``). The token is chosen by
+:func:`~tether.partitioner.llm.choose_token` under the sampling settings the PREFILL bound to
+the session (greedy by default; seeded draws depend only on the seed and token position).
 
 :class:`LLMServer` is a minimal ZeroMQ ROUTER front end (HELLO, PING and the session
 messages) for ``tether llm-serve`` and the tests; the cloud service can instead forward
@@ -42,8 +44,9 @@ import torch.nn.functional as F
 from tether.core import protocol as P
 from tether.core.errors import (BundleError, BusyError, ConfigError, PayloadError,
                                 ProtocolError, SessionError, TetherError, UnknownCodecError)
-from tether.partitioner.llm import (HIDDEN_CODECS, CloudLM, LLMCheckpoint, make_hidden_codec,
-                                    num_layers, parse_split, split_name)
+from tether.partitioner.llm import (HIDDEN_CODECS, CloudLM, LLMCheckpoint, SamplingParams,
+                                    choose_token, make_hidden_codec, num_layers, parse_split,
+                                    split_name)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class _Session:
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
     kv_bytes: int = 0
+    sampling: SamplingParams = SamplingParams()
 
 
 @dataclass
@@ -263,12 +267,12 @@ class LLMEngine:
                                f"of {self.max_tokens}")
         h, decode_s = self._hidden(m, part)
         self.drop(m.session_id)
-        session = _Session(m.session_id, part.k, part.new_cache())
+        session = _Session(m.session_id, part.k, part.new_cache(), sampling=m.sampling.resolved())
         t0 = time.perf_counter()
         logits = part(h.unsqueeze(0), session.cache)
         tail_s = time.perf_counter() - t0
         self._commit(session, m.token_count)
-        return self._result(job, logits[0, -1], decode_s, tail_s, 1)
+        return self._result(job, session, logits[0, -1], decode_s, tail_s, 1)
 
     def _session(self, msg: Any) -> _Session:
         s = self.sessions.get(msg.session_id)
@@ -307,7 +311,7 @@ class LLMEngine:
             for (i, _, session, _, decode_s), row in zip(rows, logits):
                 try:
                     self._commit(session, jobs[i].msg.token_count)
-                    replies[i] = self._result(jobs[i], row, decode_s, tail_s, len(rows))
+                    replies[i] = self._result(jobs[i], session, row, decode_s, tail_s, len(rows))
                 except TetherError as exc:
                     replies[i] = P.Error.from_exception(jobs[i].msg.request_id, exc)
         return replies
@@ -342,12 +346,12 @@ class LLMEngine:
         self.sessions[session.id] = session
         self._enforce_bounds(keep=session.id)
 
-    def _result(self, job: _Job, logits: torch.Tensor, decode_s: float, tail_s: float,
-                batch: int) -> P.Result:
-        probs = logits.float().softmax(-1)
-        p, token = probs.max(-1)
-        tok_desc, tok_view = P.tensor_frame(token.reshape(1).to(torch.int64))
-        p_desc, p_view = P.tensor_frame(p.reshape(1).float())
+    def _result(self, job: _Job, session: _Session, logits: torch.Tensor, decode_s: float,
+                tail_s: float, batch: int) -> P.Result:
+        """The next token (position ``session.length``) under the session's sampling."""
+        token, p = choose_token(logits, session.sampling, session.length)
+        tok_desc, tok_view = P.tensor_frame(torch.tensor([token], dtype=torch.int64))
+        p_desc, p_view = P.tensor_frame(torch.tensor([p], dtype=torch.float32))
         return P.Result(job.msg.request_id, (tok_desc, p_desc), (tok_view, p_view),
                         queue_s=max(0.0, job.started - job.arrived), decode_s=decode_s,
                         tail_s=tail_s, batch_size=batch)

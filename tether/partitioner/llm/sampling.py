@@ -1,0 +1,113 @@
+"""The one token sampler of the split LLM: cloud engine, edge exits and the whole model.
+
+:func:`choose_token` turns next-token logits into a token under :class:`SamplingParams`:
+greedy (``temperature == 0``) is the argmax; otherwise temperature, then top-k, then top-p
+(the order of Hugging Face's logits warpers), then one inverse-CDF draw in token-id order.
+
+The draw for token position ``t`` (the token's index in the whole sequence, prompt
+included) is :func:`uniform` ``(seed, t)``: output number ``t`` of SplitMix64 started from
+the mixed seed, a counter-based generator that needs no state and is specified in a few
+lines (any language reproduces it). Whoever produces token ``t`` -- the cloud, a confident
+edge exit, the edge alone when the cloud is down, or the whole model in one process --
+draws the same number, so seeded sampling through the split gives the whole model's
+tokens. The CDF runs in token-id order (not sorted by probability), so logits that differ
+in the last float bits (a split, a batch, an fp32 codec) move the choice only when the draw
+falls within that difference of a boundary. Pure torch, no IO.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from tether.core.errors import ConfigError
+from tether.core.sampling import GREEDY, SamplingParams
+
+__all__ = ["GREEDY", "SamplingParams", "choose_token", "choose_tokens", "generate_whole",
+           "sampling_probs", "uniform"]
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15      # SplitMix64's increment (2**64 / golden ratio)
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function (Stafford's variant 13)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The draw in ``[0, 1)`` for token position ``position`` of a stream seeded ``seed``."""
+    if position < 0:
+        raise ConfigError(f"token position must be >= 0, got {position}")
+    state = (_mix64(seed & _MASK64) + (position + 1) * _GAMMA) & _MASK64
+    return (_mix64(state) >> 11) * 2.0 ** -53
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampled from (float64 ``[V]``): temperature, top-k, then top-p."""
+    if params.greedy:
+        raise ConfigError("greedy settings have no sampling distribution: use choose_token")
+    z = logits.detach().reshape(-1).to(torch.float64)
+    z = (z - z.max()) / params.temperature          # max first: a tiny temperature cannot overflow
+    if 0 < params.top_k < z.numel():
+        kth = torch.topk(z, params.top_k).values[-1]
+        z = z.masked_fill(z < kth, float("-inf"))   # ties with the k-th stay, as in HF
+    probs = torch.softmax(z, -1)
+    if params.top_p < 1.0:
+        ordered, order = probs.sort(descending=True, stable=True)
+        before = ordered.cumsum(0) - ordered          # mass of the more likely tokens
+        drop = before >= params.top_p
+        drop[0] = False                               # the most likely token always stays
+        probs = probs.clone()
+        probs[order[drop]] = 0.0
+        probs = probs / probs.sum()
+    return probs
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, position: int) -> tuple[int, float]:
+    """The token for ``position`` and its probability (greedy: under the model; sampling:
+    under the filtered distribution). ``logits`` is ``[V]`` (or ``[1, V]``)."""
+    if params.greedy:
+        probs = logits.detach().reshape(-1).float().softmax(-1)
+        p, token = probs.max(-1)
+        return int(token), float(p)
+    if params.seed is None:
+        raise ConfigError("sampling needs a seed: call SamplingParams.resolved() first")
+    probs = sampling_probs(logits, params)
+    cdf = probs.cumsum(0)
+    target = torch.tensor([uniform(params.seed, position) * float(cdf[-1])], dtype=torch.float64)
+    token = min(int(torch.searchsorted(cdf, target, right=True)[0]), probs.numel() - 1)
+    if not float(probs[token]) > 0:                   # NaN logits: no usable distribution
+        raise ConfigError("the logits hold no finite distribution to sample from")
+    return token, float(probs[token])
+
+
+def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  positions: Sequence[int]) -> list[tuple[int, float]]:
+    """:func:`choose_token` for each row of ``[B, V]`` logits (a batched decode step)."""
+    if len(params) != logits.shape[0] or len(positions) != logits.shape[0]:
+        raise ConfigError(f"{logits.shape[0]} logit rows but {len(params)} settings and "
+                          f"{len(positions)} positions")
+    return [choose_token(row, p, t) for row, p, t in zip(logits, params, positions)]
+
+
+@torch.no_grad()
+def generate_whole(model: Any, prompt: Sequence[int], max_new_tokens: int,
+                   params: SamplingParams = GREEDY) -> list[int]:
+    """The whole model's continuation of ``prompt`` under ``params`` (the reference the
+    split must reproduce); ``model`` is a Hugging Face causal LM (:func:`full_model`)."""
+    params = params.resolved()
+    ids = list(prompt)
+    if not ids:
+        raise ConfigError("empty prompt: pass at least one token id")
+    out = model(torch.tensor([ids]), use_cache=True)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token, _p = choose_token(out.logits[0, -1], params, len(ids))
+        ids.append(token)
+        new.append(token)
+        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return new
