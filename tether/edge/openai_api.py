@@ -1,9 +1,11 @@
 """OpenAI-compatible request parsing and response shapes for the edge's HTTP front.
 
-Only what a split greedy LLM can honour: ``prompt``/``messages``, ``max_tokens`` (or
-``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``. Sampling parameters
-(``temperature``, ``top_p``, ...) are accepted and ignored: generation is greedy, exactly
-the whole model's argmax (documented in docs/runtime.md). Pure functions, no IO.
+What the split LLM honours: ``prompt``/``messages``, ``max_tokens`` (or
+``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``, and sampling: ``temperature``
+(0..2), ``top_p``, ``seed`` and vLLM's ``top_k`` extension (-1 or 0: off). Unlike OpenAI, an
+omitted ``temperature`` means greedy (exactly the whole model's argmax); a ``seed`` makes a
+sampled answer reproducible and equal to the whole model's under the same settings
+(documented in docs/runtime.md). Pure functions, no IO.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.core.errors import ConfigError
+from tether.core.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16        # OpenAI's default for /v1/completions
 
@@ -30,6 +33,7 @@ class CompletionRequest:
     stop: tuple[str, ...]
     chat: bool
     include_usage: bool = False
+    sampling: SamplingParams = SamplingParams()
 
 
 def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> CompletionRequest:
@@ -46,7 +50,7 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
             raise ConfigError("'prompt' must be a string (one prompt per request)")
     n = body.get("n", 1)
     if n != 1:
-        raise ConfigError(f"'n' must be 1 (greedy generation gives one answer), got {n!r}")
+        raise ConfigError(f"'n' must be 1 (one answer per request), got {n!r}")
     default = DEFAULT_MAX_TOKENS if not chat else cap
     limit = body.get("max_completion_tokens")
     if limit is None:
@@ -63,7 +67,24 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
     options = body.get("stream_options") or {}
     return CompletionRequest(str(body.get("model") or ""), prompt, min(limit, cap),
                              bool(body.get("stream", False)), stop, chat,
-                             bool(isinstance(options, dict) and options.get("include_usage")))
+                             bool(isinstance(options, dict) and options.get("include_usage")),
+                             parse_sampling(body))
+
+
+def parse_sampling(body: dict[str, Any]) -> SamplingParams:
+    """``temperature`` (0..2, omitted: greedy), ``top_p``, ``top_k`` and ``seed`` of a request."""
+    given = {key: body[key] for key in ("temperature", "top_k", "top_p", "seed")
+             if body.get(key) is not None}
+    temperature = given.get("temperature", 0.0)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) \
+            and temperature > 2:
+        raise ConfigError(f"'temperature' must be in [0, 2], got {temperature!r}")
+    if given.get("top_k") == -1:            # vLLM's spelling of "off"
+        given["top_k"] = 0
+    try:
+        return SamplingParams(**given)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid sampling settings: {exc}") from exc
 
 
 def render_chat(messages: Any, tokenizer: Any) -> str:

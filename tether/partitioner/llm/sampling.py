@@ -99,15 +99,19 @@ def generate_whole(model: Any, prompt: Sequence[int], max_new_tokens: int,
                    params: SamplingParams = GREEDY) -> list[int]:
     """The whole model's continuation of ``prompt`` under ``params`` (the reference the
     split must reproduce); ``model`` is a Hugging Face causal LM (:func:`full_model`)."""
+    from transformers import DynamicCache
+
+    from tether.partitioner.llm.split import with_cache
     params = params.resolved()
     ids = list(prompt)
     if not ids:
         raise ConfigError("empty prompt: pass at least one token id")
-    out = model(torch.tensor([ids]), use_cache=True)
+    cache = with_cache(model, DynamicCache())
+    logits = model(torch.tensor([ids]), **cache).logits[0, -1]
     new: list[int] = []
     for _ in range(max_new_tokens):
-        token, _p = choose_token(out.logits[0, -1], params, len(ids))
+        token, _p = choose_token(logits, params, len(ids))
         ids.append(token)
         new.append(token)
-        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        logits = model(torch.tensor([[token]]), **cache).logits[0, -1]
     return new
