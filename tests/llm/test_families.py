@@ -80,6 +80,26 @@ def test_seeded_sampling_through_the_split_equals_the_whole_model(family):
     assert [t for t, _ in events] == ref_other
 
 
+def test_an_unseeded_stream_records_its_seed_and_replays_from_it():
+    ckpt = tiny_checkpoint("qwen2", seed=5)
+    unseeded = SamplingParams(temperature=1.0, top_p=0.9)
+
+    async def twice():
+        engine = LLMEngine(ckpt, LLMEngineConfig(), "tiny")
+        edge = LLMEdge(EdgeLM(ckpt, 2), ckpt.fingerprint, _IdsTokenizer(),
+                       GenerateConfig(codec="fp32", timeout_s=30.0), LocalSessionLink(engine.handle))
+        runs = [[e.token async for e in edge.generate(PROMPT, STEPS, False, sampling=unseeded)]
+                for _ in range(2)]
+        await engine.close()
+        return runs, [r.seed for r in edge.records]
+    runs, seeds = asyncio.run(twice())
+    assert None not in seeds and seeds[0] != seeds[1] and runs[0] != runs[1]
+    full = full_model(ckpt)
+    for tokens, seed in zip(runs, seeds):
+        replay = SamplingParams(temperature=1.0, top_p=0.9, seed=seed)
+        assert generate_whole(full, PROMPT, STEPS, replay) == tokens
+
+
 def _fails_after(calls):
     """A cloud handler that answers ``calls`` messages, then reports itself unavailable."""
     def wrap(handle):
