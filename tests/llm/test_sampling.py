@@ -123,3 +123,20 @@ def test_a_batch_row_chooses_what_it_would_alone():
 def test_sampling_without_a_resolved_seed_is_refused():
     with pytest.raises(ConfigError, match="resolved"):
         choose_token(torch.randn(10), SamplingParams(1.0), 0)
+
+
+def test_logits_without_a_finite_distribution_are_refused():
+    with pytest.raises(ConfigError, match="finite"):
+        choose_token(torch.full((5,), float("nan")), SamplingParams(1.0, top_p=0.9, seed=1), 0)
+
+
+def test_a_flat_distribution_needs_the_whole_vocabulary_for_its_nucleus():
+    """The nucleus search grows its partial sort up to the whole vocabulary when needed."""
+    logits = torch.zeros(5000)
+    logits[:3] = torch.tensor([0.3, 0.2, 0.1])
+    probs = sampling_probs(logits, SamplingParams(1.0, top_p=0.999, seed=0))
+    assert int((probs > 0).sum()) >= 4990
+    full = logits.double().softmax(-1)
+    order = full.sort(descending=True, stable=True)
+    needed = int((order.values.cumsum(0) - order.values < 0.999).sum())
+    assert int((probs > 0).sum()) == needed

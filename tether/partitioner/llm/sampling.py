@@ -46,25 +46,46 @@ def uniform(seed: int, position: int) -> float:
     return (_mix64(state) >> 11) * 2.0 ** -53
 
 
-def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution sampled from (float64 ``[V]``): temperature, top-k, then top-p."""
+def _candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (ascending) that survive the filters, and their probabilities (float64)."""
     if params.greedy:
         raise ConfigError("greedy settings have no sampling distribution: use choose_token")
     z = logits.detach().reshape(-1).to(torch.float64)
     z = (z - z.max()) / params.temperature          # max first: a tiny temperature cannot overflow
     if 0 < params.top_k < z.numel():
-        kth = torch.topk(z, params.top_k).values[-1]
-        z = z.masked_fill(z < kth, float("-inf"))   # ties with the k-th stay, as in HF
-    probs = torch.softmax(z, -1)
+        kth = torch.topk(z, params.top_k, sorted=False).values.min()
+        ids = torch.nonzero(z >= kth).reshape(-1)   # ties with the k-th stay, as in HF
+    else:
+        ids = torch.arange(z.numel(), device=z.device)
+    probs = torch.softmax(z[ids], -1)
     if params.top_p < 1.0:
-        ordered, order = probs.sort(descending=True, stable=True)
-        before = ordered.cumsum(0) - ordered          # mass of the more likely tokens
-        drop = before >= params.top_p
-        drop[0] = False                               # the most likely token always stays
-        probs = probs.clone()
-        probs[order[drop]] = 0.0
+        keep = _nucleus(probs, params.top_p)
+        ids, probs = ids[keep], probs[keep]
         probs = probs / probs.sum()
-    return probs
+    return ids, probs
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Positions of the smallest most-likely set holding ``top_p`` (ascending). Partial
+    sorts of growing size: a peaked distribution never sorts the whole vocabulary."""
+    k, n = min(64, probs.numel()), probs.numel()
+    while True:
+        ordered, order = torch.topk(probs, k)             # descending
+        if k == n or float(ordered.sum()) >= top_p:
+            break
+        k = min(8 * k, n)
+    before = ordered.cumsum(0) - ordered                  # mass of the more likely tokens
+    keep = before < top_p
+    keep[0] = True                                        # the most likely token always stays
+    return order[keep].sort().values
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampled from (float64 ``[V]``): temperature, top-k, then top-p."""
+    ids, probs = _candidates(logits, params)
+    out = torch.zeros(logits.numel(), dtype=torch.float64, device=probs.device)
+    out[ids] = probs
+    return out
 
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, position: int) -> tuple[int, float]:
@@ -76,13 +97,14 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, position: int) ->
         return int(token), float(p)
     if params.seed is None:
         raise ConfigError("sampling needs a seed: call SamplingParams.resolved() first")
-    probs = sampling_probs(logits, params)
-    cdf = probs.cumsum(0)
-    target = torch.tensor([uniform(params.seed, position) * float(cdf[-1])], dtype=torch.float64)
-    token = min(int(torch.searchsorted(cdf, target, right=True)[0]), probs.numel() - 1)
-    if not float(probs[token]) > 0:                   # NaN logits: no usable distribution
+    ids, probs = _candidates(logits, params)
+    cdf = probs.cumsum(0)                                 # in token-id order
+    target = torch.tensor([uniform(params.seed, position) * float(cdf[-1])], dtype=torch.float64,
+                          device=cdf.device)
+    pick = min(int(torch.searchsorted(cdf, target, right=True)[0]), probs.numel() - 1)
+    if not float(probs[pick]) > 0:                        # NaN logits: no usable distribution
         raise ConfigError("the logits hold no finite distribution to sample from")
-    return token, float(probs[token])
+    return int(ids[pick]), float(probs[pick])
 
 
 def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
