@@ -60,6 +60,9 @@ def test_greedy_tokens_through_edge_and_cloud_equal_the_whole_model(family):
     for k, events in _through_split(ckpt, (1, num_layers(ckpt.config) - 1)).items():
         assert [t for t, _ in events] == ref, (family, k)
         assert all(s == "cloud" for _, s in events), events
+    cold = SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=9)   # filters ignored
+    (events,) = _through_split(ckpt, (2,), cold).values()
+    assert [t for t, _ in events] == ref
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
