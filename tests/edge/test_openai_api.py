@@ -77,3 +77,19 @@ def test_sampling_settings_are_parsed_and_greedy_is_the_default():
                       ({"top_k": -3}, "top_k"), ({"seed": "x"}, "seed"), ({"seed": -1}, "seed")):
         with pytest.raises(ConfigError, match=word):
             parse_request({"prompt": "hi", **bad}, False, _Tok(), 8)
+
+
+def test_a_sampled_answer_tells_its_seed_and_a_greedy_one_does_not():
+    unseeded = parse_request({"prompt": "hi", "temperature": 1.0}, False, _Tok(), 8)
+    seed = unseeded.sampling.seed
+    assert seed is not None
+    assert parse_request({"prompt": "hi", "temperature": 1.0}, False, _Tok(), 8).sampling.seed != seed
+    shape = ResponseShape(unseeded, "m")
+    assert shape.chunk("a", None, first=True, source="cloud")["tether"] == {"source": "cloud",
+                                                                            "seed": seed}
+    assert shape.chunk("b", None, source="cloud")["tether"] == {"source": "cloud"}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    assert shape.full("ab", "length", usage, {"cloud": 2})["tether"]["seed"] == seed
+    greedy = ResponseShape(parse_request({"prompt": "hi"}, False, _Tok(), 8), "m")
+    assert "seed" not in greedy.full("ab", "length", usage, {"cloud": 2})["tether"]
+    assert "tether" not in greedy.chunk("a", None, first=True)

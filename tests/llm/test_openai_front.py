@@ -174,3 +174,11 @@ def test_openai_seeded_sampling_equals_the_whole_model_and_repeats(served, stori
     assert other != texts[0]
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=2, temperature=3)
+    url = f"http://127.0.0.1:{served['daemon'].http_port}/v1/completions"
+    body = {"model": "stories260K", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0.9}
+    status, raw = http("POST", url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    first = json.loads(raw)
+    seed = first["tether"]["seed"]                                    # unseeded: told its seed
+    status, raw = http("POST", url, json.dumps(body | {"seed": seed}).encode(),
+                       {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == first["choices"][0]["text"]

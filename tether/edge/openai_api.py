@@ -4,8 +4,9 @@ What the split LLM honours: ``prompt``/``messages``, ``max_tokens`` (or
 ``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``, and sampling: ``temperature``
 (0..2), ``top_p``, ``seed`` and vLLM's ``top_k`` extension (-1 or 0: off). Unlike OpenAI, an
 omitted ``temperature`` means greedy (exactly the whole model's argmax); a ``seed`` makes a
-sampled answer reproducible and equal to the whole model's under the same settings
-(documented in docs/runtime.md). Pure functions, no IO.
+sampled answer reproducible and equal to the whole model's under the same settings; a
+sampled answer tells its seed (``"tether": {"seed": ...}``, in the first chunk when
+streaming) so an unseeded one can be replayed (documented in docs/runtime.md). Pure functions, no IO.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def parse_sampling(body: dict[str, Any]) -> SamplingParams:
     if given.get("top_k") == -1:            # vLLM's spelling of "off"
         given["top_k"] = 0
     try:
-        return SamplingParams(**given)
+        return SamplingParams(**given).resolved()   # unseeded: a fresh seed, told in the answer
     except ConfigError as exc:
         raise ConfigError(f"invalid sampling settings: {exc}") from exc
 
@@ -151,8 +152,11 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             out = self._base("text_completion") | {"choices": [choice]}
-        if source is not None:
-            out["tether"] = {"source": source}
+        extra: dict[str, Any] = {"source": source} if source is not None else {}
+        if first and not self.req.sampling.greedy:
+            extra["seed"] = self.req.sampling.seed
+        if extra:
+            out["tether"] = extra
         return out
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
@@ -169,7 +173,10 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             out = self._base("text_completion")
-        return out | {"choices": [choice], "usage": usage, "tether": {"sources": sources}}
+        extra: dict[str, Any] = {"sources": sources}
+        if not self.req.sampling.greedy:
+            extra["seed"] = self.req.sampling.seed      # replays this answer
+        return out | {"choices": [choice], "usage": usage, "tether": extra}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
