@@ -62,3 +62,34 @@ def test_response_shapes_and_sse():
     assert full["choices"][0]["message"] == {"role": "assistant", "content": "Hi"}
     assert sse("[DONE]") == b"data: [DONE]\n\n"
     assert json.loads(sse(first)[6:]) == first
+
+
+def test_sampling_settings_are_parsed_and_greedy_is_the_default():
+    from tether.core.sampling import SamplingParams
+    assert parse_request({"prompt": "hi"}, False, _Tok(), 8).sampling == SamplingParams()
+    req = parse_request({"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "seed": 5,
+                         "top_k": -1}, False, _Tok(), 8)
+    assert req.sampling == SamplingParams(0.7, 0, 0.9, 5)
+    nulls = {"prompt": "hi", "temperature": None, "top_p": None, "seed": None}
+    assert parse_request(nulls, False, _Tok(), 8).sampling.greedy
+    for bad, word in (({"temperature": 2.5}, "temperature"), ({"temperature": -1}, "temperature"),
+                      ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+                      ({"top_k": -3}, "top_k"), ({"seed": "x"}, "seed"), ({"seed": -1}, "seed")):
+        with pytest.raises(ConfigError, match=word):
+            parse_request({"prompt": "hi", **bad}, False, _Tok(), 8)
+
+
+def test_a_sampled_answer_tells_its_seed_and_a_greedy_one_does_not():
+    unseeded = parse_request({"prompt": "hi", "temperature": 1.0}, False, _Tok(), 8)
+    seed = unseeded.sampling.seed
+    assert seed is not None
+    assert parse_request({"prompt": "hi", "temperature": 1.0}, False, _Tok(), 8).sampling.seed != seed
+    shape = ResponseShape(unseeded, "m")
+    assert shape.chunk("a", None, first=True, source="cloud")["tether"] == {"source": "cloud",
+                                                                            "seed": seed}
+    assert shape.chunk("b", None, source="cloud")["tether"] == {"source": "cloud"}
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    assert shape.full("ab", "length", usage, {"cloud": 2})["tether"]["seed"] == seed
+    greedy = ResponseShape(parse_request({"prompt": "hi"}, False, _Tok(), 8), "m")
+    assert "seed" not in greedy.full("ab", "length", usage, {"cloud": 2})["tether"]
+    assert "tether" not in greedy.chunk("a", None, first=True)

@@ -149,3 +149,36 @@ def _sample(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in metrics")
+
+
+def test_openai_seeded_sampling_equals_the_whole_model_and_repeats(served, stories, stories_full):
+    from tether.core.sampling import SamplingParams
+    from tether.partitioner.llm import generate_whole
+    client = _client(served)
+    settings = SamplingParams(temperature=0.9, top_p=0.95, seed=21)
+    ids = stories.tokenizer().encode(PROMPT)
+    ref = generate_whole(stories_full, ids, TOKENS, settings)
+    assert ref != generate_whole(stories_full, ids, TOKENS)          # not the greedy answer
+    zmq_client = LLMClient(served["endpoint"], timeout=PATIENT)
+    try:
+        zmq_tokens = list(zmq_client.generate(PROMPT, TOKENS, settings))
+    finally:
+        zmq_client.close()
+    assert [t for t, _, _ in zmq_tokens] == ref[:len(zmq_tokens)]     # the edge stops at EOS
+    texts = [client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=TOKENS,
+                                       temperature=0.9, top_p=0.95, seed=21).choices[0].text
+             for _ in range(2)]
+    assert texts[0] == texts[1] == "".join(text for _, text, _ in zmq_tokens)
+    other = client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=TOKENS,
+                                      temperature=0.9, top_p=0.95, seed=22).choices[0].text
+    assert other != texts[0]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=2, temperature=3)
+    url = f"http://127.0.0.1:{served['daemon'].http_port}/v1/completions"
+    body = {"model": "stories260K", "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0.9}
+    status, raw = http("POST", url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    first = json.loads(raw)
+    seed = first["tether"]["seed"]                                    # unseeded: told its seed
+    status, raw = http("POST", url, json.dumps(body | {"seed": seed}).encode(),
+                       {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == first["choices"][0]["text"]

@@ -24,7 +24,9 @@ recently used other sessions are evicted (the last resort: the cloud core's
 :class:`~tether.cloud.sessions.SessionGate` refuses new sessions with BUSY before that, with
 these same bounds, :attr:`LLMEngine.session_limits`). A step whose ``deadline_s`` passed
 while it waited is answered DEADLINE without compute. A RESULT carries two tensors: the next
-token id (int64 ``[1]``) and its probability (float32 ``[1]``).
+token id (int64 ``[1]``) and its probability (float32 ``[1]``). The token is chosen by
+:func:`~tether.partitioner.llm.choose_token` under the sampling settings the PREFILL bound to
+the session (greedy by default; seeded draws depend only on the seed and token position).
 
 Served by the cloud service like any bundle (``CloudServer(..., sessions=engine)``: the
 same socket, handshake, CURVE, admission, drain and metrics); :class:`LLMServer` is that
@@ -48,7 +50,8 @@ from tether.codecs import TENSOR_CODEC_IDS, decode_hidden, hidden_codec
 from tether.core import protocol as P
 from tether.core.errors import (BundleError, BusyError, ConfigError, DeadlineExceededError,
                                 ProtocolError, SessionError, TetherError, UnknownCodecError)
-from tether.partitioner.llm import (CloudLM, LLMCheckpoint, num_layers, parse_split,
+from tether.partitioner.llm import (CloudLM, LLMCheckpoint, SamplingParams, choose_token,
+                                    num_layers, parse_split,
                                     split_name)
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ class _Session:
     length: int = 0
     last_used: float = field(default_factory=time.monotonic)
     kv_bytes: int = 0
+    sampling: SamplingParams = SamplingParams()
 
 
 @dataclass
@@ -299,12 +303,12 @@ class LLMEngine:
                                f"of {self.max_tokens}")
         h, decode_s = self._hidden(m, part)
         self.drop(m.session_id)
-        session = _Session(m.session_id, part.k, part.new_cache())
+        session = _Session(m.session_id, part.k, part.new_cache(), sampling=m.sampling.resolved())
         t0 = time.perf_counter()
         logits = part(h.unsqueeze(0), session.cache)
         tail_s = time.perf_counter() - t0
         self._commit(session, m.token_count)
-        return self._result(job, logits[0, -1], decode_s, tail_s, 1)
+        return self._result(job, session, logits[0, -1], decode_s, tail_s, 1)
 
     def _session(self, msg: Any) -> _Session:
         s = self.sessions.get(msg.session_id)
@@ -343,7 +347,7 @@ class LLMEngine:
             for (i, _, session, _, decode_s), row in zip(rows, logits):
                 try:
                     self._commit(session, jobs[i].msg.token_count)
-                    replies[i] = self._result(jobs[i], row, decode_s, tail_s, len(rows))
+                    replies[i] = self._result(jobs[i], session, row, decode_s, tail_s, len(rows))
                 except TetherError as exc:
                     replies[i] = P.Error.from_exception(jobs[i].msg.request_id, exc)
         return replies
@@ -378,12 +382,12 @@ class LLMEngine:
         self.sessions[session.id] = session
         self._enforce_bounds(keep=session.id)
 
-    def _result(self, job: _Job, logits: torch.Tensor, decode_s: float, tail_s: float,
-                batch: int) -> P.Result:
-        probs = logits.float().softmax(-1)
-        p, token = probs.max(-1)
-        tok_desc, tok_view = P.tensor_frame(token.reshape(1).to(torch.int64))
-        p_desc, p_view = P.tensor_frame(p.reshape(1).float())
+    def _result(self, job: _Job, session: _Session, logits: torch.Tensor, decode_s: float,
+                tail_s: float, batch: int) -> P.Result:
+        """The next token (position ``session.length``) under the session's sampling."""
+        token, p = choose_token(logits, session.sampling, session.length)
+        tok_desc, tok_view = P.tensor_frame(torch.tensor([token], dtype=torch.int64))
+        p_desc, p_view = P.tensor_frame(torch.tensor([p], dtype=torch.float32))
         return P.Result(job.msg.request_id, (tok_desc, p_desc), (tok_view, p_view),
                         queue_s=max(0.0, job.started - job.arrived), decode_s=decode_s,
                         tail_s=tail_s, batch_size=batch)

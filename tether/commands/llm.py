@@ -4,6 +4,7 @@ The daemons are `tether cloud` and `tether edge` (one per side, images and LLMs 
 
     tether cloud --bind tcp://0.0.0.0:5555 --llm-checkpoint stories260K.bin   # (+ --bundle DIR)
     tether edge --connect tcp://HOST:5555 --llm-checkpoint stories260K.bin --llm-split 3
+    tether generate --temperature 0.8 --top-p 0.95 --seed 7 "Once upon"   # sampled, reproducible
     tether generate --edge tcp://127.0.0.1:5560 "Once upon"
     tether generate --cloud tcp://HOST:5555 --checkpoint stories260K.bin --split 3 "Once upon"
     tether llm-exit --checkpoint stories260K.bin --split 3 --out exit3.pt
@@ -46,8 +47,27 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
                         "below are then ignored)")
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="tokens to generate")
+    _add_sampling(g)
     _add_edge_part(g)
     g.set_defaults(handler=_run_generate)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("sampling (default: greedy; also with --edge)")
+    s.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sample at temperature T > 0 (0: greedy, the whole model's argmax)")
+    s.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens only (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample among the most likely tokens holding probability P (1: all)")
+    s.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed of the draws: the same seed gives the same tokens, split or "
+                        "not (default: a fresh one, printed in the summary)")
+
+
+def _sampling(args: argparse.Namespace):
+    from tether.core.sampling import SamplingParams
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).resolved()
 
 
 def _add_edge_part(p: argparse.ArgumentParser) -> None:
@@ -126,19 +146,20 @@ def _build_edge(args: argparse.Namespace):
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)      # bad settings: one line before anything loads
     if args.edge:
-        return _generate_via_daemon(args)
-    return asyncio.run(_stream(_build_edge(args), args.prompt, args.max_new_tokens))
+        return _generate_via_daemon(args, sampling)
+    return asyncio.run(_stream(_build_edge(args), args.prompt, args.max_new_tokens, sampling))
 
 
-def _generate_via_daemon(args: argparse.Namespace) -> int:
+def _generate_via_daemon(args: argparse.Namespace, sampling) -> int:
     from tether.edge.client import LLMClient       # light: no torch for a client
 
     client = LLMClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
     t0, counts = time.perf_counter(), {}
     sys.stdout.write(args.prompt)
     try:
-        for _, text, source in client.generate(args.prompt, args.max_new_tokens):
+        for _, text, source in client.generate(args.prompt, args.max_new_tokens, sampling):
             sys.stdout.write(text)
             sys.stdout.flush()
             counts[source] = counts.get(source, 0) + 1
@@ -151,15 +172,15 @@ def _generate_via_daemon(args: argparse.Namespace) -> int:
     n, dt = sum(counts.values()), time.perf_counter() - t0
     print()
     print(f"[{n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s via edge {args.edge}; "
-          f"by source {counts}]", file=sys.stderr)
+          f"by source {counts}; {sampling.describe()}]", file=sys.stderr)
     return 0
 
 
-async def _stream(edge, prompt: str, max_new_tokens: int) -> int:
+async def _stream(edge, prompt: str, max_new_tokens: int, sampling) -> int:
     t0, counts, sent = time.perf_counter(), {}, 0
     sys.stdout.write(prompt)
     try:
-        async for ev in edge.generate(prompt, max_new_tokens):
+        async for ev in edge.generate(prompt, max_new_tokens, sampling=sampling):
             sys.stdout.write(ev.text)
             sys.stdout.flush()
             counts[ev.source] = counts.get(ev.source, 0) + 1
@@ -173,7 +194,8 @@ async def _stream(edge, prompt: str, max_new_tokens: int) -> int:
     n, dt = sum(counts.values()), time.perf_counter() - t0
     print(file=sys.stdout)
     print(f"[{n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s; split layer{edge.part.k}, "
-          f"codec {edge.config.codec}; by source {counts}; {sent / max(n, 1):.0f} bytes sent/token]",
+          f"codec {edge.config.codec}; by source {counts}; {sent / max(n, 1):.0f} bytes sent/token; "
+          f"{sampling.describe()}]",
           file=sys.stderr)
     return 0
 

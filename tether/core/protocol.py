@@ -27,7 +27,9 @@ API (used by tether.edge, tether.cloud and the LLM split)::
                             retry_after_s
     Ping/Pong               t (sender's clock, echoed), Pong.queue_s (cloud's queue delay now)
     Prefill/Decode          LLM session steps: session_id, fingerprint, split, codec,
-                            codec_header, position, token_count, deadline_s, payload
+                            codec_header, position, token_count, deadline_s, payload;
+                            Prefill also temperature, top_k, top_p, seed (the session's
+                            sampling, validated: Prefill.sampling -> SamplingParams)
     Close                   session_id
 
     encode(msg) -> list[bytes | memoryview]   send with sock.send_multipart(frames, copy=False):
@@ -56,8 +58,9 @@ import msgpack
 import numpy as np
 
 from tether.core.errors import (
-    ProtocolError, TetherError, VersionMismatchError, error_from_code,
+    ConfigError, ProtocolError, TetherError, VersionMismatchError, error_from_code,
 )
+from tether.core.sampling import SamplingParams
 from tether.core.types import DTYPE_SIZES, TensorSpec
 
 PROTOCOL_VERSION = 1
@@ -254,7 +257,23 @@ class Prefill:
     codec_header: dict[str, Any] = field(default_factory=dict)
     deadline_s: float | None = None
     payload: tuple[Buffer, ...] = ()
+    # sampling settings of the session (tether.core.sampling; defaults: greedy)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None             # None: the receiver picks one (sampling only)
     TYPE: typing.ClassVar[MsgType] = MsgType.PREFILL
+
+    def __post_init__(self) -> None:
+        try:
+            SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+        except ConfigError as exc:
+            raise ProtocolError(f"PREFILL sampling settings: {exc}") from exc
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The session's validated sampling settings."""
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
 
 
 @dataclass(frozen=True)

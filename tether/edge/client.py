@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from tether.core import protocol as P
 from tether.core.errors import BusyError, DeadlineExceededError, PeerUnavailableError, ProtocolError
+from tether.core.sampling import SamplingParams
 
 LOCAL_CODEC = "tensor"   # the local endpoint's one codec id: a raw tensor frame
 TEXT_CODEC = "text"      # a generation request: PREFILL whose payload is the UTF-8 prompt
@@ -201,14 +202,18 @@ class LLMClient:
         self._ids = itertools.count(1)
         self.counts: dict[str, int] = {}
 
-    def generate(self, prompt: str, max_new_tokens: int = 64) -> Any:
-        """Yield ``(token, text, source)`` as the edge streams them; :attr:`counts` then
-        holds the edge's tokens per source. An ERROR ends the stream as its typed error."""
+    def generate(self, prompt: str, max_new_tokens: int = 64,
+                 sampling: SamplingParams | None = None) -> Any:
+        """Yield ``(token, text, source)`` as the edge streams them, greedy or sampled under
+        ``sampling``; :attr:`counts` then holds the edge's tokens per source. An ERROR ends
+        the stream as its typed error."""
         rid = next(self._ids)
         self.counts = {}
         self._watch.begin()
-        self._sock.send_multipart(P.encode(P.Prefill(rid, "", "", "", TEXT_CODEC, 0, max_new_tokens,
-                                                     payload=(prompt.encode("utf-8"),))))
+        sp = sampling or SamplingParams()
+        self._sock.send_multipart(P.encode(P.Prefill(
+            rid, "", "", "", TEXT_CODEC, 0, max_new_tokens, payload=(prompt.encode("utf-8"),),
+            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed)))
         while True:
             reply = self._receive(rid)
             if isinstance(reply, P.Error):

@@ -335,7 +335,8 @@ class HttpFront:
         self.active += 1
         try:
             async with self._slots, \
-                    contextlib.aclosing(self.llm.generate(req.prompt, req.max_tokens)) as events:
+                    contextlib.aclosing(self.llm.generate(req.prompt, req.max_tokens,
+                                                          sampling=req.sampling)) as events:
                 async for ev in events:
                     piece = matcher.feed(ev.text)
                     yield piece, ev.source, matcher.stopped

@@ -8,8 +8,12 @@ streams tokens as they come (``async for event in edge.generate("prompt")``). Pe
   ``exit_threshold`` the token is emitted locally (``source="exit"``) and its hidden state is
   kept pending;
 * otherwise one DECODE carries every pending hidden state (the skipped ones, batched, then
-  the current one) so the cloud's KV cache stays exactly consistent, and the cloud's greedy
+  the current one) so the cloud's KV cache stays exactly consistent, and the cloud's
   token is emitted (``source="cloud"``);
+* every token, wherever it is chosen, comes from :func:`~tether.partitioner.llm.choose_token`
+  under the stream's :class:`~tether.partitioner.llm.SamplingParams` (greedy by default;
+  the PREFILL carries them to the cloud; a seeded draw depends only on the seed and the
+  token's position, so seeded streams repeat the whole model's tokens);
 * an unknown/expired/out-of-step session (SessionError) is re-prefilled from the edge's
   stored hidden states (also when more than ``max_catchup_tokens`` are pending);
 * when the cloud is unreachable, slow, busy or answers another ERROR, a *trained* exit head
@@ -54,7 +58,7 @@ from tether.core.errors import (BusyError, ConfigError, PeerUnavailableError, Pr
                                 SessionError, TetherError, TransientError)
 from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
 from tether.edge.link import CloudLink
-from tether.partitioner.llm import EdgeLM, split_name
+from tether.partitioner.llm import EdgeLM, SamplingParams, choose_token, split_name
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ class GenerationRecord:
     error: str = ""             # error code that ended the stream ("" = completed)
     seconds: float = 0.0
     switches: list[tuple[int, str, str]] = field(default_factory=list)
+    seed: int | None = None     # the sampling seed (None: greedy), to replay the stream
 
     def count(self, source: str, why: str = "") -> None:
         if source != "exit":
@@ -141,6 +146,7 @@ class _Session:
     prompt_length: int = 0
     retry_at: float = 0.0      # the cloud refused this stream (BUSY): not before this time
     failure: str = ""          # code of the cloud's last failure for this stream
+    sampling: SamplingParams = SamplingParams()
 
     def pending(self) -> torch.Tensor:
         """Hidden states the cloud has not seen (only the tail segments are copied)."""
@@ -199,8 +205,10 @@ class LLMEdge:
                 and time.monotonic() >= self._down_until)
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 64,
-                       stop_at_eos: bool = True) -> AsyncIterator[TokenEvent]:
-        """Stream the greedy continuation of ``prompt`` token by token.
+                       stop_at_eos: bool = True, *,
+                       sampling: SamplingParams | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream the continuation of ``prompt`` token by token: greedy, or sampled under
+        ``sampling`` (seed None: a fresh one, kept in the record).
 
         Raises the typed cloud error (ending the stream) when the cloud fails and the edge
         cannot answer alone; :attr:`records` gets the stream's :class:`GenerationRecord`.
@@ -209,8 +217,8 @@ class LLMEdge:
         if not ids:
             raise ConfigError("empty prompt: pass text or at least one token id (BOS)")
         s = _Session(uuid.uuid4().hex[:16], self.part.new_cache(), list(ids),
-                     prompt_length=len(ids))
-        record, started = GenerationRecord(s.id), time.perf_counter()
+                     prompt_length=len(ids), sampling=(sampling or SamplingParams()).resolved())
+        record, started = GenerationRecord(s.id, seed=s.sampling.seed), time.perf_counter()
         detok = _Detokenizer(self.tokenizer, ids[-1])
         step_ids, ok = ids, False
         if self.metrics is not None:
@@ -257,12 +265,11 @@ class LLMEdge:
 
     async def _next_token(self, s: _Session, h_last: torch.Tensor):
         threshold = self.config.exit_threshold
-        probs = None
+        logits = None
         if self.has_exit and threshold is not None:   # the exit runs only when it may answer
-            probs = (await self._compute(self.part.exit_logits, h_last))[0].softmax(-1)
-            p, tok = probs.max(-1)
-            if float(p) >= threshold:
-                return int(tok), "exit", 0, 0, False
+            logits = (await self._compute(self.part.exit_logits, h_last))[0]
+            if float(logits.softmax(-1).max()) >= threshold:
+                return self._choose(s, logits), "exit", 0, 0, False
         failure: TetherError | None = None
         now = time.monotonic()
         if self.link is not None and now >= self._down_until and now >= s.retry_at:
@@ -273,9 +280,14 @@ class LLMEdge:
                 self._cloud_failed(s, exc)
         if not self.has_exit:
             raise self._no_local_answer(s, failure)
-        if probs is None:
-            probs = (await self._compute(self.part.exit_logits, h_last))[0]
-        return int(probs.argmax()), "local", 0, 0, False
+        if logits is None:
+            logits = (await self._compute(self.part.exit_logits, h_last))[0]
+        return self._choose(s, logits), "local", 0, 0, False
+
+    @staticmethod
+    def _choose(s: _Session, logits: torch.Tensor) -> int:
+        """The edge's token for position ``s.length``: the same draw the cloud would make."""
+        return choose_token(logits, s.sampling, s.length)[0]
 
     def _cloud_failed(self, s: _Session, exc: TetherError) -> None:
         """BUSY backs off this stream only; anything else the cloud for every stream."""
@@ -355,7 +367,10 @@ class LLMEdge:
                       split=self.split, codec=self.config.codec, position=s.cloud_length,
                       token_count=len(pending), codec_header=encoded.header,
                       deadline_s=timeout, payload=tuple(encoded.payload))
-        msg = P.Decode(**common) if s.cloud_length else P.Prefill(**common)
+        sampling = s.sampling
+        msg = P.Decode(**common) if s.cloud_length else P.Prefill(
+            **common, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, seed=sampling.seed)
         reply = await self.link.session(msg, timeout)     # request id: the link's
         if not reply.result.tensors:
             raise ProtocolError("expected a RESULT with the next token, got an empty one")
@@ -370,9 +385,10 @@ class LLMEdge:
         except TetherError:
             pass    # the cloud expires it anyway
 
-    async def generate_text(self, prompt: str, max_new_tokens: int = 64) -> tuple[str, list[TokenEvent]]:
+    async def generate_text(self, prompt: str, max_new_tokens: int = 64, *,
+                            sampling: SamplingParams | None = None) -> tuple[str, list[TokenEvent]]:
         """The whole continuation and its events (convenience for non-streaming callers)."""
-        events = [e async for e in self.generate(prompt, max_new_tokens)]
+        events = [e async for e in self.generate(prompt, max_new_tokens, sampling=sampling)]
         return "".join(e.text for e in events), events
 
 
@@ -456,7 +472,7 @@ async def stream_generation(edge: LLMEdge, msg: Any, send: Any, max_new_tokens: 
         prompt = bytes(memoryview(msg.payload[0])).decode("utf-8")
         limit = max(1, min(msg.token_count or 64, max_new_tokens))
         counts = dict.fromkeys(SOURCES, 0)
-        async for ev in edge.generate(prompt, limit):
+        async for ev in edge.generate(prompt, limit, sampling=msg.sampling):
             counts[ev.source] += 1
             frames = [P.tensor_frame(np.array([ev.token], dtype=np.int64)),
                       P.tensor_frame(np.frombuffer(ev.text.encode("utf-8"), dtype=np.uint8)),
@@ -478,7 +494,8 @@ class LLMEdgeServer:
     """The edge's local endpoint for LLM applications (``tether llm-edge``), a ZeroMQ ROUTER.
 
     Request: ``Prefill(request_id, session_id="", fingerprint="", split="", codec="text",
-    token_count=<max new tokens>, payload=(<UTF-8 prompt>,))``. Reply: one RESULT per token
+    token_count=<max new tokens>, payload=(<UTF-8 prompt>,))`` (its sampling fields set the
+    stream's sampling). Reply: one RESULT per token
     with tensors (token id int64 ``[1]``, new text uint8 ``[n]``, source uint8 ``[1]`` indexing
     :data:`SOURCES`), then a RESULT with one int64 ``[3]`` tensor (tokens per source) that
     ends the stream; ERROR on failure.

@@ -1,9 +1,12 @@
 """OpenAI-compatible request parsing and response shapes for the edge's HTTP front.
 
-Only what a split greedy LLM can honour: ``prompt``/``messages``, ``max_tokens`` (or
-``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``. Sampling parameters
-(``temperature``, ``top_p``, ...) are accepted and ignored: generation is greedy, exactly
-the whole model's argmax (documented in docs/runtime.md). Pure functions, no IO.
+What the split LLM honours: ``prompt``/``messages``, ``max_tokens`` (or
+``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``, and sampling: ``temperature``
+(0..2), ``top_p``, ``seed`` and vLLM's ``top_k`` extension (-1 or 0: off). Unlike OpenAI, an
+omitted ``temperature`` means greedy (exactly the whole model's argmax); a ``seed`` makes a
+sampled answer reproducible and equal to the whole model's under the same settings; a
+sampled answer tells its seed (``"tether": {"seed": ...}``, in the first chunk when
+streaming) so an unseeded one can be replayed (documented in docs/runtime.md). Pure functions, no IO.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.core.errors import ConfigError
+from tether.core.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 16        # OpenAI's default for /v1/completions
 
@@ -30,6 +34,7 @@ class CompletionRequest:
     stop: tuple[str, ...]
     chat: bool
     include_usage: bool = False
+    sampling: SamplingParams = SamplingParams()
 
 
 def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> CompletionRequest:
@@ -46,7 +51,7 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
             raise ConfigError("'prompt' must be a string (one prompt per request)")
     n = body.get("n", 1)
     if n != 1:
-        raise ConfigError(f"'n' must be 1 (greedy generation gives one answer), got {n!r}")
+        raise ConfigError(f"'n' must be 1 (one answer per request), got {n!r}")
     default = DEFAULT_MAX_TOKENS if not chat else cap
     limit = body.get("max_completion_tokens")
     if limit is None:
@@ -63,7 +68,24 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
     options = body.get("stream_options") or {}
     return CompletionRequest(str(body.get("model") or ""), prompt, min(limit, cap),
                              bool(body.get("stream", False)), stop, chat,
-                             bool(isinstance(options, dict) and options.get("include_usage")))
+                             bool(isinstance(options, dict) and options.get("include_usage")),
+                             parse_sampling(body))
+
+
+def parse_sampling(body: dict[str, Any]) -> SamplingParams:
+    """``temperature`` (0..2, omitted: greedy), ``top_p``, ``top_k`` and ``seed`` of a request."""
+    given = {key: body[key] for key in ("temperature", "top_k", "top_p", "seed")
+             if body.get(key) is not None}
+    temperature = given.get("temperature", 0.0)
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) \
+            and temperature > 2:
+        raise ConfigError(f"'temperature' must be in [0, 2], got {temperature!r}")
+    if given.get("top_k") == -1:            # vLLM's spelling of "off"
+        given["top_k"] = 0
+    try:
+        return SamplingParams(**given).resolved()   # unseeded: a fresh seed, told in the answer
+    except ConfigError as exc:
+        raise ConfigError(f"invalid sampling settings: {exc}") from exc
 
 
 def render_chat(messages: Any, tokenizer: Any) -> str:
@@ -130,8 +152,11 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             out = self._base("text_completion") | {"choices": [choice]}
-        if source is not None:
-            out["tether"] = {"source": source}
+        extra: dict[str, Any] = {"source": source} if source is not None else {}
+        if first and not self.req.sampling.greedy:
+            extra["seed"] = self.req.sampling.seed
+        if extra:
+            out["tether"] = extra
         return out
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
@@ -148,7 +173,10 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             out = self._base("text_completion")
-        return out | {"choices": [choice], "usage": usage, "tether": {"sources": sources}}
+        extra: dict[str, Any] = {"sources": sources}
+        if not self.req.sampling.greedy:
+            extra["seed"] = self.req.sampling.seed      # replays this answer
+        return out | {"choices": [choice], "usage": usage, "tether": extra}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -18,6 +18,9 @@ from tether.partitioner.llm.exits import (
 from tether.partitioner.llm.llama2c import (
     Llama2cTokenizer, StreamDecoder, load_llama2c, read_llama2c,
 )
+from tether.partitioner.llm.sampling import (
+    SamplingParams, choose_token, choose_tokens, generate_whole, sampling_probs, uniform,
+)
 from tether.partitioner.llm.split import (
     FAMILIES, CloudLM, EdgeLM, family_of, full_model, num_layers, parse_split, split_llm,
     split_name,
@@ -25,8 +28,9 @@ from tether.partitioner.llm.split import (
 
 __all__ = [
     "FAMILIES", "CloudLM", "EdgeLM", "ExitHead", "ExitPoint", "HFDirCheckpoint",
-    "LLMCheckpoint", "Llama2cCheckpoint", "Llama2cTokenizer",
-    "StateDictCheckpoint", "StreamDecoder", "calibrate_threshold", "encode_texts",
+    "LLMCheckpoint", "Llama2cCheckpoint", "Llama2cTokenizer", "SamplingParams",
+    "StateDictCheckpoint", "StreamDecoder", "calibrate_threshold", "choose_token",
+    "choose_tokens", "encode_texts", "generate_whole", "sampling_probs", "uniform",
     "exit_curve", "family_of", "load_exit_head", "new_exit_head", "save_exit_head",
     "train_exit_head", "full_model", "load_llama2c",
     "num_layers", "open_llm", "parse_split", "read_exit_meta", "read_llama2c", "split_llm", "split_loss",

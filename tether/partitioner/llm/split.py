@@ -17,6 +17,8 @@ GPT-NeoX / Pythia (``gpt_neox.layers``, ``gpt_neox.final_layer_norm``) and GPT-2
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,18 @@ def _layer_keys(fam: Family, first: int, count: int):
     return rename
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls: type) -> str:
+    """How ``cls.forward`` takes the KV cache: ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword arguments that hand ``cache`` to ``model`` (any transformers version)."""
+    return {_cache_keyword(type(model)): cache, "use_cache": cache is not None}
+
+
 def _build(cfg: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM
     try:
@@ -171,8 +185,7 @@ class EdgeLM(nn.Module):
         Appends to ``cache``; ``start`` must equal the tokens already in it.
         """
         pos = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0)
-        out = self.base(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None,
-                        position_ids=pos)
+        out = self.base(input_ids=input_ids, position_ids=pos, **with_cache(self.base, cache))
         return out.last_hidden_state
 
     @torch.no_grad()
@@ -218,9 +231,8 @@ class CloudLM(nn.Module):
                 position_ids: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
         """Logits (float32) for ``hidden`` ``[B, T, D]``; only the last position if ``last_only``."""
         dtype = next(self.lm_head.parameters()).dtype
-        out = self.base(inputs_embeds=hidden.to(dtype), past_key_values=cache,
-                        use_cache=cache is not None, attention_mask=attention_mask,
-                        position_ids=position_ids)
+        out = self.base(inputs_embeds=hidden.to(dtype), attention_mask=attention_mask,
+                        position_ids=position_ids, **with_cache(self.base, cache))
         h = out.last_hidden_state
         return self.lm_head(h[:, -1:] if last_only else h).float()
 
