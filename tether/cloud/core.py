@@ -185,7 +185,7 @@ class CloudCore:
     def handle(self, msg: Any, received: float | None = None, bytes_in: int = 0) -> asyncio.Future:
         """The reply to ``msg`` as a future (already done for everything but INFER/sessions)."""
         received = time.perf_counter() if received is None else received
-        if isinstance(msg, P.Infer):
+        if type(msg) is P.Infer:
             return self.submit(msg, received, bytes_in)
         if isinstance(msg, P.Hello):
             return _done(self.hello(msg))
@@ -302,14 +302,22 @@ class CloudCore:
             replies, batch = await self._compute(group, jobs)   # cancelled: close() answers
             del self._running[index]
             if batch is not None:
-                seconds = batch.tail_seconds + sum(getattr(r, "decode_s", 0.0) for r in replies)
-                done = sum(j.nbytes for j, r in zip(jobs, replies) if isinstance(r, P.Result))
-                group.costs.learn(seconds, done, time.perf_counter())
-                if self.metrics:
-                    self.metrics.observe_batch(batch)
+                self._learn(group, jobs, replies, batch)
             for job, reply in zip(jobs, replies):
                 self._finish(job, reply)
-            await asyncio.sleep(0)      # let the replies go out and IO run between batches
+            if self._queued:
+                await asyncio.sleep(0)  # let the replies go out and IO run between batches
+
+    def _learn(self, group: _Group, jobs: list[_Job], replies: list[Reply], batch: Any) -> None:
+        """Fold a computed batch into its group's cost model and the metrics."""
+        seconds, done = batch.tail_seconds, 0
+        for job, reply in zip(jobs, replies):
+            if type(reply) is P.Result:
+                seconds += reply.decode_s
+                done += job.nbytes
+        group.costs.learn(seconds, done, time.perf_counter())
+        if self.metrics:
+            self.metrics.observe_batch(batch)
 
     async def _compute(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], Any]:
         """Run one batch on the executor (threads here, or a Ray pool)."""
@@ -355,8 +363,11 @@ class CloudCore:
             if best is not None:
                 return best
             self._wakeup.clear()
+            if wake is None:
+                await self._wakeup.wait()
+                continue
             try:
-                await asyncio.wait_for(self._wakeup.wait(), None if wake is None else wake - now)
+                await asyncio.wait_for(self._wakeup.wait(), wake - now)
             except asyncio.TimeoutError:
                 pass
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any, Iterable
 
 import zmq
@@ -39,6 +40,10 @@ from tether.core.metrics import CloudMetrics
 log = logging.getLogger(__name__)
 # plain ints: pyzmq's enum flags cost an Enum construction per operation on the hot path
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+_NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
+#: received frames smaller than this are handed to the protocol as bytes (its fast path);
+#: larger ones stay zero-copy views of the zmq frame
+_COPY_BELOW = P.ZERO_COPY_BYTES
 
 
 class CloudServer:
@@ -186,7 +191,8 @@ class CloudServer:
                     log.warning("receive failed: %s", exc)
                 return
             try:
-                self._on_message(frames[0].bytes, frames[1:], time.perf_counter())
+                self._on_message(frames[0].bytes, [f.bytes if len(f) < _COPY_BELOW else f.buffer
+                                                   for f in frames[1:]], time.perf_counter())
             except Exception:  # noqa: BLE001 - one bad message must not stop the service
                 log.exception("failed to handle a message")
                 self._send(frames[0].bytes, P.Error(P.peek_request_id(frames[1:]), "internal",
@@ -199,7 +205,7 @@ class CloudServer:
             self._loop.call_soon(self._on_readable)
 
     def _on_message(self, peer: bytes, frames: list[Any], received: float) -> None:
-        size = sum(len(f) for f in frames)
+        size = sum(map(len, frames))
         self._touch(peer, received)
         if self.metrics:
             self.metrics.observe_bytes(received=size)
@@ -217,7 +223,10 @@ class CloudServer:
         if future.done():
             self._send(peer, future.result())
         else:
-            future.add_done_callback(lambda f: self._send(peer, f.result()))
+            future.add_done_callback(partial(self._reply, peer))
+
+    def _reply(self, peer: bytes, future: asyncio.Future) -> None:
+        self._send(peer, future.result())
 
     def _touch(self, peer: bytes, now: float) -> None:
         """Track edges heard from in the last minute (identities change on reconnect)."""
@@ -234,8 +243,11 @@ class CloudServer:
             self.dropped_replies += 1
             return
         frames = P.encode(reply)
-        try:
-            sock.send_multipart([peer, *frames], flags=_NOBLOCK, copy=False)
+        try:       # frame by frame with int flags: send_multipart builds an Enum per frame
+            sock.send(peer, _NOBLOCK_MORE)
+            for frame in frames[:-1]:
+                sock.send(frame, _NOBLOCK_MORE, copy=False)
+            sock.send(frames[-1], _NOBLOCK, copy=False)
         except zmq.ZMQError as exc:     # EHOSTUNREACH: the edge left; EAGAIN: it stopped reading
             self.dropped_replies += 1
             log.debug("reply to %r dropped: %s", peer, exc)
