@@ -229,7 +229,8 @@ class CloudCore:
         nbytes = P.wire_size(msg.payload)
         deadline = None
         if msg.deadline_s is not None:
-            estimate = self._estimate(group, nbytes)
+            estimate = self._estimate(group, nbytes) if self._may_miss(group, msg.deadline_s) \
+                else 0.0
             if msg.deadline_s <= estimate:
                 return self._reject(msg, P.Busy(msg.request_id, "deadline", self._queued,
                                                 estimate), bytes_in)
@@ -264,6 +265,11 @@ class CloudCore:
                        for g in self._groups.values() if g.jobs)
         return completion_estimate([r.until for r in self._running.values()], queued_s, own_s,
                                    self.compute.parallelism, now)
+
+    def _may_miss(self, group: _Group, deadline_s: float) -> bool:
+        """False when ``deadline_s`` surely exceeds the estimate: on an idle cloud the estimate
+        is the request's own cost, which never exceeds its group's batch time."""
+        return bool(self._queued or self._running) or deadline_s <= group.costs.batch_s
 
     def _estimate(self, group: _Group, nbytes: int) -> float:
         """Seconds until a request of ``nbytes`` admitted now would be answered (0: unknown).

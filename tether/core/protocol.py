@@ -113,7 +113,9 @@ class TensorDesc(TensorSpec):
         if math.prod(shape) > limits.max_elements:
             raise ProtocolError(f"{where}: {math.prod(shape)} elements exceed the limit "
                                 f"{limits.max_elements}")
-        return cls(tuple(shape), dtype)
+        desc = object.__new__(cls)          # validated above: what __post_init__ would check
+        desc.__dict__.update(shape=tuple(shape), dtype=dtype)
+        return desc
 
 
 @dataclass(frozen=True)
