@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # plain ints: pyzmq's enum flags cost an Enum construction per operation on the hot path
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 _NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
+_get_option = zmq.backend.Socket.get     # returns a plain int (the sugar wraps EVENTS in an Enum)
 #: received frames smaller than this are handed to the protocol as bytes (its fast path);
 #: larger ones stay zero-copy views of the zmq frame
 _COPY_BELOW = P.ZERO_COPY_BYTES
@@ -183,9 +184,9 @@ class CloudServer:
             return
         for _ in range(256):
             try:
-                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                if not _get_option(sock, _EVENTS) & _POLLIN:
                     return
-                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+                frames = _recv_frames(sock)
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EAGAIN:
                     log.warning("receive failed: %s", exc)
@@ -255,6 +256,15 @@ class CloudServer:
             if self.metrics:
                 self.metrics.observe_bytes(sent=P.wire_size(frames))
         self._schedule_drain()      # a send can consume the edge-triggered FD's read event
+
+
+def _recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
+    """One multipart message, zero-copy frames (``recv_multipart`` without its per-frame
+    Enum flags and RCVMORE queries: a frame knows whether more follow)."""
+    frames = [sock.recv(_NOBLOCK, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(_NOBLOCK, copy=False))
+    return frames
 
 
 async def serve(config: CloudConfig, bundles: list[ServedBundle], metrics: CloudMetrics,
