@@ -23,7 +23,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Iterable, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 import torch
 
@@ -63,6 +63,7 @@ class _Job:
     bytes_in: int
     nbytes: int = 0                       # payload bytes (the cost model's unit)
     answered: bool = False
+    on_reply: Callable[[Reply], None] | None = None   # called with the reply, on the loop
 
 
 @dataclass
@@ -182,11 +183,15 @@ class CloudCore:
 
     # ---- messages -------------------------------------------------------------------------
 
-    def handle(self, msg: Any, received: float | None = None, bytes_in: int = 0) -> asyncio.Future:
-        """The reply to ``msg`` as a future (already done for everything but INFER/sessions)."""
+    def handle(self, msg: Any, received: float | None = None, bytes_in: int = 0,
+               on_reply: Callable[[Reply], None] | None = None) -> asyncio.Future:
+        """The reply to ``msg`` as a future (already done for everything but INFER/sessions).
+
+        ``on_reply``: an admitted INFER's reply is also passed to it the moment it is ready
+        (a socket server sends from there, a loop turn earlier than a done-callback)."""
         received = time.perf_counter() if received is None else received
         if type(msg) is P.Infer:
-            return self.submit(msg, received, bytes_in)
+            return self.submit(msg, received, bytes_in, on_reply)
         if isinstance(msg, P.Hello):
             return _done(self.hello(msg))
         if isinstance(msg, P.Ping):
@@ -211,7 +216,8 @@ class CloudCore:
                            "same bundle (same weights fingerprint) on edge and cloud")
         return P.Ready(msg.request_id, self.server_id, served_info, self.config.max_message_bytes)
 
-    def submit(self, msg: P.Infer, received: float, bytes_in: int = 0) -> asyncio.Future:
+    def submit(self, msg: P.Infer, received: float, bytes_in: int = 0,
+               on_reply: Callable[[Reply], None] | None = None) -> asyncio.Future:
         """Admit one INFER: its future resolves to RESULT, BUSY or ERROR."""
         try:
             group = self._group_for(msg)
@@ -236,7 +242,7 @@ class CloudCore:
                                                 estimate), bytes_in)
             deadline = received + msg.deadline_s
         job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in,
-                   nbytes)
+                   nbytes, on_reply=on_reply)
         group.jobs.append(job)
         group.queued_bytes += nbytes
         self._queued += 1
@@ -456,6 +462,8 @@ class CloudCore:
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
+        if job.on_reply is not None:     # last: the books are closed when the reply leaves
+            job.on_reply(reply)
 
     def _record(self, msg: P.Infer, reply: Reply, bytes_in: int) -> None:
         if self.metrics is None:

@@ -220,10 +220,12 @@ class CloudServer:
         if self._stopping and isinstance(msg, (P.Infer, P.Prefill, P.Decode)):
             self._send(peer, P.Busy(msg.request_id, "draining", self.core.queue_depth))
             return
-        future = self.core.handle(msg, received, size)
+        # an admitted INFER is answered through the hook, a refused one at once
+        on_reply = partial(self._send, peer) if type(msg) is P.Infer else None
+        future = self.core.handle(msg, received, size, on_reply)
         if future.done():
             self._send(peer, future.result())
-        else:
+        elif on_reply is None:
             future.add_done_callback(partial(self._reply, peer))
 
     def _reply(self, peer: bytes, future: asyncio.Future) -> None:
@@ -255,7 +257,9 @@ class CloudServer:
         else:
             if self.metrics:
                 self.metrics.observe_bytes(sent=P.wire_size(frames))
-        self._schedule_drain()      # a send can consume the edge-triggered FD's read event
+        # a send can consume the edge-triggered FD's read event: look now, drain if readable
+        if not self._drain_scheduled and _get_option(sock, _EVENTS) & _POLLIN:
+            self._schedule_drain()
 
 
 def _recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
