@@ -49,3 +49,23 @@ def test_result_tensor_descriptors_are_strict():
         with pytest.raises(ProtocolError):
             P.decode(_frames(result, tensors=[bad]))
     assert P.decode(_frames(result)).tensors[0].shape == (1, 2)    # the untouched one decodes
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_floats_are_refused_on_the_fast_path(value):
+    with pytest.raises(ProtocolError, match="deadline_s"):
+        P.decode(_frames(INFER, deadline_s=value))
+
+
+def test_fast_path_keeps_conversions_defaults_and_equality():
+    assert P.decode(_frames(INFER, deadline_s=2)).deadline_s == 2.0          # int -> float
+    assert type(P.decode(_frames(INFER, deadline_s=2)).deadline_s) is float
+    assert P.decode(_frames(INFER, deadline_s=None)).deadline_s is None      # optional
+    assert P.decode(P.encode(INFER)) == P.Infer(*INFER.__dict__.values())   # same message
+    bare = P.Prefill(1, "s", "f" * 64, "layer1", "fp16")
+    one, two = P.decode(P.encode(bare)), P.decode(P.encode(bare))
+    assert one.codec_header == {} and one.codec_header is not two.codec_header   # fresh default
+    with pytest.raises(ProtocolError, match="lacks required field 'split'"):
+        header = msgpack.unpackb(P.encode(INFER)[1], raw=False)
+        del header["split"]
+        P.decode([P.encode(INFER)[0], msgpack.packb(header), *P.encode(INFER)[2:]])

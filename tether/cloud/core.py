@@ -27,7 +27,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -57,6 +57,7 @@ class _Job:
     bytes_in: int
     nbytes: int = 0                       # payload bytes (the cost model's unit)
     answered: bool = False
+    on_reply: Callable[[Reply], None] | None = None   # called with the reply, on the loop
 
 
 @dataclass
@@ -183,11 +184,15 @@ class CloudCore:
 
     # ---- messages -------------------------------------------------------------------------
 
-    def handle(self, msg: Any, received: float | None = None, bytes_in: int = 0) -> asyncio.Future:
-        """The reply to ``msg`` as a future (already done for everything but INFER/sessions)."""
+    def handle(self, msg: Any, received: float | None = None, bytes_in: int = 0,
+               on_reply: Callable[[Reply], None] | None = None) -> asyncio.Future:
+        """The reply to ``msg`` as a future (already done for everything but INFER/sessions).
+
+        ``on_reply``: an admitted INFER's reply is also passed to it the moment it is ready
+        (a socket server sends from there, a loop turn earlier than a done-callback)."""
         received = time.perf_counter() if received is None else received
-        if isinstance(msg, P.Infer):
-            return self.submit(msg, received, bytes_in)
+        if type(msg) is P.Infer:
+            return self.submit(msg, received, bytes_in, on_reply)
         if isinstance(msg, P.Hello):
             return _done(self.hello(msg))
         if isinstance(msg, P.Ping):
@@ -212,7 +217,8 @@ class CloudCore:
                            "same bundle (same weights fingerprint) on edge and cloud")
         return P.Ready(msg.request_id, self.server_id, served_info, self.config.max_message_bytes)
 
-    def submit(self, msg: P.Infer, received: float, bytes_in: int = 0) -> asyncio.Future:
+    def submit(self, msg: P.Infer, received: float, bytes_in: int = 0,
+               on_reply: Callable[[Reply], None] | None = None) -> asyncio.Future:
         """Admit one INFER: its future resolves to RESULT, BUSY or ERROR."""
         try:
             group = self._group_for(msg)
@@ -230,13 +236,14 @@ class CloudCore:
         nbytes = P.wire_size(msg.payload)
         deadline = None
         if msg.deadline_s is not None:
-            estimate = self._estimate(group, nbytes)
+            estimate = self._estimate(group, nbytes) if self._may_miss(group, msg.deadline_s) \
+                else 0.0
             if msg.deadline_s <= estimate:
                 return self._reject(msg, P.Busy(msg.request_id, "deadline", self._queued,
                                                 estimate), bytes_in)
             deadline = received + msg.deadline_s
         job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in,
-                   nbytes)
+                   nbytes, on_reply=on_reply)
         group.jobs.append(job)
         group.queued_bytes += nbytes
         self._queued += 1
@@ -265,6 +272,11 @@ class CloudCore:
                        for g in self._groups.values() if g.jobs)
         return completion_estimate([r.until for r in self._running.values()], queued_s, own_s,
                                    self.compute.parallelism, now)
+
+    def _may_miss(self, group: _Group, deadline_s: float) -> bool:
+        """False when ``deadline_s`` surely exceeds the estimate: on an idle cloud the estimate
+        is the request's own cost, which never exceeds its group's batch time."""
+        return bool(self._queued or self._running) or deadline_s <= group.costs.batch_s
 
     def _estimate(self, group: _Group, nbytes: int) -> float:
         """Seconds until a request of ``nbytes`` admitted now would be answered (0: unknown).
@@ -303,14 +315,22 @@ class CloudCore:
             replies, batch = await self._compute(group, jobs)   # cancelled: close() answers
             del self._running[index]
             if batch is not None:
-                seconds = batch.tail_seconds + sum(getattr(r, "decode_s", 0.0) for r in replies)
-                done = sum(j.nbytes for j, r in zip(jobs, replies) if isinstance(r, P.Result))
-                group.costs.learn(seconds, done, time.perf_counter())
-                if self.metrics:
-                    self.metrics.observe_batch(batch)
+                self._learn(group, jobs, replies, batch)
             for job, reply in zip(jobs, replies):
                 self._finish(job, reply)
-            await asyncio.sleep(0)      # let the replies go out and IO run between batches
+            if self._queued:
+                await asyncio.sleep(0)  # let the replies go out and IO run between batches
+
+    def _learn(self, group: _Group, jobs: list[_Job], replies: list[Reply], batch: Any) -> None:
+        """Fold a computed batch into its group's cost model and the metrics."""
+        seconds, done = batch.tail_seconds, 0
+        for job, reply in zip(jobs, replies):
+            if type(reply) is P.Result:
+                seconds += reply.decode_s
+                done += job.nbytes
+        group.costs.learn(seconds, done, time.perf_counter())
+        if self.metrics:
+            self.metrics.observe_batch(batch)
 
     async def _compute(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], Any]:
         """Run one batch on the executor (threads here, or a Ray pool)."""
@@ -356,8 +376,11 @@ class CloudCore:
             if best is not None:
                 return best
             self._wakeup.clear()
+            if wake is None:
+                await self._wakeup.wait()
+                continue
             try:
-                await asyncio.wait_for(self._wakeup.wait(), None if wake is None else wake - now)
+                await asyncio.wait_for(self._wakeup.wait(), wake - now)
             except asyncio.TimeoutError:
                 pass
 
@@ -440,6 +463,8 @@ class CloudCore:
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
+        if job.on_reply is not None:     # last: the books are closed when the reply leaves
+            job.on_reply(reply)
 
     def _record(self, msg: P.Infer, reply: Reply, bytes_in: int) -> None:
         if self.metrics is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any, Iterable
 
 import zmq
@@ -40,6 +41,11 @@ from tether.core.metrics import CloudMetrics
 log = logging.getLogger(__name__)
 # plain ints: pyzmq's enum flags cost an Enum construction per operation on the hot path
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+_NOBLOCK_MORE = _NOBLOCK | int(zmq.SNDMORE)
+_get_option = zmq.backend.Socket.get     # returns a plain int (the sugar wraps EVENTS in an Enum)
+#: received frames smaller than this are handed to the protocol as bytes (its fast path);
+#: larger ones stay zero-copy views of the zmq frame
+_COPY_BELOW = P.ZERO_COPY_BYTES
 
 
 class CloudServer:
@@ -178,15 +184,16 @@ class CloudServer:
             return
         for _ in range(256):
             try:
-                if not sock.getsockopt(_EVENTS) & _POLLIN:
+                if not _get_option(sock, _EVENTS) & _POLLIN:
                     return
-                frames = sock.recv_multipart(_NOBLOCK, copy=False)
+                frames = _recv_frames(sock)
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EAGAIN:
                     log.warning("receive failed: %s", exc)
                 return
             try:
-                self._on_message(frames[0].bytes, frames[1:], time.perf_counter())
+                self._on_message(frames[0].bytes, [f.bytes if len(f) < _COPY_BELOW else f.buffer
+                                                   for f in frames[1:]], time.perf_counter())
             except Exception:  # noqa: BLE001 - one bad message must not stop the service
                 log.exception("failed to handle a message")
                 self._send(frames[0].bytes, P.Error(P.peek_request_id(frames[1:]), "internal",
@@ -199,7 +206,7 @@ class CloudServer:
             self._loop.call_soon(self._on_readable)
 
     def _on_message(self, peer: bytes, frames: list[Any], received: float) -> None:
-        size = sum(len(f) for f in frames)
+        size = sum(map(len, frames))
         self._touch(peer, received)
         if self.metrics:
             self.metrics.observe_bytes(received=size)
@@ -213,11 +220,16 @@ class CloudServer:
         if self._stopping and isinstance(msg, (P.Infer, P.Prefill, P.Decode)):
             self._send(peer, P.Busy(msg.request_id, "draining", self.core.queue_depth))
             return
-        future = self.core.handle(msg, received, size)
+        # an admitted INFER is answered through the hook, a refused one at once
+        on_reply = partial(self._send, peer) if type(msg) is P.Infer else None
+        future = self.core.handle(msg, received, size, on_reply)
         if future.done():
             self._send(peer, future.result())
-        else:
-            future.add_done_callback(lambda f: self._send(peer, f.result()))
+        elif on_reply is None:
+            future.add_done_callback(partial(self._reply, peer))
+
+    def _reply(self, peer: bytes, future: asyncio.Future) -> None:
+        self._send(peer, future.result())
 
     def _touch(self, peer: bytes, now: float) -> None:
         """Track edges heard from in the last minute (identities change on reconnect)."""
@@ -234,15 +246,29 @@ class CloudServer:
             self.dropped_replies += 1
             return
         frames = P.encode(reply)
-        try:
-            sock.send_multipart([peer, *frames], flags=_NOBLOCK, copy=False)
+        try:       # frame by frame with int flags: send_multipart builds an Enum per frame
+            sock.send(peer, _NOBLOCK_MORE)
+            for frame in frames[:-1]:
+                sock.send(frame, _NOBLOCK_MORE, copy=False)
+            sock.send(frames[-1], _NOBLOCK, copy=False)
         except zmq.ZMQError as exc:     # EHOSTUNREACH: the edge left; EAGAIN: it stopped reading
             self.dropped_replies += 1
             log.debug("reply to %r dropped: %s", peer, exc)
         else:
             if self.metrics:
                 self.metrics.observe_bytes(sent=P.wire_size(frames))
-        self._schedule_drain()      # a send can consume the edge-triggered FD's read event
+        # a send can consume the edge-triggered FD's read event: look now, drain if readable
+        if not self._drain_scheduled and _get_option(sock, _EVENTS) & _POLLIN:
+            self._schedule_drain()
+
+
+def _recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
+    """One multipart message, zero-copy frames (``recv_multipart`` without its per-frame
+    Enum flags and RCVMORE queries: a frame knows whether more follow)."""
+    frames = [sock.recv(_NOBLOCK, copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(_NOBLOCK, copy=False))
+    return frames
 
 
 async def serve(config: CloudConfig, bundles: list[ServedBundle], metrics: CloudMetrics,

@@ -13,6 +13,11 @@ these classes (the cloud: :class:`CloudRequestStats` / :class:`BatchStats`; the 
 Labels stay bounded: model, split and codec come from the served bundles, outcome/reason/
 source from fixed sets. ``*_created`` series are disabled (they double every counter's
 series and dashboards never use them).
+
+Per-request records are queued (one list append on the request's path) and applied to
+the Prometheus series in bulk when the registry is collected (a scrape, ``render``,
+``get_sample_value``) or every :data:`FLUSH_EVERY` records: the series read the same, the
+request path pays a fraction of the lock-and-bucket work.
 """
 
 from __future__ import annotations
@@ -33,6 +38,43 @@ SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+#: Queued records are applied at the latest after this many (bounded memory).
+FLUSH_EVERY = 1024
+
+
+class _Deferred:
+    """Records queued on the request path, applied to the series by :meth:`flush`, which a
+    collector registered ahead of the series runs on every collection of the registry."""
+
+    def _defer_to(self, registry: CollectorRegistry) -> None:
+        self._pending: list[tuple[Callable[[Any], None], Any]] = []
+        registry.register(_FlushFirst(self.flush))
+
+    def _queue(self, apply: Callable[[Any], None], record: Any) -> None:
+        pending = self._pending
+        pending.append((apply, record))
+        if len(pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply every queued record now (thread-safe: each caller takes its own list)."""
+        pending, self._pending = self._pending, []
+        for apply, record in pending:
+            apply(record)
+
+
+class _FlushFirst:
+    """A collector without series: collecting it applies the queued records."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        self._flush()
+        return []
 
 
 @dataclass(frozen=True)
@@ -71,11 +113,12 @@ class BatchStats:
     tail_seconds: float
 
 
-class CloudMetrics:
+class CloudMetrics(_Deferred):
     """The ``tether_cloud_*`` metrics."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._defer_to(registry)          # first: a collection flushes before reading series
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         labels = ("model", "split", "codec")
         self.requests = Counter("tether_cloud_requests_total", "Requests by outcome (ok, busy, error)",
@@ -171,6 +214,9 @@ class CloudMetrics:
         self.inflight.set_function(inflight)
 
     def observe_request(self, s: CloudRequestStats) -> None:
+        self._queue(self._apply_request, s)
+
+    def _apply_request(self, s: CloudRequestStats) -> None:
         self._child(self.requests, s.model, s.split, s.codec, s.outcome).inc()
         if s.outcome == "busy":
             self._child(self.busy, s.reason or "queue_full").inc()
@@ -183,6 +229,9 @@ class CloudMetrics:
             self._child(self.decode_seconds, s.model, s.split, s.codec).observe(s.decode_seconds)
 
     def observe_batch(self, b: BatchStats) -> None:
+        self._queue(self._apply_batch, b)
+
+    def _apply_batch(self, b: BatchStats) -> None:
         self._child(self.batch_size, b.model, b.split).observe(b.size)
         self._child(self.tail_seconds, b.model, b.split).observe(b.tail_seconds)
 
@@ -195,19 +244,24 @@ class CloudMetrics:
         return child
 
     def observe_bytes(self, received: int = 0, sent: int = 0) -> None:
+        self._queue(self._apply_bytes, (received, sent))
+
+    def _apply_bytes(self, sizes: tuple[int, int]) -> None:
+        received, sent = sizes
         if received:
             self.bytes_in.inc(received)
         if sent:
             self.bytes_out.inc(sent)
 
 
-class EdgeMetrics:
+class EdgeMetrics(_Deferred):
     """The ``tether_edge_*`` metrics, fed with the edge's :class:`RequestRecord` per request."""
 
     STAGES = ("head", "encode", "network", "cloud_queue", "cloud_decode", "tail", "local", "total")
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._defer_to(registry)          # first: a collection flushes before reading series
         self.requests = Counter("tether_edge_requests_total", "Requests by action kind and outcome",
                                 ("action", "outcome"), registry=registry)
         self.fallbacks = Counter("tether_edge_fallbacks_total", "Local fallbacks by reason",
@@ -268,6 +322,9 @@ class EdgeMetrics:
 
     def observe(self, r: RequestRecord) -> None:
         """Record one finished request."""
+        self._queue(self._apply, r)
+
+    def _apply(self, r: RequestRecord) -> None:
         kind, split, codec = _action_labels(r.action)
         self.requests.labels(kind, r.outcome).inc()
         self.actions.labels(kind, split, codec).inc()

@@ -116,7 +116,9 @@ class TensorDesc(TensorSpec):
         if math.prod(shape) > limits.max_elements:
             raise ProtocolError(f"{where}: {math.prod(shape)} elements exceed the limit "
                                 f"{limits.max_elements}")
-        return cls(tuple(shape), dtype)
+        desc = object.__new__(cls)          # validated above: what __post_init__ would check
+        desc.__dict__.update(shape=tuple(shape), dtype=dtype)
+        return desc
 
 
 @dataclass(frozen=True)
@@ -310,18 +312,40 @@ MESSAGE_CLASSES: dict[MsgType, type] = {
 _FRAME0 = {t: bytes([int(t)]) for t in MsgType}
 _BY_BYTE = {int(t): t for t in MsgType}
 _HEADER_KEY = {"request_id": "id"}
+_MISSING = object()
+# How a header field is checked on the fast path (anything else goes to its full checker):
+_STR, _INT, _FLOAT, _MAP, _OTHER = range(5)
+_KINDS = {str: _STR, int: _INT, float: _FLOAT, dict: _MAP}
+_INT_MIN, _INT_END = -(1 << 63), 1 << 64
 
 
-def _field_specs(cls: type) -> tuple[tuple[str, str, Any, bool], ...]:
-    """(attribute, header key, checker, required) per header field of a message class."""
+class _Field(typing.NamedTuple):
+    """One header field of a message class, as :func:`encode` and :func:`decode` see it."""
+
+    name: str           # attribute
+    key: str            # header key
+    kind: int           # _STR/_INT/_FLOAT/_MAP: checked inline; _OTHER: always by ``check``
+    nullable: bool      # None allowed
+    required: bool
+    check: Any          # full validator (value, limits) -> value; raises ProtocolError
+
+
+def _field_specs(cls: type) -> tuple[_Field, ...]:
+    """The header fields of a message class (every field but ``payload`` and ``tensors``)."""
     hints = typing.get_type_hints(cls)
     specs = []
     for f in fields(cls):
         if f.name in ("payload", "tensors"):
             continue
         key = _HEADER_KEY.get(f.name, f.name)
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        nullable = type(None) in args
+        inner = next(a for a in args if a is not type(None)) if nullable else tp
+        kind = _KINDS.get(typing.get_origin(inner) or inner, _OTHER)
         required = f.default is MISSING and f.default_factory is MISSING
-        specs.append((f.name, key, _checker(hints[f.name], f"{cls.TYPE.name}.{key}"), required))
+        specs.append(_Field(f.name, key, kind, nullable, required,
+                            _checker(tp, f"{cls.TYPE.name}.{key}")))
     return tuple(specs)
 
 
@@ -331,14 +355,15 @@ def encode(msg: Message) -> list[Buffer]:
     """Frames of ``msg``: type byte, msgpack header, payload (untouched, zero-copy)."""
     mtype = msg.TYPE
     header: dict[str, Any] = {"v": PROTOCOL_VERSION}
-    for name, key, _tp, _req in _SPECS[mtype]:
-        header[key] = _to_wire(getattr(msg, name))
-    payload: tuple[Buffer, ...] = getattr(msg, "payload", ()) if _HAS_PAYLOAD[mtype] else ()
+    for name, key, convert in _ENCODE[mtype]:
+        value = getattr(msg, name)
+        header[key] = _to_wire(value) if convert else value
+    payload: tuple[Buffer, ...] = msg.payload if _HAS_PAYLOAD[mtype] else ()
     if payload:
-        header["sizes"] = [_nbytes(b) for b in payload]
+        header["sizes"] = [len(b) if type(b) is bytes else _nbytes(b) for b in payload]
     if _HAS_TENSORS[mtype] and msg.tensors:
         header["tensors"] = [t.to_wire() for t in msg.tensors]
-    return [_FRAME0[mtype], msgpack.packb(header, use_bin_type=True), *payload]
+    return [_FRAME0[mtype], _packb(header, use_bin_type=True), *payload]
 
 
 def _to_wire(value: Any) -> Any:
@@ -355,7 +380,7 @@ def _nbytes(buf: Any) -> int:
 
 def wire_size(frames: list[Any]) -> int:
     """Total bytes of ``frames`` (what the socket carries, before ZMTP framing)."""
-    return sum(_nbytes(_as_view(f)) for f in frames)
+    return sum(len(f) if type(f) is bytes else _nbytes(_as_view(f)) for f in frames)
 
 
 # --- decode --------------------------------------------------------------------------------
@@ -371,31 +396,64 @@ def decode(frames: list[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
 
 
 def _decode(frames: list[Any], limits: Limits) -> Message:
-    if not isinstance(frames, (list, tuple)) or not 2 <= len(frames) <= limits.max_frames:
+    if type(frames) not in (list, tuple) or not 2 <= len(frames) <= limits.max_frames:
         n = len(frames) if isinstance(frames, (list, tuple)) else "?"
         raise ProtocolError(f"expected 2..{limits.max_frames} frames, got {n}")
-    views = [_as_view(f) for f in frames]
-    total = sum(v.nbytes for v in views)
+    views = [f if type(f) is bytes else _as_view(f) for f in frames]   # len() = bytes
+    total = sum(map(len, views))
     if total > limits.max_message_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds max_message_bytes="
                             f"{limits.max_message_bytes}")
-    if views[0].nbytes != 1 or views[0][0] not in _BY_BYTE:
-        raise ProtocolError(f"frame 0 must be one message-type byte, got {bytes(views[0][:8])!r}")
-    mtype = _BY_BYTE[views[0][0]]
+    kind = views[0]
+    mtype = _BY_BYTE.get(kind[0]) if len(kind) == 1 else None
+    if mtype is None:
+        raise ProtocolError(f"frame 0 must be one message-type byte, got {bytes(kind[:8])!r}")
     header = _unpack_header(views[1], limits)
-    payload = tuple(views[2:])
+    payload = tuple(v if type(v) is memoryview else memoryview(v) for v in views[2:])
     _check_sizes(mtype, header, payload)
-    kwargs = {}
-    for name, key, check, required in _SPECS[mtype]:
-        if key in header:
-            kwargs[name] = check(header[key], limits)
-        elif required:
-            raise ProtocolError(f"{mtype.name} header lacks required field {key!r}")
+    values = _header_fields(mtype, header, limits)
     if _HAS_PAYLOAD[mtype]:
-        kwargs["payload"] = payload
+        values["payload"] = payload
     if _HAS_TENSORS[mtype]:
-        kwargs["tensors"] = _tensors(header, payload, limits)
-    return MESSAGE_CLASSES[mtype](**kwargs)
+        values["tensors"] = _tensors(header, payload, limits)
+    return _build(mtype, values)
+
+
+def _header_fields(mtype: MsgType, header: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Validated attribute values from ``header``: exact types pass inline, the rest (ints
+    for floats, nested structures, anything wrong) through the field's full checker."""
+    values: dict[str, Any] = {}
+    for name, key, kind, nullable, required, check in _SPECS[mtype]:
+        v = header.get(key, _MISSING)
+        if v is _MISSING:
+            if required:
+                raise ProtocolError(f"{mtype.name} header lacks required field {key!r}")
+            continue
+        t = type(v)
+        if not ((t is str and kind == _STR) or (t is float and kind == _FLOAT and v - v == 0.0)
+                or (t is int and kind == _INT and _INT_MIN <= v < _INT_END)
+                or (t is dict and kind == _MAP) or (v is None and nullable)):
+            v = check(v, limits)
+        values[name] = v
+    return values
+
+
+def _build(mtype: MsgType, values: dict[str, Any]) -> Message:
+    """The message object from validated values. Classes without ``__post_init__`` are
+    filled directly (their ``__init__`` would only re-assign what was just validated)."""
+    cls = MESSAGE_CLASSES[mtype]
+    fill = _DIRECT[mtype]
+    if fill is None:
+        return cls(**values)
+    defaults, factories = fill
+    msg = object.__new__(cls)
+    state = msg.__dict__
+    state.update(defaults)
+    for name, factory in factories:
+        if name not in values:
+            state[name] = factory()
+    state.update(values)
+    return msg
 
 
 def peek_request_id(frames: list[Any]) -> int:
@@ -421,15 +479,15 @@ def _as_view(frame: Any) -> memoryview:
     raise ProtocolError(f"frame of type {type(frame).__name__} is not bytes-like")
 
 
-def _unpack_header(view: memoryview, limits: Limits) -> dict[str, Any]:
-    if view.nbytes > limits.max_header_bytes:
-        raise ProtocolError(f"header of {view.nbytes} bytes exceeds {limits.max_header_bytes}")
-    try:
-        header = msgpack.unpackb(view, raw=False, strict_map_key=True, use_list=True,
-                                 ext_hook=_no_ext)
+def _unpack_header(view: Buffer, limits: Limits) -> dict[str, Any]:
+    if len(view) > limits.max_header_bytes:
+        raise ProtocolError(f"header of {len(view)} bytes exceeds {limits.max_header_bytes}")
+    try:            # from bytes: msgpack reads a memoryview about twice as slowly
+        header = _unpackb(view if type(view) is bytes else bytes(view), raw=False,
+                          strict_map_key=True, use_list=True, ext_hook=_no_ext)
     except Exception as exc:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError("header must be a msgpack map")
     version = header.get("v")
     if type(version) is not int:            # strict: a bool or 1.0 is not a version
@@ -445,8 +503,8 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def _check_sizes(mtype: MsgType, header: dict[str, Any], payload: tuple[memoryview, ...]) -> None:
-    sizes = header.get("sizes", [])
-    if not isinstance(sizes, list) or not all(type(s) is int for s in sizes):
+    sizes = header.get("sizes", _NO_SIZES)
+    if type(sizes) is not list or not all(type(s) is int for s in sizes):
         raise ProtocolError("header 'sizes' must be a list of ints")
     if payload and not _HAS_PAYLOAD[mtype]:
         raise ProtocolError(f"{mtype.name} carries no payload, got {len(payload)} extra frames")
@@ -457,10 +515,13 @@ def _check_sizes(mtype: MsgType, header: dict[str, Any], payload: tuple[memoryvi
             raise ProtocolError(f"payload frame {i}: declared {declared} bytes, got {view.nbytes}")
 
 
+_NO_SIZES: list[int] = []
+
+
 def _tensors(header: dict[str, Any], payload: tuple[memoryview, ...],
              limits: Limits) -> tuple[TensorDesc, ...]:
-    raw = header.get("tensors", [])
-    if not isinstance(raw, list) or len(raw) > len(payload):
+    raw = header.get("tensors", _NO_SIZES)
+    if type(raw) is not list or len(raw) > len(payload):
         raise ProtocolError("header 'tensors' must be a list with one payload frame per tensor")
     descs = tuple(TensorDesc.from_wire(d, limits, f"tensor {i}") for i, d in enumerate(raw))
     for i, (desc, view) in enumerate(zip(descs, payload)):
@@ -559,7 +620,21 @@ def result_for(request_id: int, tensor: Any, queue_s: float = 0.0, decode_s: flo
     return Result(request_id, (desc,), (view,), queue_s, decode_s, tail_s, batch_size)
 
 
+def _direct_fill(cls: type) -> tuple[dict[str, Any], tuple[tuple[str, Any], ...]] | None:
+    """(static defaults, default factories) of a class :func:`_build` may fill directly;
+    None for classes that validate in ``__post_init__`` or have no ``__dict__``."""
+    if hasattr(cls, "__post_init__") or "__slots__" in vars(cls):
+        return None
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    factories = tuple((f.name, f.default_factory) for f in fields(cls)
+                      if f.default_factory is not MISSING)
+    return defaults, factories
+
+
 # built last: the field checkers above must exist
 _SPECS = {t: _field_specs(c) for t, c in MESSAGE_CLASSES.items()}
+_ENCODE = {t: tuple((f.name, f.key, f.kind == _OTHER) for f in specs) for t, specs in _SPECS.items()}
 _HAS_PAYLOAD = {t: any(f.name == "payload" for f in fields(c)) for t, c in MESSAGE_CLASSES.items()}
 _HAS_TENSORS = {t: any(f.name == "tensors" for f in fields(c)) for t, c in MESSAGE_CLASSES.items()}
+_DIRECT = {t: _direct_fill(c) for t, c in MESSAGE_CLASSES.items()}
+_packb, _unpackb = msgpack.packb, msgpack.unpackb

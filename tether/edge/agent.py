@@ -103,6 +103,8 @@ class EdgeAgent:
         self._last_queue_seconds = 0.0
         if link is not None:
             link.set_rtt_callback(self._observe_rtt)
+        if metrics is not None:       # read at scrape time: no per-request cost
+            metrics.inflight.set_function(lambda: self.inflight)
 
     @property
     def cloud_available(self) -> bool:
@@ -196,8 +198,6 @@ class EdgeAgent:
 
     def _gauge(self, delta: int) -> None:
         self.inflight += delta
-        if self.metrics is not None:
-            self.metrics.inflight.set(self.inflight)
 
     async def _execute(self, rid: int, action: Action, x: np.ndarray, deadline: float,
                        timing: _Timing) -> tuple[np.ndarray, str]:
