@@ -56,7 +56,7 @@ def _add_edge(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser(
         "llm-edge", help="edge daemon for split LLMs: apps stream tokens from --listen",
         description="Hold the edge part (layers [0, K), KV caches, exit head) and serve "
-                    "`tether generate --edge ENDPOINT` / tether.edge.client.LLMClient on --listen. "
+                    "`tether generate --edge ENDPOINT` / tether.edge.EdgeClient on --listen. "
                     "LLM only; `tether edge --llm-checkpoint` serves it beside a DNN bundle.")
     _add_edge_part(d)
     d.add_argument("--listen", default="tcp://127.0.0.1:5571", metavar="ENDPOINT",
@@ -162,43 +162,45 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_via_daemon(args: argparse.Namespace) -> int:
-    from tether.edge.client import LLMClient       # light: no torch for a client
+    from tether.edge.client import EdgeClient       # light: no torch for a client
 
-    client = LLMClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
-    t0, counts = time.perf_counter(), {}
+    client = EdgeClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
+    t0 = time.perf_counter()
     sys.stdout.write(args.prompt)
     try:
-        for _, text, source in client.generate(args.prompt, args.max_new_tokens):
-            sys.stdout.write(text)
+        stream = client.generate(args.prompt, args.max_new_tokens)
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
             sys.stdout.flush()
-            counts[source] = counts.get(source, 0) + 1
     except BaseException:
         print()             # the error line (tether: error: ...) starts on its own line
         raise
     finally:
         client.close()
-    counts = client.counts or counts
-    n, dt = sum(counts.values()), time.perf_counter() - t0
+    record = stream.record
+    n, dt = record.cloud + record.exit + record.local, time.perf_counter() - t0
+    counts = {s: c for s, c in record.by_source().items() if c}
     print()
     print(f"[{n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s via edge {args.edge}; "
-          f"by source {counts}]", file=sys.stderr)
+          f"by source {counts}; finish {record.finish}]", file=sys.stderr)
     return 0
 
 
 def _run_edge(args: argparse.Namespace) -> int:
-    from tether.edge.llm import LLMEdgeServer
+    from tether.edge.server import EdgeServer
 
     edge = _build_edge(args)
 
     async def serve() -> None:
-        server = LLMEdgeServer(edge, args.listen, (args.checkpoint or Path("stories260K")).stem)
+        server = EdgeServer(None, args.listen, llm=edge,
+                            llm_model_id=(args.checkpoint or Path("stories260K")).stem)
         endpoint = await server.start()
         print(f"edge part {edge.split} ({edge.config.codec}, cloud {args.cloud or 'none'}) "
               f"serving apps on {endpoint}", flush=True)
         try:
             await asyncio.Event().wait()
         finally:
-            await server.close()
+            await server.stop(1.0)
             if edge.link is not None:
                 await edge.link.close()
     asyncio.run(serve())

@@ -1,19 +1,23 @@
 """OpenAI-compatible request parsing and response shapes for the edge's HTTP front.
 
-Only what a split greedy LLM can honour: ``prompt``/``messages``, ``max_tokens`` (or
-``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``. Sampling parameters
-(``temperature``, ``top_p``, ...) are accepted and ignored: generation is greedy, exactly
-the whole model's argmax (documented in docs/runtime.md). Pure functions, no IO.
+``prompt``/``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``stream``,
+``stop``, ``n = 1``, and the sampling settings ``temperature``, ``top_p``, ``top_k`` and
+``seed``, which become the edge's :class:`tether.core.protocol.Generate` request. Unlike
+OpenAI, the default is greedy (temperature 0: exactly the whole model's argmax); an edge
+whose LLM cannot sample refuses temperature > 0 rather than ignoring it (docs/runtime.md).
+Pure functions, no IO.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from tether.core import protocol as P
 from tether.core.errors import ConfigError
 
 DEFAULT_MAX_TOKENS = 16        # OpenAI's default for /v1/completions
@@ -30,6 +34,15 @@ class CompletionRequest:
     stop: tuple[str, ...]
     chat: bool
     include_usage: bool = False
+    temperature: float = 0.0       # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                 # 0: no top-k cut (an extension, as in vLLM)
+    seed: int | None = None
+
+    def generate_request(self, request_id: int = 0) -> P.Generate:
+        """The edge's declared generation request for this completion."""
+        return P.Generate(request_id, self.prompt, (), self.max_tokens, self.temperature,
+                          self.top_k, self.top_p, self.seed)
 
 
 def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> CompletionRequest:
@@ -46,7 +59,7 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
             raise ConfigError("'prompt' must be a string (one prompt per request)")
     n = body.get("n", 1)
     if n != 1:
-        raise ConfigError(f"'n' must be 1 (greedy generation gives one answer), got {n!r}")
+        raise ConfigError(f"'n' must be 1 (one answer per request), got {n!r}")
     default = DEFAULT_MAX_TOKENS if not chat else cap
     limit = body.get("max_completion_tokens")
     if limit is None:
@@ -63,7 +76,27 @@ def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> Completion
     options = body.get("stream_options") or {}
     return CompletionRequest(str(body.get("model") or ""), prompt, min(limit, cap),
                              bool(body.get("stream", False)), stop, chat,
-                             bool(isinstance(options, dict) and options.get("include_usage")))
+                             bool(isinstance(options, dict) and options.get("include_usage")),
+                             **parse_sampling(body))
+
+
+def parse_sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """``temperature`` (>= 0, default 0), ``top_p`` (0 < p <= 1), ``top_k`` (>= 0), ``seed``
+    (>= 0); null means the default."""
+    def number(name: str, default: float, ok: Any, what: str) -> Any:
+        value = body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ConfigError(f"'{name}' must be {what}, got {value!r}")
+        return value
+    return {"temperature": float(number("temperature", 0.0, lambda v: 0 <= v < math.inf,
+                                        "a number >= 0")),
+            "top_p": float(number("top_p", 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
+            "top_k": number("top_k", 0, lambda v: isinstance(v, int) and v >= 0,
+                            "an integer >= 0"),
+            "seed": number("seed", None, lambda v: isinstance(v, int) and 0 <= v < 1 << 64,
+                           "an integer >= 0")}
 
 
 def render_chat(messages: Any, tokenizer: Any) -> str:
