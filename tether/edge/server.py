@@ -61,7 +61,7 @@ def sampling_kwargs(generate: Any, msg: P.Generate) -> dict[str, Any]:
         value = getattr(msg, name)
         if name in params or any_kw:
             kwargs[name] = value
-        elif value != _DEFAULTS[name] and not (msg.greedy and name != "temperature"):
+        elif value != _DEFAULTS[name] and (msg.temperature > 0 or name == "temperature"):
             refused.append(f"{name}={value}")
     if refused:
         raise ConfigError(f"this edge's LLM generates greedily only: cannot honour "
