@@ -213,9 +213,9 @@ class ImageRequest:
     TYPE: typing.ClassVar[MsgType] = MsgType.IMAGE
 
     def __post_init__(self) -> None:
-        _require(len(self.tensors) == len(self.payload) == 1 and (
-            self.deadline_s is None or self.deadline_s > 0), "IMAGE carries one tensor (the "
-            "image) and a deadline_s > 0 or none")
+        no_deadline_or_positive = self.deadline_s is None or self.deadline_s > 0
+        _require(len(self.tensors) == len(self.payload) == 1 and no_deadline_or_positive,
+                 "IMAGE carries one tensor (the image) and a deadline_s > 0 or none")
 
 
 @dataclass(frozen=True)
@@ -248,9 +248,9 @@ class Generate:                             # greedy unless temperature > 0; see
     TYPE: typing.ClassVar[MsgType] = MsgType.GENERATE
 
     def __post_init__(self) -> None:
-        _require(bool(self.prompt) != bool(self.token_ids),
-                 "GENERATE needs a prompt or token_ids (exactly one of them)")
-        _require(all(0 <= t < 1 << 31 for t in self.token_ids), "GENERATE.token_ids out of range")
+        _require(bool(self.prompt) != bool(self.token_ids) and all(
+            0 <= t < 1 << 31 for t in self.token_ids), "GENERATE needs a prompt or token_ids "
+            "in [0, 2**31) (exactly one of them)")
         _require(self.max_new_tokens >= 1 and self.temperature >= 0 and self.top_k >= 0 and
                  0 < self.top_p <= 1 and (self.seed is None or 0 <= self.seed < 1 << 64),
                  "GENERATE needs max_new_tokens >= 1, temperature >= 0, top_k >= 0, "

@@ -16,8 +16,9 @@ messages of :mod:`tether.core.protocol`:
   that names the fix (older clients sent those here).
 
 The IO task only parses and queues; image workers run :meth:`EdgeAgent.infer` (compute in
-threads); each token stream is one task, at most ``max_streams`` at once (BUSY beyond).
-``tether edge`` serves a bundle, an LLM (``--llm-checkpoint``) or both on one endpoint.
+threads); each token stream is one task, at most ``max_streams`` at once (BUSY beyond), and
+stops when its application disconnects. One server holds a bundle, an LLM or both:
+``tether edge`` (bundle, ``--llm-checkpoint`` adds the LLM) and ``tether llm-edge`` (LLM only).
 """
 
 from __future__ import annotations
