@@ -26,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer  # noqa: E402
-from tether.edge.llm import GenerateConfig, LLMEdge, SessionLink  # noqa: E402
+from tether.edge.llm import GenerateConfig, LLMEdge  # noqa: E402
+from tether.edge.zmq_link import ZmqCloudLink  # noqa: E402
+from tether.core import protocol as P  # noqa: E402
 from tether.partitioner.llm import (EdgeLM, SamplingParams, choose_token,  # noqa: E402
                                     full_model, generate_whole, open_llm)
 
@@ -55,7 +57,7 @@ def sampler_cost(vocab: int, reps: int) -> dict[str, float]:
 
 async def split_tokens_per_s(ckpt, tokens: int, reps: int, sampled: SamplingParams):
     server = LLMServer(LLMEngine(ckpt, LLMEngineConfig(), "stories260K"), "tcp://127.0.0.1:0")
-    link = SessionLink(await server.start())
+    link = ZmqCloudLink(await server.start(), P.BundleInfo("stories260K", ckpt.fingerprint))
     edge = LLMEdge(EdgeLM(ckpt, 2), ckpt.fingerprint, ckpt.tokenizer(),
                    GenerateConfig(codec="fp32", timeout_s=30.0), link)
     rates: dict[str, list[float]] = {"greedy": [], "sampled": []}

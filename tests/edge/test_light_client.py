@@ -1,4 +1,4 @@
-"""Applications import the edge clients without torch, transformers or ONNX Runtime."""
+"""Applications import the edge client without torch, transformers or ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from .bundles import REPO
 HEAVY = ("torch", "transformers", "onnxruntime", "onnx", "compressai", "torchvision")
 SCRIPT = """
 import json, sys
-from tether.edge import EdgeClient, EdgeAnswer, LLMClient
+from tether.edge import EdgeClient, EdgeAnswer, TokenStream
 from tether.edge.client import EdgeClient as Direct
-assert EdgeClient is Direct and callable(LLMClient) and EdgeAnswer
+assert EdgeClient is Direct and callable(EdgeClient.generate) and EdgeAnswer and TokenStream
 heavy = sorted({m.split('.')[0] for m in sys.modules} & set(json.loads(sys.argv[1])))
 print(json.dumps(heavy))
 """

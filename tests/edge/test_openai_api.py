@@ -30,6 +30,20 @@ def test_parse_defaults_caps_and_errors():
             parse_request(bad, chat_mode, _Tok(), 16)
 
 
+def test_sampling_settings_become_the_edges_generate_request():
+    req = parse_request({"prompt": "hi", "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                         "seed": 11, "max_tokens": 5}, False, _Tok(), cap=64)
+    msg = req.generate_request(3)
+    assert (msg.request_id, msg.prompt, msg.max_new_tokens) == (3, "hi", 5)
+    assert (msg.temperature, msg.top_p, msg.top_k, msg.seed) == (0.7, 0.9, 40, 11)
+    greedy = parse_request({"prompt": "hi", "temperature": None}, False, _Tok(), 64)
+    assert greedy.generate_request().temperature == 0.0       # unlike OpenAI: greedy default
+    for bad in ({"temperature": -1}, {"temperature": "hot"}, {"top_p": 0}, {"top_p": 1.5},
+                {"top_k": 2.5}, {"top_k": -1}, {"seed": -3}, {"seed": True}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            parse_request({"prompt": "hi", **bad}, False, _Tok(), 64)
+
+
 def test_chat_template_used_when_the_tokenizer_has_one():
     class Templated:
         chat_template = "{{...}}"

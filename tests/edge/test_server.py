@@ -32,9 +32,15 @@ class SlowCompute(EdgeCompute):
         return super().full(x)
 
 
-def _infer_frames(rid, image, codec="tensor"):
+def _infer_frames(rid, image):
     desc, view = P.tensor_frame(image)
-    return P.encode(P.Infer(rid, "", "input", codec, desc.to_wire(), 2.0, (view,)))
+    return P.encode(P.ImageRequest(rid, (desc,), (view,), 2.0))
+
+
+def _old_infer_frames(rid, image):
+    """What clients before the declared app-endpoint messages sent: the cloud's INFER."""
+    desc, view = P.tensor_frame(image)
+    return P.encode(P.Infer(rid, "", "input", "tensor", desc.to_wire(), 2.0, (view,)))
 
 
 async def _serve(compute, queue_size=8, workers=2):
@@ -61,7 +67,7 @@ def test_endpoint_answers_and_survives_bad_messages(bundle):
             await sock.send_multipart(P.encode(P.Hello(1, "app")))
             await sock.send_multipart(P.encode(P.Ping(2, 1.5)))
             await sock.send_multipart([b"\x03", b"\xc1not msgpack"])            # malformed
-            await sock.send_multipart(_infer_frames(4, IMAGES[0], codec="jpeg75"))
+            await sock.send_multipart(_old_infer_frames(4, IMAGES[0]))
             await sock.send_multipart(_infer_frames(5, np.zeros((3, 8, 8), np.float32)))
             await sock.send_multipart(P.encode(P.Result(6)))                    # wrong direction
             await sock.send_multipart(_infer_frames(7, IMAGES[1]))
@@ -76,12 +82,16 @@ def test_endpoint_answers_and_survives_bad_messages(bundle):
     assert ready.bundles[0].input.shape == (1, 3, 32, 32)
     assert isinstance(replies[2], P.Pong) and replies[2].t == 1.5
     assert isinstance(replies[0], P.Error) and replies[0].code == "protocol"
-    assert isinstance(replies[4], P.Error) and "tensor" in replies[4].message
+    assert isinstance(replies[4], P.Error) and replies[4].code == "protocol"
+    assert "INFER is the cloud's message" in replies[4].message and "ImageRequest" in \
+        replies[4].message
     assert isinstance(replies[5], P.Error) and replies[5].code == "bad_input"
     assert isinstance(replies[6], P.Error) and replies[6].code == "protocol"
     result = replies[7]
-    assert isinstance(result, P.Result)
-    np.testing.assert_allclose(result.tensor().numpy()[0], expected[1], rtol=1e-4, atol=1e-4)
+    assert isinstance(result, P.ImageReply)
+    np.testing.assert_allclose(P.frame_array(result.tensors[0], result.payload[0])[0],
+                               expected[1], rtol=1e-4, atol=1e-4)
+    assert result.record["outcome"] == "local" and result.record["total_seconds"] > 0
 
 
 def test_full_queue_answers_busy_at_once_and_drain_refuses_new_work(bundle):
@@ -108,9 +118,9 @@ def test_full_queue_answers_busy_at_once_and_drain_refuses_new_work(bundle):
     replies, during = run(scenario())
     kinds = [type(m).__name__ for m in replies]
     assert sorted(m.request_id for m in replies) == list(range(1, 9))   # every request answered
-    assert kinds.count("Busy") >= 4 and kinds.count("Result") >= 2
+    assert kinds.count("Busy") >= 4 and kinds.count("ImageReply") >= 2
     assert all(m.reason == "queue_full" for m in replies if isinstance(m, P.Busy))
-    assert isinstance(during[11], P.Result) and isinstance(during[12], P.Result)   # drained
+    assert isinstance(during[11], P.ImageReply) and isinstance(during[12], P.ImageReply)
     assert isinstance(during[99], P.Busy) and during[99].reason == "draining"
 
 

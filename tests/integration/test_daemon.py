@@ -81,7 +81,7 @@ def test_infer_command_reads_image_files(bundle, edge_daemon, capsys):
 
 
 def test_sigterm_drains_every_request_and_exits_cleanly(edge_daemon):
-    """40 requests pipelined, SIGTERM after the first answer: each gets RESULT or BUSY."""
+    """40 requests pipelined, SIGTERM after the first answer: each gets an answer or BUSY."""
     daemon, records_path, _ = edge_daemon
     before = len(read_records(records_path))
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -90,8 +90,7 @@ def test_sigterm_drains_every_request_and_exits_cleanly(edge_daemon):
     try:
         for rid in range(1, 41):
             desc, view = P.tensor_frame(IMAGES[rid % len(IMAGES)])
-            sock.send_multipart(P.encode(P.Infer(rid, "", "input", "tensor", desc.to_wire(),
-                                                 None, (view,))))
+            sock.send_multipart(P.encode(P.ImageRequest(rid, (desc,), (view,))))
         replies = [P.decode(sock.recv_multipart())] if sock.poll(60_000) else []
         daemon.signal(15)
         while len(replies) < 40 and sock.poll(30_000):
@@ -101,10 +100,10 @@ def test_sigterm_drains_every_request_and_exits_cleanly(edge_daemon):
     assert daemon.wait(30) == 0
     assert sorted(r.request_id for r in replies) == list(range(1, 41))   # none lost
     kinds = [type(r).__name__ for r in replies]
-    assert set(kinds) <= {"Result", "Busy"} and "Result" in kinds
+    assert set(kinds) <= {"ImageReply", "Busy"} and "ImageReply" in kinds
     assert all(r.reason == "draining" for r in replies if isinstance(r, P.Busy))
     records = read_records(records_path)
-    assert len(records) - before == kinds.count("Result")
+    assert len(records) - before == kinds.count("ImageReply")
     assert {r.edge_id for r in records} == {"cam-1"}
 
 

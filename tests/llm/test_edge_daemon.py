@@ -16,7 +16,6 @@ import torch
 from tether.cli import main
 from tether.core.errors import ProtocolError
 from tether.edge.client import EdgeClient
-from tether.edge.llm import LLMClient
 
 from edge.bundles import SPLITS, reference_logits, sample_images, shared_bundle
 
@@ -100,11 +99,18 @@ def test_one_edge_endpoint_answers_images_and_token_streams(served, bundle, stor
         whole = stories_full.generate(torch.tensor([ids]), max_new_tokens=STEPS, do_sample=False)
     reference = whole[0, len(ids):].tolist()
 
-    client = LLMClient(served, timeout=PATIENT)
+    client = EdgeClient(served, timeout=PATIENT)
     try:
-        tokens = list(client.generate(prompt, max_new_tokens=STEPS))
+        assert [m.model_id for m in client.models()] == ["cifar_resnet20", "stories260K"]
+        stream = client.generate(prompt, max_new_tokens=STEPS)
+        tokens = [(c.tokens[0], c.text, c.source) for c in stream]
+        assert stream.record.by_source() == {"cloud": STEPS, "exit": 0, "local": 0}
+        by_ids = client.generate(ids, max_new_tokens=4)         # token ids instead of text
+        assert [c.tokens[0] for c in by_ids] == reference[:4]
+        assert by_ids.record.finish == "length"
         client._sock.send_multipart([b"\x0b", b"\x80"])        # garbage: ERROR, still serving
-        assert isinstance(client._receive(0).to_exception(), ProtocolError)
+        with pytest.raises(ProtocolError):
+            client._answer(0)
         images_again = EdgeClient(served, timeout=PATIENT)
         np.testing.assert_allclose(images_again.infer(images[0]).logits, answers[0].logits,
                                    rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """The real `openai` client against the edge's HTTP front: a split stories260K (edge layers
 [0, 2), cloud the rest), streamed and not, completions and chat; the text equals the whole
-model's greedy continuation and what the ZeroMQ LLMClient streams."""
+model's greedy continuation and what EdgeClient streams over ZeroMQ."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("starlette")
 openai = pytest.importorskip("openai")
 
-from tether.edge.client import LLMClient  # noqa: E402
+from tether.edge.client import EdgeClient  # noqa: E402
 
 from edge.background import BackgroundLoop, http  # noqa: E402
 
@@ -90,9 +90,9 @@ def test_openai_client_streams_the_split_models_greedy_text(served, reference, s
         assert chunk.object == "text_completion"
         pieces.append(chunk.choices[0].text)
         finish = chunk.choices[0].finish_reason or finish
-    zmq_client = LLMClient(served["endpoint"], timeout=PATIENT)
+    zmq_client = EdgeClient(served["endpoint"], timeout=PATIENT)
     try:
-        zmq_tokens = list(zmq_client.generate(PROMPT, TOKENS))
+        zmq_tokens = [(c.tokens[0], c.text, c.source) for c in zmq_client.generate(PROMPT, TOKENS)]
     finally:
         zmq_client.close()
     expected_tokens = reference[:len(zmq_tokens)]
@@ -159,9 +159,10 @@ def test_openai_seeded_sampling_equals_the_whole_model_and_repeats(served, stori
     ids = stories.tokenizer().encode(PROMPT)
     ref = generate_whole(stories_full, ids, TOKENS, settings)
     assert ref != generate_whole(stories_full, ids, TOKENS)          # not the greedy answer
-    zmq_client = LLMClient(served["endpoint"], timeout=PATIENT)
+    zmq_client = EdgeClient(served["endpoint"], timeout=PATIENT)
     try:
-        zmq_tokens = list(zmq_client.generate(PROMPT, TOKENS, settings))
+        zmq_tokens = [(c.tokens[0], c.text, c.source) for c in zmq_client.generate(
+            PROMPT, TOKENS, temperature=0.9, top_p=0.95, seed=21)]
     finally:
         zmq_client.close()
     assert [t for t, _, _ in zmq_tokens] == ref[:len(zmq_tokens)]     # the edge stops at EOS

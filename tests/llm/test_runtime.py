@@ -48,7 +48,7 @@ async def _collect(edge, prompt=(1,), steps=STEPS, on_token=None):
 
 
 def _serve(stories, endpoint="tcp://127.0.0.1:0", **cfg):
-    """The cloud service with only the LLM engine (``tether llm-serve``)."""
+    """The cloud service with only the LLM engine (an LLM-only ``tether cloud``)."""
     return LLMServer(LLMEngine(stories, LLMEngineConfig(**cfg), "stories260K"), endpoint)
 
 
@@ -258,7 +258,8 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
     import threading
 
     from tether.core.errors import ProtocolError
-    from tether.edge.llm import LLMClient, LLMEdgeServer
+    from tether.edge.client import EdgeClient
+    from tether.edge.server import EdgeServer
 
     ready, stop = threading.Event(), threading.Event()
     box = {}
@@ -266,28 +267,30 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
     async def daemon():
         server = _serve(stories)
         link = zmq_link(await server.start(), stories.fingerprint)
-        edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
-                                         GenerateConfig(timeout_s=PATIENT), link),
-                                 "tcp://127.0.0.1:0")
+        edge_srv = EdgeServer(None, "tcp://127.0.0.1:0", llm=LLMEdge(
+            edges[2], stories.fingerprint, stories.tokenizer(), GenerateConfig(timeout_s=PATIENT),
+            link))
         box["endpoint"] = await edge_srv.start()
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.02)
-        await edge_srv.close()
+        await edge_srv.stop(1.0)
         await link.close()
         await server.close()
     thread = threading.Thread(target=asyncio.run, args=(daemon(),))
     thread.start()
     try:
         assert ready.wait(30)
-        client = LLMClient(box["endpoint"], timeout=20)
-        tokens = list(client.generate("Once upon a time", max_new_tokens=STEPS))
-        assert len(tokens) == STEPS and {s for _, _, s in tokens} == {"cloud"}
-        assert client.counts == {"cloud": STEPS, "exit": 0, "local": 0}
-        text = "".join(t for _, t, _ in tokens)
+        client = EdgeClient(box["endpoint"], timeout=20)
+        stream = client.generate("Once upon a time", max_new_tokens=STEPS)
+        tokens = list(stream)
+        assert len(tokens) == STEPS and {c.source for c in tokens} == {"cloud"}
+        assert stream.record.by_source() == {"cloud": STEPS, "exit": 0, "local": 0}
+        text = "".join(c.text for c in tokens)
         assert text.startswith(", there was a little girl named Lily")
-        client._sock.send_multipart([b"\x0b", b"\x80"])          # garbage header: ERROR, still serving
-        assert isinstance(client._receive(0).to_exception(), ProtocolError)
+        client._sock.send_multipart([b"\x0e", b"\x80"])          # garbage header: ERROR, still serving
+        with pytest.raises(ProtocolError):
+            client._answer(0)
         assert len(list(client.generate("Once", max_new_tokens=3))) == 3
         client.close()
     finally:
@@ -317,21 +320,21 @@ def test_generate_via_the_edge_endpoint_fails_with_one_line_when_it_cannot_go_on
     import threading
 
     from tether.cli import main
-    from tether.edge.llm import LLMEdgeServer
+    from tether.edge.server import EdgeServer
 
     ready, stop = threading.Event(), threading.Event()
     box = {}
 
     async def daemon():
         link = zmq_link("tcp://127.0.0.1:9", stories.fingerprint)          # nothing listens there
-        edge_srv = LLMEdgeServer(LLMEdge(edges[2], stories.fingerprint, stories.tokenizer(),
-                                         GenerateConfig(timeout_s=0.2, first_step_timeout_s=0.5),
-                                         link), "tcp://127.0.0.1:0")
+        edge_srv = EdgeServer(None, "tcp://127.0.0.1:0", llm=LLMEdge(
+            edges[2], stories.fingerprint, stories.tokenizer(),
+            GenerateConfig(timeout_s=0.2, first_step_timeout_s=0.5), link))
         box["endpoint"] = await edge_srv.start()
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.02)
-        await edge_srv.close()
+        await edge_srv.stop(1.0)
         await link.close()
     thread = threading.Thread(target=asyncio.run, args=(daemon(),))
     thread.start()

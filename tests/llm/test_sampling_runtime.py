@@ -12,7 +12,8 @@ import pytest
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
 from tether.core import protocol as P
 from tether.core.errors import ProtocolError
-from tether.edge.llm import GenerateConfig, LLMEdge, LLMEdgeServer
+from tether.edge.llm import GenerateConfig, LLMEdge
+from tether.edge.server import EdgeServer
 from tether.partitioner.llm import EdgeLM, SamplingParams, generate_whole
 
 from edge.background import BackgroundLoop  # noqa: E402
@@ -96,11 +97,11 @@ def endpoint(stories):
         box["server"] = LLMServer(LLMEngine(stories, LLMEngineConfig(), "stories260K"),
                                   "tcp://127.0.0.1:0")
         box["link"] = zmq_link(await box["server"].start(), stories.fingerprint)
-        box["edge"] = LLMEdgeServer(_edge(stories, 2, box["link"]), "tcp://127.0.0.1:0")
+        box["edge"] = EdgeServer(None, "tcp://127.0.0.1:0", llm=_edge(stories, 2, box["link"]))
         return await box["edge"].start()
 
     async def stop():
-        await box["edge"].close()
+        await box["edge"].stop(1.0)
         await box["link"].close()
         await box["server"].close()
     yield bg.call(start())
@@ -109,23 +110,25 @@ def endpoint(stories):
 
 
 def test_the_app_endpoint_streams_the_seeded_tokens(stories, endpoint, references):
-    from tether.edge.client import LLMClient
-    client = LLMClient(endpoint, timeout=PATIENT)
+    from tether.edge.client import EdgeClient
+    client = EdgeClient(endpoint, timeout=PATIENT)
     try:
-        for sampling, ref in zip(SETTINGS[:2], references):
-            assert [t for t, _, _ in client.generate(PROMPT, STEPS, sampling)] == ref
-        client._sock.send_multipart(_hostile_prefill(top_k=-1))  # a hostile peer: ERROR
-        refusal = client._receive(9).to_exception()
-        assert isinstance(refusal, ProtocolError) and "top_k" in str(refusal)
+        for sp, ref in zip(SETTINGS[:2], references):
+            stream = client.generate(PROMPT, STEPS, temperature=sp.temperature, top_k=sp.top_k,
+                                     top_p=sp.top_p, seed=sp.seed)
+            assert [c.tokens[0] for c in stream] == ref
+        client._sock.send_multipart(_hostile_generate(top_k=-1))  # a hostile peer: ERROR
+        with pytest.raises(ProtocolError, match="top_k"):
+            client._answer(9)
         assert len(list(client.generate(PROMPT, 3))) == 3        # and it still serves
     finally:
         client.close()
 
 
-def _hostile_prefill(**header):
-    frames = P.encode(P.Prefill(9, "", "", "", "text", 0, 3, payload=(b"Once",)))
+def _hostile_generate(**header):
+    frames = P.encode(P.Generate(9, "Once", max_new_tokens=3))
     fields = msgpack.unpackb(frames[1], raw=False) | header
-    return [frames[0], msgpack.packb(fields, use_bin_type=True), frames[2]]
+    return [frames[0], msgpack.packb(fields, use_bin_type=True), *frames[2:]]
 
 
 def test_tether_generate_sampling_flags_through_the_endpoint(assets, endpoint, monkeypatch,

@@ -30,7 +30,7 @@ the session (greedy by default; seeded draws depend only on the seed and token p
 
 Served by the cloud service like any bundle (``CloudServer(..., sessions=engine)``: the
 same socket, handshake, CURVE, admission, drain and metrics); :class:`LLMServer` is that
-service with the engine alone (``tether llm-serve``).
+service with the engine alone (``tether cloud --llm-checkpoint`` without a bundle).
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ class LLMEngine:
 
 
 class LLMServer:
-    """``tether llm-serve``: the cloud service (:class:`~tether.cloud.server.CloudServer`)
+    """An LLM-only cloud (``tether cloud --llm-checkpoint`` without a bundle): the cloud service (:class:`~tether.cloud.server.CloudServer`)
     serving one engine's sessions and no image bundle: the same socket, handshake, CURVE,
     admission, drain and metrics as any cloud."""
 

@@ -153,26 +153,29 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_via_daemon(args: argparse.Namespace, sampling) -> int:
-    from tether.edge.client import LLMClient       # light: no torch for a client
+    from tether.edge.client import EdgeClient       # light: no torch for a client
 
-    client = LLMClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
-    t0, counts = time.perf_counter(), {}
+    client = EdgeClient(args.edge, timeout=max(10.0, 5 * args.timeout, args.first_step_timeout + 5))
+    t0 = time.perf_counter()
     sys.stdout.write(args.prompt)
     try:
-        for _, text, source in client.generate(args.prompt, args.max_new_tokens, sampling):
-            sys.stdout.write(text)
+        stream = client.generate(args.prompt, args.max_new_tokens,
+                                 temperature=sampling.temperature, top_k=sampling.top_k,
+                                 top_p=sampling.top_p, seed=sampling.seed)
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
             sys.stdout.flush()
-            counts[source] = counts.get(source, 0) + 1
     except BaseException:
         print()             # the error line (tether: error: ...) starts on its own line
         raise
     finally:
         client.close()
-    counts = client.counts or counts
-    n, dt = sum(counts.values()), time.perf_counter() - t0
+    record = stream.record
+    n, dt = record.cloud + record.exit + record.local, time.perf_counter() - t0
+    counts = {s: c for s, c in record.by_source().items() if c}
     print()
     print(f"[{n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s via edge {args.edge}; "
-          f"by source {counts}; {sampling.describe()}]", file=sys.stderr)
+          f"by source {counts}; finish {record.finish}; {sampling.describe()}]", file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,7 @@ A message is a ZeroMQ multipart message::
     frame 1   msgpack map: the header. Always ``v`` (protocol version) and ``id`` (request id),
               ``sizes`` (byte length of each payload frame), then the type's own fields
     frame 2+  raw payload: codec bytes (INFER/PREFILL/DECODE) or contiguous tensors described
-              by the header's ``tensors`` list (RESULT); zero-copy memoryviews
+              by the header's ``tensors`` list (RESULT, IMAGE...); zero-copy memoryviews
 
 Never pickle. :func:`decode` treats its input as hostile and validates before anything is
 allocated from it: frame count, total size, header size, version, field types, declared vs
@@ -16,34 +16,24 @@ limits. Every failure is a :class:`~tether.core.errors.ProtocolError` (or its su
 
 API (used by tether.edge, tether.cloud and the LLM split)::
 
-    PROTOCOL_VERSION, MsgType, Limits, DEFAULT_LIMITS, TensorDesc, BundleInfo
-    Hello   edge -> cloud   edge_id, bundles (fingerprints wanted; empty: anything)
-    Ready   cloud -> edge   server_id, bundles (what it serves), max_message_bytes
-    Infer   edge -> cloud   fingerprint, split ("input" = full offload), codec, codec_header,
-                            deadline_s (budget from arrival; None = no deadline), payload
-    Result  cloud -> edge   tensors + payload (logits), queue_s, decode_s, tail_s, batch_size
-    Error   either way      code (tether.core.errors code), message; .to_exception()
-    Busy    cloud -> edge   reason ("queue_full" | "deadline" | "draining"), queue_depth,
-                            retry_after_s
-    Ping/Pong               t (sender's clock, echoed), Pong.queue_s (cloud's queue delay now)
-    Prefill/Decode          LLM session steps: session_id, fingerprint, split, codec,
-                            codec_header, position, token_count, deadline_s, payload;
-                            Prefill also temperature, top_k, top_p, seed (the session's
-                            sampling, validated: Prefill.sampling -> SamplingParams)
-    Close                   session_id
+    edge <-> cloud   Hello -> Ready (handshake: bundles, fingerprints), Infer -> Result,
+                     Prefill/Decode -> Result (LLM session steps), Close, Ping -> Pong
+    app <-> edge     ImageRequest -> ImageReply (logits + the edge's RequestRecord),
+                     Generate -> TokenChunk ... StreamEnd (the stream's record), Hello -> Ready,
+                     Ping -> Pong (the edge's application endpoint, tether.edge.server)
+    either way       Error (code, message; .to_exception()), Busy (reason, retry_after_s)
+                     (Prefill also carries the session's sampling: temperature, top_k, top_p,
+                     seed, validated: Prefill.sampling -> SamplingParams)
 
     encode(msg) -> list[bytes | memoryview]   send with sock.send_multipart(frames, copy=False):
                                               pyzmq copies frames under 64 KiB, others zero-copy
     decode(frames, limits=DEFAULT_LIMITS) -> message   frames: bytes/memoryview/zmq.Frame
-    tensor_frame(t) -> (TensorDesc, memoryview)        numpy array or torch tensor, any layout
-    frame_array(desc, buf) -> numpy.ndarray            zero-copy, read-only
-    frame_tensor(desc, buf) -> torch.Tensor            a private writable copy
-    result_for(request_id, tensor, ...) -> Result ; Result.tensor(i=0) -> torch.Tensor
-    wire_size(frames) -> int                           bytes that go on the socket
-    peek_request_id(frames) -> int                     id of an undecodable message, or 0
+    wire_size(frames) -> int; peek_request_id(frames) -> id of an undecodable message, or 0
+    Limits, TensorDesc, BundleInfo, tensor_frame, frame_array, frame_tensor, result_for:
+    tether.core.frames, re-exported here.
 
-Messages with unknown extra header fields still decode (fields added within a version are
-ignored by older peers); a different ``v`` raises VersionMismatchError.
+Unknown extra header fields are ignored (fields added within a version); a different ``v``
+raises VersionMismatchError.
 """
 
 from __future__ import annotations
@@ -55,101 +45,25 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Union
 
 import msgpack
-import numpy as np
 
 from tether.core.errors import (
     ConfigError, ProtocolError, TetherError, VersionMismatchError, error_from_code,
 )
+from tether.core.frames import (  # noqa: F401 (re-exported: part of this module's API)
+    DEFAULT_LIMITS, Buffer, BundleInfo, Limits, TensorDesc, as_view as _as_view, frame_array,
+    frame_tensor, result_for, tensor_frame,
+)
 from tether.core.sampling import SamplingParams
-from tether.core.types import DTYPE_SIZES, TensorSpec
 
 PROTOCOL_VERSION = 1
 ZERO_COPY_BYTES = 64 * 1024     # frames at least this big are sent without copying
-
-Buffer = Union[bytes, memoryview]
 
 
 class MsgType(enum.IntEnum):
     """Frame 0. Values are the wire bytes; new types only ever get new numbers."""
 
     HELLO, READY, INFER, RESULT, ERROR, BUSY, PING, PONG, PREFILL, DECODE, CLOSE = range(1, 12)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What :func:`decode` accepts; anything larger is refused before allocation."""
-
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    max_frames: int = 64
-    max_rank: int = 8
-    max_elements: int = 1 << 27
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if int(getattr(self, f.name)) <= 0:
-                raise ValueError(f"Limits.{f.name} must be positive")
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class TensorDesc(TensorSpec):
-    """Shape and dtype of one raw tensor frame (C-contiguous, little-endian)."""
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_wire(cls, d: Any, limits: Limits = DEFAULT_LIMITS, where: str = "tensor") -> "TensorDesc":
-        if not isinstance(d, dict):
-            raise ProtocolError(f"{where}: tensor descriptor must be a map")
-        shape, dtype = d.get("shape"), d.get("dtype")
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise ProtocolError(f"{where}: dtype {dtype!r:.40} not allowed; "
-                                f"allowed: {sorted(DTYPE_SIZES)}")
-        if not isinstance(shape, list) or len(shape) > limits.max_rank:
-            raise ProtocolError(f"{where}: shape must be a list of at most {limits.max_rank} dims")
-        if not all(type(n) is int and 0 <= n <= limits.max_elements for n in shape):
-            raise ProtocolError(f"{where}: shape {shape!r} must hold non-negative ints")
-        if math.prod(shape) > limits.max_elements:
-            raise ProtocolError(f"{where}: {math.prod(shape)} elements exceed the limit "
-                                f"{limits.max_elements}")
-        desc = object.__new__(cls)          # validated above: what __post_init__ would check
-        desc.__dict__.update(shape=tuple(shape), dtype=dtype)
-        return desc
-
-
-@dataclass(frozen=True)
-class BundleInfo:
-    """What a cloud serves for one bundle (sent in READY) or an edge wants (HELLO)."""
-
-    model_id: str
-    fingerprint: str
-    splits: tuple[str, ...] = ()
-    codecs: tuple[str, ...] = ()        # codec ids accepted; parametric ones (jpeg<q>) too
-    input: TensorDesc | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model_id": self.model_id, "fingerprint": self.fingerprint,
-                             "splits": list(self.splits), "codecs": list(self.codecs)}
-        if self.input is not None:
-            d["input"] = self.input.to_wire()
-        return d
-
-    @classmethod
-    def from_wire(cls, d: Any, limits: Limits = DEFAULT_LIMITS) -> "BundleInfo":
-        if not isinstance(d, dict):
-            raise ProtocolError("bundle entry must be a map")
-        mid, fp = d.get("model_id"), d.get("fingerprint")
-        if not isinstance(mid, str) or not isinstance(fp, str):
-            raise ProtocolError("bundle entry needs string model_id and fingerprint")
-        splits = _str_tuple(d.get("splits", []), "bundle splits")
-        codecs = _str_tuple(d.get("codecs", []), "bundle codecs")
-        inp = d.get("input")
-        desc = None if inp is None else TensorDesc.from_wire(inp, limits, "bundle input")
-        return cls(mid, fp, splits, codecs, desc)
+    IMAGE, IMAGE_REPLY, GENERATE, TOKENS, STREAM_END = range(12, 17)   # application endpoint
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -300,7 +214,110 @@ class Close:
     TYPE: typing.ClassVar[MsgType] = MsgType.CLOSE
 
 
-Message = Union[Hello, Ready, Infer, Result, Error, Busy, Ping, Pong, Prefill, Decode, Close]
+# --- the edge's application endpoint (apps <-> `tether edge`, tether.edge.client) ---------
+
+TOKEN_SOURCES = ("cloud", "exit", "local")    # the cloud, a confident exit, the exit alone
+FINISH_REASONS = ("length", "stop", "error")  # max_new_tokens reached, end of text, an error
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ProtocolError(message)
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    request_id: int
+    tensors: tuple[TensorDesc, ...] = ()    # one: uint8 HWC image or float NCHW in [0, 1]
+    payload: tuple[Buffer, ...] = ()
+    deadline_s: float | None = None         # budget from the edge's receipt
+    TYPE: typing.ClassVar[MsgType] = MsgType.IMAGE
+
+    def __post_init__(self) -> None:
+        no_deadline_or_positive = self.deadline_s is None or self.deadline_s > 0
+        _require(len(self.tensors) == len(self.payload) == 1 and no_deadline_or_positive,
+                 "IMAGE carries one tensor (the image) and a deadline_s > 0 or none")
+
+
+@dataclass(frozen=True)
+class ImageReply:
+    request_id: int
+    tensors: tuple[TensorDesc, ...] = ()    # one: the logits [1, classes]
+    payload: tuple[Buffer, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict)   # tether.core.types.RequestRecord
+    label: str = ""                         # class name, when the bundle has labels
+    TYPE: typing.ClassVar[MsgType] = MsgType.IMAGE_REPLY
+
+    def __post_init__(self) -> None:
+        _require(len(self.tensors) == len(self.payload) == 1, "IMAGE_REPLY carries one tensor")
+        _require(all(isinstance(k, str) and (v is None or type(v) in (str, bool, int) or
+                                             type(v) is float and math.isfinite(v))
+                     for k, v in self.record.items()),
+                 "IMAGE_REPLY.record must map names to strings or finite numbers")
+
+
+@dataclass(frozen=True)
+class Generate:                             # greedy unless temperature > 0; seeded: reproducible
+    request_id: int
+    prompt: str = ""                        # the prompt text, or
+    token_ids: tuple[int, ...] = ()         # its token ids
+    max_new_tokens: int = 64                # the edge caps it at its own limit
+    temperature: float = 0.0
+    top_k: int = 0                          # 0: no top-k cut
+    top_p: float = 1.0                      # 1: no nucleus cut
+    seed: int | None = None                 # None: the edge picks one
+    TYPE: typing.ClassVar[MsgType] = MsgType.GENERATE
+
+    def __post_init__(self) -> None:
+        _require(bool(self.prompt) != bool(self.token_ids) and all(
+            0 <= t < 1 << 31 for t in self.token_ids), "GENERATE needs a prompt or token_ids "
+            "in [0, 2**31) (exactly one of them)")
+        _require(self.max_new_tokens >= 1 and self.temperature >= 0 and self.top_k >= 0 and
+                 0 < self.top_p <= 1 and (self.seed is None or 0 <= self.seed < 1 << 64),
+                 "GENERATE needs max_new_tokens >= 1, temperature >= 0, top_k >= 0, "
+                 "0 < top_p <= 1 and seed >= 0")
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    request_id: int
+    tokens: tuple[int, ...]                 # the next token id(s)
+    text: str = ""                          # text they complete ("" mid UTF-8 sequence)
+    source: str = "cloud"                   # TOKEN_SOURCES
+    TYPE: typing.ClassVar[MsgType] = MsgType.TOKENS
+
+    def __post_init__(self) -> None:
+        _require(bool(self.tokens) and self.source in TOKEN_SOURCES,
+                 f"TOKENS needs token ids and a source in {TOKEN_SOURCES}")
+
+
+@dataclass(frozen=True)
+class StreamEnd:                            # a stream's record; its error as ERROR's code/message
+    request_id: int
+    cloud: int = 0                          # tokens by source (TOKEN_SOURCES)
+    exit: int = 0
+    local: int = 0
+    seconds: float = 0.0
+    finish: str = "length"                  # FINISH_REASONS
+    code: str = ""
+    message: str = ""
+    TYPE: typing.ClassVar[MsgType] = MsgType.STREAM_END
+
+    def __post_init__(self) -> None:
+        _require(min(self.cloud, self.exit, self.local, self.seconds) >= 0 and
+                 self.finish in FINISH_REASONS and (self.finish == "error") == bool(self.code),
+                 f"STREAM_END needs counts >= 0, finish in {FINISH_REASONS} and an error "
+                 "code exactly when finish is 'error'")
+
+    def by_source(self) -> dict[str, int]:
+        return {s: getattr(self, s) for s in TOKEN_SOURCES}
+
+    def to_exception(self) -> TetherError | None:
+        return error_from_code(self.code, self.message) if self.code else None
+
+
+Message = Union[Hello, Ready, Infer, Result, Error, Busy, Ping, Pong, Prefill, Decode, Close,
+                ImageRequest, ImageReply, Generate, TokenChunk, StreamEnd]
 
 #: One literal mapping: message type -> class.
 MESSAGE_CLASSES: dict[MsgType, type] = {
@@ -308,6 +325,8 @@ MESSAGE_CLASSES: dict[MsgType, type] = {
     MsgType.RESULT: Result, MsgType.ERROR: Error, MsgType.BUSY: Busy,
     MsgType.PING: Ping, MsgType.PONG: Pong, MsgType.PREFILL: Prefill,
     MsgType.DECODE: Decode, MsgType.CLOSE: Close,
+    MsgType.IMAGE: ImageRequest, MsgType.IMAGE_REPLY: ImageReply, MsgType.GENERATE: Generate,
+    MsgType.TOKENS: TokenChunk, MsgType.STREAM_END: StreamEnd,
 }
 _FRAME0 = {t: bytes([int(t)]) for t in MsgType}
 _BY_BYTE = {int(t): t for t in MsgType}
@@ -468,17 +487,6 @@ def peek_request_id(frames: list[Any]) -> int:
     return 0
 
 
-def _as_view(frame: Any) -> memoryview:
-    if isinstance(frame, (bytes, bytearray)):
-        return memoryview(frame)
-    if isinstance(frame, memoryview):
-        return frame if frame.format == "B" and frame.ndim == 1 else frame.cast("B")
-    buf = getattr(frame, "buffer", None)       # zmq.Frame received with copy=False
-    if isinstance(buf, memoryview):
-        return _as_view(buf)
-    raise ProtocolError(f"frame of type {type(frame).__name__} is not bytes-like")
-
-
 def _unpack_header(view: Buffer, limits: Limits) -> dict[str, Any]:
     if len(view) > limits.max_header_bytes:
         raise ProtocolError(f"header of {len(view)} bytes exceeds {limits.max_header_bytes}")
@@ -545,6 +553,12 @@ def _checker(tp: Any, where: str) -> Any:
     if args and type(None) in args:
         inner = _checker(next(a for a in args if a is not type(None)), where)
         return lambda v, limits: None if v is None else inner(v, limits)
+    if typing.get_origin(tp) is tuple and args and args[0] is int:
+        def check_ints(v: Any, limits: Limits) -> tuple[int, ...]:
+            if not isinstance(v, list) or not all(type(i) is int and 0 <= i < 1 << 63 for i in v):
+                raise ProtocolError(f"{where} must be a list of non-negative ints")
+            return tuple(v)
+        return check_ints
     if typing.get_origin(tp) is tuple and args and args[0] is BundleInfo:
         def check_bundles(v: Any, limits: Limits) -> tuple[BundleInfo, ...]:
             if not isinstance(v, list):
@@ -559,65 +573,6 @@ def _checker(tp: Any, where: str) -> Any:
             raise ProtocolError(f"{where} must be {what}, got {v!r:.60}")
         return float(v) if base is float else v
     return check
-
-
-def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise ProtocolError(f"{where} must be a list of strings")
-    return tuple(value)
-
-
-# --- tensors <-> frames --------------------------------------------------------------------
-
-def tensor_frame(t: Any) -> tuple[TensorDesc, memoryview]:
-    """A numpy array or torch tensor as (descriptor, zero-copy byte view of its data).
-
-    Non-contiguous inputs are made contiguous (one copy); the returned view keeps the data
-    alive. bfloat16 torch tensors travel as their raw 16-bit patterns.
-    """
-    if isinstance(t, np.ndarray):
-        arr = np.ascontiguousarray(t)
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        dtype = arr.dtype.name
-        if dtype not in DTYPE_SIZES:
-            raise ProtocolError(f"dtype {dtype} cannot go on the wire; allowed: {sorted(DTYPE_SIZES)}")
-        return TensorDesc(tuple(arr.shape), dtype), memoryview(arr.reshape(-1).view(np.uint8))
-    import torch
-    if not isinstance(t, torch.Tensor):
-        raise ProtocolError(f"cannot send {type(t).__name__}: need a numpy array or torch tensor")
-    dtype = str(t.dtype).removeprefix("torch.")
-    if dtype not in DTYPE_SIZES:
-        raise ProtocolError(f"dtype {dtype} cannot go on the wire; allowed: {sorted(DTYPE_SIZES)}")
-    t = t.detach().cpu().contiguous()
-    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-    desc, view = tensor_frame(raw.numpy())
-    return TensorDesc(tuple(t.shape), dtype), view
-
-
-def frame_array(desc: TensorDesc, buf: Buffer) -> np.ndarray:
-    """Zero-copy, read-only numpy view of a validated tensor frame (bfloat16 as int16 bits)."""
-    view = _as_view(buf)
-    if view.nbytes != desc.nbytes:
-        raise ProtocolError(f"tensor {desc.shape} {desc.dtype} needs {desc.nbytes} bytes, "
-                            f"frame has {view.nbytes}")
-    np_dtype = "int16" if desc.dtype == "bfloat16" else desc.dtype
-    return np.frombuffer(view, dtype=np.dtype(np_dtype).newbyteorder("<")).reshape(desc.shape)
-
-
-def frame_tensor(desc: TensorDesc, buf: Buffer) -> Any:
-    """A writable torch tensor holding a copy of a validated tensor frame."""
-    import torch
-    arr = np.array(frame_array(desc, buf), copy=True)
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if desc.dtype == "bfloat16" else t
-
-
-def result_for(request_id: int, tensor: Any, queue_s: float = 0.0, decode_s: float = 0.0,
-               tail_s: float = 0.0, batch_size: int = 1) -> Result:
-    """RESULT message carrying one tensor (e.g. a row of logits)."""
-    desc, view = tensor_frame(tensor)
-    return Result(request_id, (desc,), (view,), queue_s, decode_s, tail_s, batch_size)
 
 
 def _direct_fill(cls: type) -> tuple[dict[str, Any], tuple[tuple[str, Any], ...]] | None:

@@ -8,8 +8,8 @@ Public API::
     CloudLink, CloudRequest, CloudReply    tether.edge.link     (the interface)
     ZmqCloudLink, LinkTiming, CurveClientKeys   tether.edge.zmq_link (ZeroMQ DEALER)
     InProcessLink                          tether.edge.inproc   (twin for tests)
-    EdgeServer                             tether.edge.server   (local endpoint for applications)
-    EdgeClient, EdgeAnswer, LLMClient      tether.edge.client   (light clients: no torch)
+    EdgeServer                             tether.edge.server   (application endpoint: images, tokens)
+    EdgeClient, EdgeAnswer, TokenStream    tether.edge.client   (light client: no torch)
     EdgeDaemon, build_agent, run_daemon    tether.edge.daemon   (`tether edge`)
     ListSink, JsonlSink, CsvSink, open_sink, read_records   tether.edge.records
 
@@ -29,7 +29,7 @@ _EXPORTS = {
     "ZmqCloudLink": "zmq_link", "LinkTiming": "zmq_link", "CurveClientKeys": "zmq_link",
     "InProcessLink": "inproc",
     "EdgeServer": "server",
-    "EdgeClient": "client", "EdgeAnswer": "client", "LLMClient": "client",
+    "EdgeClient": "client", "EdgeAnswer": "client", "TokenStream": "client",
     "EdgeDaemon": "daemon", "build_agent": "daemon", "run_daemon": "daemon",
     "ListSink": "records", "JsonlSink": "records", "CsvSink": "records",
     "open_sink": "records", "read_records": "records",

@@ -1,8 +1,10 @@
-"""Python clients of the edge's local endpoint: ``EdgeClient(endpoint).infer(image)`` and
-``LLMClient(endpoint).generate(prompt)``.
+"""The Python client of the edge's application endpoint: ``EdgeClient(endpoint)``, with
+``infer(image)`` for images and ``generate(prompt)`` streaming tokens.
 
 Light: numpy, pyzmq and msgpack only (no torch, transformers or ONNX Runtime), so an
-application imports them in a fraction of a second.
+application imports it in a fraction of a second. It speaks the declared app-endpoint
+messages of :mod:`tether.core.protocol` (ImageRequest/ImageReply, Generate/TokenChunk/
+StreamEnd) that :class:`tether.edge.server.EdgeServer` answers.
 
 Synchronous and thread-confined (one client per thread); a DEALER socket, so a timed-out
 request does not wedge the client: late answers to it are discarded.
@@ -13,21 +15,17 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, Sequence
 
-import msgpack
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from tether.core import protocol as P
 from tether.core.errors import BusyError, DeadlineExceededError, PeerUnavailableError, ProtocolError
-from tether.core.sampling import SamplingParams
 
-LOCAL_CODEC = "tensor"   # the local endpoint's one codec id: a raw tensor frame
-TEXT_CODEC = "text"      # a generation request: PREFILL whose payload is the UTF-8 prompt
-#: Where a streamed token came from, as the uint8 code in the local endpoint's RESULTs.
-SOURCES = ("cloud", "exit", "local")
+#: Where a streamed token came from (TokenChunk.source).
+SOURCES = P.TOKEN_SOURCES
 
 
 @dataclass(frozen=True)
@@ -113,12 +111,13 @@ def receive_matching(sock: zmq.Socket, watch: PeerWatch, rid: int, timeout: floa
 
 
 class EdgeClient:
-    """Sends images to a running edge daemon (``tether edge --listen ENDPOINT``)."""
+    """The client of a running edge daemon (``tether edge --listen ENDPOINT``): images and
+    token streams."""
 
     def __init__(self, endpoint: str, timeout: float = 10.0,
                  context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
-        self.timeout = timeout
+        self.timeout = timeout          # seconds per answer (per chunk of a token stream)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -132,51 +131,72 @@ class EdgeClient:
         Raises the error class the edge reported (e.g. InputShapeError), BusyError when the
         edge is full or draining, DeadlineExceededError when nothing came within ``timeout``.
         """
-        rid = next(self._ids)
         desc, view = P.tensor_frame(np.asarray(image))
-        msg = P.Infer(rid, "", "input", LOCAL_CODEC, desc.to_wire(), deadline_seconds, (view,))
+        reply = self._call(P.ImageRequest(next(self._ids), (desc,), (view,), deadline_seconds))
+        if not isinstance(reply, P.ImageReply):
+            raise ProtocolError(f"unexpected {type(reply).__name__} from the edge to IMAGE")
+        record = reply.record
+        logits = np.array(P.frame_array(reply.tensors[0], reply.payload[0]), dtype=np.float32)
+        return EdgeAnswer(logits, int(np.argmax(logits.reshape(-1))), str(record.get("action", "")),
+                          str(record.get("outcome", "")), str(record.get("fallback_reason", "")),
+                          float(record.get("total_seconds") or 0.0), reply.label, dict(record))
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None) -> "TokenStream":
+        """Stream the continuation of ``prompt`` (text or token ids) from the edge's LLM:
+        ``for chunk in client.generate(p): chunk.text, chunk.source``; afterwards the
+        stream's ``record`` holds the edge's StreamEnd (tokens by source, finish reason).
+
+        Greedy (the whole model's argmax) unless ``temperature`` > 0: then sampled with
+        ``top_k``/``top_p`` (0 and 1: no cut) from ``seed``, reproducibly. An error that
+        ends the stream is raised as its typed error (the record is kept).
+        """
+        text = prompt if isinstance(prompt, str) else ""
+        ids = () if isinstance(prompt, str) else tuple(int(t) for t in prompt)
+        msg = P.Generate(next(self._ids), text, ids, max_new_tokens, float(temperature), top_k,
+                         float(top_p), seed)
+        self._send(msg)
+        return TokenStream(self, msg.request_id)
+
+    def info(self) -> P.BundleInfo:
+        """What the edge serves first (its bundle, else its LLM): model id, fingerprint,
+        split points, input shape. :meth:`models` lists everything it serves."""
+        models = self.models()
+        if not models:
+            raise ProtocolError("the edge's READY lists nothing it serves")
+        return models[0]
+
+    def models(self) -> tuple[P.BundleInfo, ...]:
+        """Everything the edge serves: its bundle and/or its LLM."""
+        reply = self._call(P.Hello(next(self._ids), "edge-client"))
+        if not isinstance(reply, P.Ready):
+            raise ProtocolError(f"unexpected {type(reply).__name__} from the edge to HELLO")
+        return reply.bundles
+
+    def ping(self) -> float:
+        """Round trip to the edge daemon in seconds."""
+        t0 = time.perf_counter()
+        self._call(P.Ping(next(self._ids), time.monotonic()))
+        return time.perf_counter() - t0
+
+    def _send(self, msg: Any) -> None:
         self._watch.begin()
         self._sock.send_multipart(P.encode(msg), copy=False)
-        frames, reply = self._receive(rid)
+
+    def _call(self, msg: Any) -> Any:
+        self._send(msg)
+        return self._answer(msg.request_id)
+
+    def _answer(self, rid: int) -> Any:
+        """The edge's next message for ``rid``; ERROR and BUSY raise their typed errors."""
+        reply = receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
+                                 "edge (`tether edge`)")[1]
         if isinstance(reply, P.Error):
             raise reply.to_exception()
         if isinstance(reply, P.Busy):
             raise BusyError(f"edge {self.endpoint} busy ({reply.reason}); retry later")
-        if not isinstance(reply, P.Result) or not reply.tensors:
-            raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
-        record = msgpack.unpackb(frames[1], raw=False).get("edge") or {}
-        if not isinstance(record, dict):
-            raise ProtocolError("edge RESULT header field 'edge' must be a map")
-        logits = np.array(P.frame_array(reply.tensors[0], reply.payload[0]), dtype=np.float32)
-        return EdgeAnswer(logits, int(np.argmax(logits.reshape(-1))), str(record.get("action", "")),
-                          str(record.get("outcome", "")), str(record.get("fallback_reason", "")),
-                          float(record.get("total_seconds", 0.0)), str(record.get("label", "")),
-                          record)
-
-    def info(self) -> P.BundleInfo:
-        """What the edge serves: model id, fingerprint, split points, input shape."""
-        rid = next(self._ids)
-        self._watch.begin()
-        self._sock.send_multipart(P.encode(P.Hello(rid, "edge-client")))
-        _, reply = self._receive(rid)
-        if isinstance(reply, P.Error):
-            raise reply.to_exception()
-        if not isinstance(reply, P.Ready) or not reply.bundles:
-            raise ProtocolError(f"unexpected {type(reply).__name__} from the edge to HELLO")
-        return reply.bundles[0]
-
-    def ping(self) -> float:
-        """Round trip to the edge daemon in seconds."""
-        rid = next(self._ids)
-        t0 = time.perf_counter()
-        self._watch.begin()
-        self._sock.send_multipart(P.encode(P.Ping(rid, time.monotonic())))
-        self._receive(rid)
-        return time.perf_counter() - t0
-
-    def _receive(self, rid: int) -> tuple[list[bytes], Any]:
-        return receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
-                                "edge (`tether edge`)")
+        return reply
 
     def close(self) -> None:
         self._watch.close()
@@ -189,50 +209,37 @@ class EdgeClient:
         self.close()
 
 
-class LLMClient:
-    """Synchronous client of the edge's LLM streams (``tether edge --llm-checkpoint`` or
-    ``tether llm-edge``): ``for tok in client.generate(p): ...``."""
+class TokenStream:
+    """The chunks of one generation as they come (:class:`tether.core.protocol.TokenChunk`:
+    ``tokens``, ``text``, ``source``); ``record`` is the edge's StreamEnd once it ended."""
 
-    def __init__(self, endpoint: str, timeout: float = 10.0, context: Any = None) -> None:
-        self.endpoint, self.timeout = endpoint, timeout
-        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._watch = PeerWatch(self._sock)
-        self._sock.connect(endpoint)
-        self._ids = itertools.count(1)
-        self.counts: dict[str, int] = {}
+    def __init__(self, client: EdgeClient, request_id: int) -> None:
+        self._client, self.request_id = client, request_id
+        self.record: P.StreamEnd | None = None
+        self._done = False
 
-    def generate(self, prompt: str, max_new_tokens: int = 64,
-                 sampling: SamplingParams | None = None) -> Any:
-        """Yield ``(token, text, source)`` as the edge streams them, greedy or sampled under
-        ``sampling``; :attr:`counts` then holds the edge's tokens per source. An ERROR ends
-        the stream as its typed error."""
-        rid = next(self._ids)
-        self.counts = {}
-        self._watch.begin()
-        sp = sampling or SamplingParams()
-        self._sock.send_multipart(P.encode(P.Prefill(
-            rid, "", "", "", TEXT_CODEC, 0, max_new_tokens, payload=(prompt.encode("utf-8"),),
-            temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, seed=sp.seed)))
-        while True:
-            reply = self._receive(rid)
-            if isinstance(reply, P.Error):
-                raise reply.to_exception()
-            if not isinstance(reply, P.Result):
-                raise ProtocolError(f"unexpected {type(reply).__name__} from the edge")
-            arrays = [P.frame_array(reply.tensors[i], reply.payload[i])
-                      for i in range(len(reply.tensors))]
-            if len(arrays) < 3:       # end of stream: tokens per source
-                if arrays:
-                    self.counts = dict(zip(SOURCES, (int(n) for n in arrays[0])))
-                return
-            token, text, source = arrays
-            yield int(token[0]), bytes(text).decode("utf-8"), SOURCES[int(source[0])]
+    def __iter__(self) -> Iterator[P.TokenChunk]:
+        return self
 
-    def _receive(self, rid: int) -> Any:
-        return receive_matching(self._sock, self._watch, rid, self.timeout, self.endpoint,
-                                "LLM edge")[1]
+    def __next__(self) -> P.TokenChunk:
+        if self._done:
+            raise StopIteration
+        try:
+            reply = self._client._answer(self.request_id)
+        except BaseException:
+            self._done = True
+            raise
+        if isinstance(reply, P.TokenChunk):
+            return reply
+        self._done = True
+        if not isinstance(reply, P.StreamEnd):
+            raise ProtocolError(f"unexpected {type(reply).__name__} in a token stream")
+        self.record = reply
+        error = reply.to_exception()
+        if error is not None:
+            raise error
+        raise StopIteration
 
-    def close(self) -> None:
-        self._watch.close()
-        self._sock.close(linger=0)
+    def text(self) -> str:
+        """The rest of the stream's text, waiting for its end."""
+        return "".join(chunk.text for chunk in self)

@@ -7,7 +7,8 @@ Starlette on uvicorn, served on the daemon's own event loop (the ZeroMQ endpoint
                                  uint8 HWC or float NCHW in [0, 1]); ``?deadline=S``
                                  -> JSON: prediction, label, logits, action, outcome,
                                  fallback_reason, timings, record
-    POST /v1/completions         OpenAI completions, ``stream`` true: server-sent events
+    POST /v1/completions         OpenAI completions, ``stream`` true: server-sent events;
+                                 greedy unless ``temperature`` > 0 (``top_p``, ``top_k``, ``seed``)
     POST /v1/chat/completions    OpenAI chat completions (same)
     GET  /v1/models              the served models
     GET  /healthz, /readyz, /metrics   the same probes as the metrics port (tether.core.http)
@@ -35,6 +36,7 @@ from tether.core.errors import (BusyError, ConfigError, DeadlineExceededError, I
 from tether.core.http import PROBE_PATHS, probe_response
 from tether.edge.openai_api import (CompletionRequest, ResponseShape, StopMatcher, error_body,
                                     parse_request, sse)
+from tether.edge.server import open_generation
 
 if TYPE_CHECKING:
     from tether.edge.daemon import EdgeDaemon
@@ -334,9 +336,9 @@ class HttpFront:
         matcher = StopMatcher(req.stop)
         self.active += 1
         try:
-            async with self._slots, \
-                    contextlib.aclosing(self.llm.generate(req.prompt, req.max_tokens,
-                                                          sampling=req.sampling)) as events:
+            generation = open_generation(self.llm, req.generate_request(),
+                                         self.daemon.server.llm_max_new_tokens)
+            async with self._slots, contextlib.aclosing(generation) as events:
                 async for ev in events:
                     piece = matcher.feed(ev.text)
                     yield piece, ev.source, matcher.stopped

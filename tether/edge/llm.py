@@ -29,12 +29,9 @@ The session steps travel on the edge's :class:`~tether.edge.link.CloudLink` (Zer
 in-process twin in tests): the same handshake, heartbeats, reconnects, CURVE and typed
 errors as the image path, and one socket when one daemon serves both. Every finished (or
 failed) stream leaves a :class:`GenerationRecord` in ``LLMEdge.records`` (tokens by source,
-the switches between cloud and edge); the local endpoint sends its counts in the RESULT
-that ends the stream.
-
-:class:`LLMEdgeServer` is the local endpoint applications stream tokens from (``tether
-llm-edge``); its synchronous client is :class:`tether.edge.client.LLMClient` (``tether generate
---edge``), light and re-exported here.
+the switches between cloud and edge). Applications stream tokens from the edge's application
+endpoint (:class:`tether.edge.server.EdgeServer`, client :class:`tether.edge.client.EdgeClient`),
+which serves this class.
 """
 
 from __future__ import annotations
@@ -49,14 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import numpy as np
 import torch
 
 from tether.core import protocol as P
 from tether.codecs import hidden_codec
 from tether.core.errors import (BusyError, ConfigError, PeerUnavailableError, ProtocolError,
                                 SessionError, TetherError, TransientError)
-from tether.edge.client import SOURCES, TEXT_CODEC, LLMClient  # noqa: F401 (re-export)
+from tether.edge.client import SOURCES
 from tether.edge.link import CloudLink
 from tether.partitioner.llm import EdgeLM, SamplingParams, choose_token, split_name
 
@@ -447,114 +443,3 @@ class _Detokenizer:
         text = self.tokenizer.decode(self._ids)
         new, self._text = text[len(self._text):], text
         return new
-
-
-# SOURCES (where a streamed token came from) and TEXT_CODEC live with the light client;
-# LLMClient is re-exported here for existing imports.
-
-
-def is_generate_request(msg: Any) -> bool:
-    """A local endpoint's generation request: a PREFILL with codec ``"text"``."""
-    return isinstance(msg, P.Prefill) and msg.codec == TEXT_CODEC
-
-
-async def stream_generation(edge: LLMEdge, msg: Any, send: Any, max_new_tokens: int) -> None:
-    """Answer one local generation request (see :class:`LLMEdgeServer`) through ``send``.
-
-    ``send`` is an async callable taking a protocol message: one RESULT per token (token id,
-    new text, source code), then a RESULT with one tensor, the tokens per source (int64
-    ``[3]`` in :data:`SOURCES` order), that ends the stream; ERROR on failure (the stream
-    ends there). Shared by ``tether llm-edge`` and ``tether edge --llm-checkpoint``.
-    """
-    try:
-        if len(msg.payload) != 1:
-            raise ProtocolError("the prompt travels as exactly one UTF-8 payload frame")
-        prompt = bytes(memoryview(msg.payload[0])).decode("utf-8")
-        limit = max(1, min(msg.token_count or 64, max_new_tokens))
-        counts = dict.fromkeys(SOURCES, 0)
-        async for ev in edge.generate(prompt, limit, sampling=msg.sampling):
-            counts[ev.source] += 1
-            frames = [P.tensor_frame(np.array([ev.token], dtype=np.int64)),
-                      P.tensor_frame(np.frombuffer(ev.text.encode("utf-8"), dtype=np.uint8)),
-                      P.tensor_frame(np.array([SOURCES.index(ev.source)], dtype=np.uint8))]
-            await send(P.Result(msg.request_id, tuple(d for d, _ in frames),
-                                tuple(v for _, v in frames)))
-        desc, view = P.tensor_frame(np.array([counts[s] for s in SOURCES], dtype=np.int64))
-        await send(P.Result(msg.request_id, (desc,), (view,)))
-    except UnicodeDecodeError as exc:
-        await send(P.Error(msg.request_id, "bad_payload", f"prompt is not UTF-8: {exc}"))
-    except TetherError as exc:
-        await send(P.Error.from_exception(msg.request_id, exc))
-    except Exception as exc:   # noqa: BLE001 - never leave an application hanging
-        log.exception("generation %d failed", msg.request_id)
-        await send(P.Error.from_exception(msg.request_id, exc))
-
-
-class LLMEdgeServer:
-    """The edge's local endpoint for LLM applications (``tether llm-edge``), a ZeroMQ ROUTER.
-
-    Request: ``Prefill(request_id, session_id="", fingerprint="", split="", codec="text",
-    token_count=<max new tokens>, payload=(<UTF-8 prompt>,))`` (its sampling fields set the
-    stream's sampling). Reply: one RESULT per token
-    with tensors (token id int64 ``[1]``, new text uint8 ``[n]``, source uint8 ``[1]`` indexing
-    :data:`SOURCES`), then a RESULT with one int64 ``[3]`` tensor (tokens per source) that
-    ends the stream; ERROR on failure.
-    HELLO gets a READY naming the model, PING a PONG.
-    """
-
-    def __init__(self, edge: LLMEdge, endpoint: str, model_id: str = "llm",
-                 max_new_tokens: int = 1024) -> None:
-        self.edge, self.endpoint, self.model_id = edge, endpoint, model_id
-        self.max_new_tokens = max_new_tokens
-        self._sock: Any = None
-        self._tasks: set[asyncio.Task] = set()
-
-    async def start(self) -> str:
-        import zmq
-        import zmq.asyncio
-        self._sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(self.endpoint)
-        self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._spawn(self._read())
-        return self.endpoint
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close(linger=0)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _read(self) -> None:
-        while True:
-            ident, *frames = await self._sock.recv_multipart(copy=False)
-            try:
-                msg = P.decode(frames)
-            except ProtocolError as exc:
-                await self._send(ident, P.Error.from_exception(0, exc))
-                continue
-            if isinstance(msg, P.Ping):
-                await self._send(ident, P.Pong(msg.request_id, msg.t))
-            elif isinstance(msg, P.Hello):
-                info = P.BundleInfo(self.model_id, self.edge.fingerprint, (self.edge.split,),
-                                    (self.edge.config.codec,))
-                await self._send(ident, P.Ready(msg.request_id, "tether-llm-edge", (info,)))
-            elif is_generate_request(msg):
-                self._spawn(self._stream(ident, msg))
-            else:
-                await self._send(ident, P.Error(msg.request_id, ProtocolError.code,
-                                                "send a PREFILL with codec 'text' and the prompt"))
-
-    async def _stream(self, ident: Any, msg: Any) -> None:
-        await stream_generation(self.edge, msg, lambda reply: self._send(ident, reply),
-                                self.max_new_tokens)
-
-    async def _send(self, ident: Any, msg: Any) -> None:
-        await self._sock.send_multipart([ident, *P.encode(msg)], copy=False)

@@ -2,11 +2,12 @@
 
 What the split LLM honours: ``prompt``/``messages``, ``max_tokens`` (or
 ``max_completion_tokens``), ``stream``, ``stop``, ``n = 1``, and sampling: ``temperature``
-(0..2), ``top_p``, ``seed`` and vLLM's ``top_k`` extension (-1 or 0: off). Unlike OpenAI, an
-omitted ``temperature`` means greedy (exactly the whole model's argmax); a ``seed`` makes a
-sampled answer reproducible and equal to the whole model's under the same settings; a
-sampled answer tells its seed (``"tether": {"seed": ...}``, in the first chunk when
-streaming) so an unseeded one can be replayed (documented in docs/runtime.md). Pure functions, no IO.
+(0..2), ``top_p``, ``seed`` and vLLM's ``top_k`` extension (-1 or 0: off), which become the
+edge's :class:`tether.core.protocol.Generate` request. Unlike OpenAI, an omitted
+``temperature`` means greedy (exactly the whole model's argmax); a ``seed`` makes a sampled
+answer reproducible and equal to the whole model's under the same settings; a sampled answer
+tells its seed (``"tether": {"seed": ...}``, in the first chunk when streaming) so an unseeded
+one can be replayed (documented in docs/runtime.md). Pure functions, no IO.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from tether.core import protocol as P
 from tether.core.errors import ConfigError
 from tether.core.sampling import SamplingParams
 
@@ -35,6 +37,12 @@ class CompletionRequest:
     chat: bool
     include_usage: bool = False
     sampling: SamplingParams = SamplingParams()
+
+    def generate_request(self, request_id: int = 0) -> P.Generate:
+        """The edge's declared generation request for this completion."""
+        s = self.sampling
+        return P.Generate(request_id, self.prompt, (), self.max_tokens, s.temperature,
+                          s.top_k, s.top_p, s.seed)
 
 
 def parse_request(body: Any, chat: bool, tokenizer: Any, cap: int) -> CompletionRequest:

@@ -1,90 +1,90 @@
-"""The edge's local endpoint for applications: a ZeroMQ ROUTER speaking tether's protocol.
+"""The edge's application endpoint: a ZeroMQ ROUTER, the one owner of its message format.
 
-Applications (or :class:`tether.edge.client.EdgeClient`) send one INFER per image::
+Applications (or :class:`tether.edge.client.EdgeClient`) speak the declared app-endpoint
+messages of :mod:`tether.core.protocol`:
 
-    Infer(request_id, fingerprint="", split="input", codec="tensor",
-          codec_header={"shape": [...], "dtype": "uint8" | "float32" | ...},
-          deadline_s=<seconds or None>, payload=(<raw C-contiguous tensor bytes>,))
+* ``ImageRequest`` (one tensor: a uint8 HWC image at the bundle's input size, or float NCHW
+  in [0, 1]; ``deadline_s``) -> ``ImageReply``: the logits ``[1, classes]``, the request's
+  :class:`~tether.core.types.RequestRecord` (action, outcome, fallback reason, per-stage
+  seconds, bytes) as ``record``, and ``label`` when the bundle has class names;
+* ``Generate`` (prompt text or token ids, max new tokens, sampling settings) -> one
+  ``TokenChunk`` per generated token (id, text piece, source), then ``StreamEnd``: the
+  stream's record (tokens by source, seconds, finish reason, and the typed error that ended
+  it, if any);
+* HELLO -> READY (the bundle, then the LLM), PING -> PONG. Bad input gets an ERROR, a full
+  queue or a draining daemon a BUSY. The cloud's INFER / PREFILL are refused with a line
+  that names the fix (older clients sent those here).
 
-with a uint8 HWC image at the bundle's input size, or float NCHW in [0, 1]. The reply is
-a RESULT carrying the logits ``[1, classes]`` (and the cloud's queue/decode/tail seconds);
-its header also holds an ``edge`` map: the request's :class:`~tether.core.types.RequestRecord`
-(action, outcome, fallback reason, per-stage seconds, bytes) and ``label``, the
-class name when the bundle has labels. Bad input gets an ERROR,
-a full queue or a draining daemon a BUSY, PING a PONG, and HELLO a READY
-describing the bundle (model id, fingerprint, input shape). The IO task only parses and
-queues; worker tasks run :meth:`EdgeAgent.infer` (whose compute runs in threads).
-
-With an :class:`~tether.edge.llm.LLMEdge` (``tether edge --llm-checkpoint``) the same
-endpoint also streams LLM generations: a PREFILL with codec ``"text"`` gets one RESULT per
-token exactly as ``tether llm-edge`` answers it (:func:`~tether.edge.llm.stream_generation`),
-and READY lists the LLM after the bundle.
+The IO task only parses and queues; image workers run :meth:`EdgeAgent.infer` (compute in
+threads); each token stream is one task, at most ``max_streams`` at once (BUSY beyond), and
+stops when its application disconnects. One server holds a bundle, an LLM or both:
+``tether edge`` (``--bundle``, ``--llm-checkpoint``, or both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
-import msgpack
 import numpy as np
 import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
-from tether.core.errors import InputShapeError, ProtocolError, TetherError, UnknownModelError
+from tether.core.errors import ConfigError, ProtocolError, TetherError, UnknownModelError
+from tether.core.sampling import SamplingParams
 from tether.core.types import RequestRecord
-from tether.edge.agent import EdgeAgent
-from tether.edge.client import LOCAL_CODEC
-from tether.edge.llm import LLMEdge, is_generate_request, stream_generation
+
+if TYPE_CHECKING:
+    from tether.edge.agent import EdgeAgent
+    from tether.edge.llm import LLMEdge
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[bytes, P.Infer, np.ndarray, float]   # identity, request, image, arrival
+_Item = tuple[bytes, P.ImageRequest, np.ndarray, float]   # identity, request, image, arrival
+_OLD = {P.MsgType.INFER: "ImageRequest", P.MsgType.PREFILL: "Generate"}
 
 
-def request_tensor(msg: P.Infer, limits: P.Limits = P.DEFAULT_LIMITS) -> np.ndarray:
-    """The validated image array of a local INFER (raises ProtocolError / InputShapeError)."""
-    if msg.codec != LOCAL_CODEC:
-        raise InputShapeError(f"the edge endpoint takes codec {LOCAL_CODEC!r} (a raw tensor), "
-                              f"got {msg.codec!r}: use tether.edge.EdgeClient")
-    if len(msg.payload) != 1:
-        raise ProtocolError(f"expected one tensor frame, got {len(msg.payload)}")
-    desc = P.TensorDesc.from_wire(msg.codec_header, limits, "image")
-    return P.frame_array(desc, msg.payload[0])
+def sampling_of(msg: P.Generate) -> SamplingParams:
+    """The sampling settings ``msg`` asks for (validated: a ConfigError names a bad one)."""
+    return SamplingParams(msg.temperature, msg.top_k, msg.top_p, msg.seed)
 
 
-def encode_reply(request_id: int, logits: np.ndarray, record: RequestRecord,
-                 label: str | None = None) -> list[Any]:
-    """RESULT frames with the logits and the record (plus ``label``) in the header's ``edge`` map."""
-    result = P.result_for(request_id, np.ascontiguousarray(logits, dtype=np.float32),
-                          record.cloud_queue_seconds, record.cloud_decode_seconds,
-                          record.tail_seconds)
-    frames = P.encode(result)
-    header = msgpack.unpackb(frames[1], raw=False)
-    header["edge"] = record.to_dict() | ({"label": label} if label else {})
-    frames[1] = msgpack.packb(header, use_bin_type=True)
-    return frames
+def open_generation(llm: "LLMEdge", msg: P.Generate, cap: int) -> AsyncIterator[Any]:
+    """``llm``'s token events for ``msg``: at most ``cap`` tokens, its sampling settings."""
+    prompt = msg.prompt or list(msg.token_ids)
+    return llm.generate(prompt, min(msg.max_new_tokens, cap), sampling=sampling_of(msg))
+
+
+def image_reply(request_id: int, logits: np.ndarray, record: RequestRecord,
+                label: str | None = None) -> P.ImageReply:
+    """The ImageReply for one answered image."""
+    desc, view = P.tensor_frame(np.ascontiguousarray(logits, dtype=np.float32))
+    return P.ImageReply(request_id, (desc,), (view,), record.to_dict(), label or "")
 
 
 class EdgeServer:
-    """Serves an :class:`EdgeAgent` on a local ROUTER endpoint."""
+    """Serves an :class:`EdgeAgent` (images) and/or an :class:`LLMEdge` (token streams) on a
+    local ROUTER endpoint."""
 
-    def __init__(self, agent: EdgeAgent | None, endpoint: str, queue_size: int = 256, workers: int = 32,
-                 context: zmq.asyncio.Context | None = None,
-                 limits: P.Limits = P.DEFAULT_LIMITS, llm: LLMEdge | None = None,
-                 llm_max_new_tokens: int = 1024, llm_model_id: str = "llm") -> None:
-        self.agent = agent
+    def __init__(self, agent: "EdgeAgent | None", endpoint: str, queue_size: int = 256,
+                 workers: int = 32, context: zmq.asyncio.Context | None = None,
+                 limits: P.Limits = P.DEFAULT_LIMITS, llm: "LLMEdge | None" = None,
+                 llm_max_new_tokens: int = 1024, llm_model_id: str = "llm",
+                 max_streams: int | None = None) -> None:
+        if agent is None and llm is None:
+            raise ConfigError("the edge endpoint needs a bundle, an LLM or both to serve")
+        self.agent, self.endpoint, self.limits = agent, endpoint, limits
         self.llm, self.llm_max_new_tokens, self.llm_model_id = llm, llm_max_new_tokens, llm_model_id
-        self._streams: set[asyncio.Task] = set()
-        self.endpoint = endpoint
-        self.limits = limits
+        self.max_streams = max_streams or workers
+        self._streams: dict[asyncio.Task, bytes] = {}      # stream task -> application
         self._ctx = context or zmq.asyncio.Context.instance()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
         self._out: asyncio.Queue[list[Any]] = asyncio.Queue()
-        self._n_workers = workers
+        self._n_workers = workers if agent is not None else 0
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._busy_workers = 0
@@ -142,51 +142,80 @@ class EdgeServer:
     def _accept(self, identity: bytes, msg: Any) -> None:
         if isinstance(msg, P.Ping):
             self._reply(identity, P.encode(P.Pong(msg.request_id, msg.t)))
-            return
-        if isinstance(msg, P.Hello):
-            infos = ((self.agent.compute.bundle_info(),) if self.agent else ()) + self._llm_info()
-            edge_id = self.agent.edge_id if self.agent else "tether-edge"
-            self._reply(identity, P.encode(P.Ready(msg.request_id, edge_id, infos)))
-            return
-        if self.llm is not None and is_generate_request(msg):
+        elif isinstance(msg, P.Hello):
+            edge_id = self.agent.edge_id if self.agent is not None else "tether-edge"
+            self._reply(identity, P.encode(P.Ready(msg.request_id, edge_id, self._infos())))
+        elif isinstance(msg, P.Generate):
             self._start_stream(identity, msg)
-            return
-        if not isinstance(msg, P.Infer):
-            extra = ", PREFILL (codec 'text')" if self.llm is not None else ""
-            raise ProtocolError(f"the edge endpoint answers HELLO, INFER{extra} and PING, "
-                                f"not {msg.TYPE.name}")
+        elif isinstance(msg, P.ImageRequest):
+            self._queue_image(identity, msg)
+        else:
+            raise ProtocolError(self._refusal(msg))
+
+    def _refusal(self, msg: Any) -> str:
+        takes = "HELLO, PING" + ", IMAGE" * (self.agent is not None) + \
+            ", GENERATE" * (self.llm is not None)
+        if msg.TYPE in _OLD:
+            return (f"the edge endpoint takes {takes}; {msg.TYPE.name} is the cloud's message "
+                    f"(older clients sent it here): send {_OLD[msg.TYPE]} (tether.edge."
+                    "EdgeClient of this tether version)")
+        return f"the edge endpoint takes {takes}, not {msg.TYPE.name}"
+
+    def _infos(self) -> tuple[P.BundleInfo, ...]:
+        infos = (self.agent.compute.bundle_info(),) if self.agent is not None else ()
+        if self.llm is not None:
+            infos += (P.BundleInfo(self.llm_model_id, self.llm.fingerprint, (self.llm.split,),
+                                   (self.llm.config.codec,)),)
+        return infos
+
+    def _queue_image(self, identity: bytes, msg: P.ImageRequest) -> None:
         if self.agent is None:
             raise UnknownModelError("this edge serves no image model (started without a "
                                     "bundle); it answers LLM generation requests only")
         if self.draining:
             self._reply(identity, P.encode(P.Busy(msg.request_id, "draining")))
             return
-        image = request_tensor(msg, self.limits)
+        image = P.frame_array(msg.tensors[0], msg.payload[0])
         try:
             self._queue.put_nowait((identity, msg, image, time.perf_counter()))
         except asyncio.QueueFull:
             self._reply(identity, P.encode(P.Busy(msg.request_id, "queue_full",
                                                   self._queue.qsize())))
 
-    def _llm_info(self) -> tuple[P.BundleInfo, ...]:
+    def _start_stream(self, identity: bytes, msg: P.Generate) -> None:
+        """One task per stream (at most ``max_streams``); its messages share the send queue."""
         if self.llm is None:
-            return ()
-        return (P.BundleInfo(self.llm_model_id, self.llm.fingerprint, (self.llm.split,),
-                             (self.llm.config.codec,)),)
-
-    def _start_stream(self, identity: bytes, msg: P.Prefill) -> None:
-        """Stream one generation; its RESULTs go through the same send queue as INFER's."""
-        if self.draining:
-            self._reply(identity, P.encode(P.Busy(msg.request_id, "draining")))
+            raise ConfigError("this edge serves no LLM (start it with --llm-checkpoint)")
+        if self.draining or len(self._streams) >= self.max_streams:
+            reason = "draining" if self.draining else "queue_full"
+            self._reply(identity, P.encode(P.Busy(msg.request_id, reason, len(self._streams))))
             return
+        task = asyncio.create_task(self._stream(identity, msg), name=f"edge-llm-{msg.request_id}")
+        self._streams[task] = identity
+        task.add_done_callback(lambda t: self._streams.pop(t, None))
 
-        async def send(reply: Any) -> None:
-            self._reply(identity, P.encode(reply))
-        task = asyncio.create_task(
-            stream_generation(self.llm, msg, send, self.llm_max_new_tokens),
-            name=f"edge-llm-{msg.request_id}")
-        self._streams.add(task)
-        task.add_done_callback(self._streams.discard)
+    async def _stream(self, identity: bytes, msg: P.Generate) -> None:
+        """TokenChunk per token, then StreamEnd with the record (and the error, if any)."""
+        counts, started = dict.fromkeys(P.TOKEN_SOURCES, 0), time.perf_counter()
+        finish, error = "length", None
+        try:
+            async with contextlib.aclosing(
+                    open_generation(self.llm, msg, self.llm_max_new_tokens)) as events:
+                async for ev in events:
+                    counts[ev.source] += 1
+                    self._reply(identity, P.encode(
+                        P.TokenChunk(msg.request_id, (ev.token,), ev.text, ev.source)))
+            if sum(counts.values()) < min(msg.max_new_tokens, self.llm_max_new_tokens):
+                finish = "stop"
+        except TetherError as exc:
+            error = P.Error.from_exception(msg.request_id, exc)
+        except Exception as exc:   # noqa: BLE001 - never leave an application hanging
+            log.exception("generation %d failed", msg.request_id)
+            error = P.Error.from_exception(msg.request_id, exc)
+        self._reply(identity, P.encode(P.StreamEnd(
+            msg.request_id, **counts, seconds=time.perf_counter() - started,
+            finish="error" if error else finish, code=error.code if error else "",
+            message=error.message if error else "")))
 
     def _label(self, index: int) -> str | None:
         labels = self.agent.compute.manifest.preprocess.get("labels")
@@ -202,8 +231,11 @@ class EdgeServer:
             frames = await self._out.get()
             try:
                 await sock.send_multipart(frames, copy=False)
-            except zmq.ZMQError as exc:   # the application went away
+            except zmq.ZMQError as exc:   # the application went away: stop its streams
                 log.debug("reply dropped: %s", exc)
+                for task, identity in list(self._streams.items()):
+                    if identity == frames[0]:
+                        task.cancel()
 
     async def _work(self) -> None:
         while True:
@@ -211,8 +243,8 @@ class EdgeServer:
             self._busy_workers += 1
             try:
                 result = await self.agent.infer(image, msg.deadline_s, received)
-                frames = encode_reply(msg.request_id, result.logits, result.record,
-                                      self._label(result.prediction))
+                frames = P.encode(image_reply(msg.request_id, result.logits, result.record,
+                                              self._label(result.prediction)))
                 self.served += 1
             except TetherError as exc:
                 frames = P.encode(P.Error.from_exception(msg.request_id, exc))

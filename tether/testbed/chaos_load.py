@@ -16,7 +16,7 @@ from tether.core import protocol as P
 
 
 class ChaosClient:
-    """One DEALER per edge: sends INFERs, counts every reply per request id."""
+    """One DEALER per edge: sends images (ImageRequest), counts every reply per request id."""
 
     def __init__(self, edge: int, endpoint: str, ctx: zmq.asyncio.Context, ledger: Any,
                  images: np.ndarray, reference: np.ndarray, deadline_s: float) -> None:
@@ -30,7 +30,7 @@ class ChaosClient:
     def send(self, index: int, kind: str) -> None:
         rid = next(self._ids)
         desc, view = P.tensor_frame(np.ascontiguousarray(self.images[index]))
-        msg = P.Infer(rid, "", "input", "tensor", desc.to_wire(), self.deadline_s, (view,))
+        msg = P.ImageRequest(rid, (desc,), (view,), self.deadline_s)
         self.ledger.rows[(self.edge, rid)] = {
             "edge": self.edge, "request": rid, "kind": kind, "image": index,
             "sent": time.monotonic(), "replies": 0, "outcome": "unanswered"}
@@ -50,13 +50,13 @@ class ChaosClient:
             row["replies"] += 1
             if row["replies"] == 1:
                 row["seconds"] = now - row["sent"]
-                row.update(self._outcome(msg, frames, row["image"]))
+                row.update(self._outcome(msg, row["image"]))
 
-    def _outcome(self, msg: Any, frames: list[Any], index: int) -> dict[str, Any]:
-        if isinstance(msg, P.Result) and msg.tensors:
+    def _outcome(self, msg: Any, index: int) -> dict[str, Any]:
+        if isinstance(msg, P.ImageReply):
             logits = np.asarray(P.frame_array(msg.tensors[0], msg.payload[0]),
                                 dtype=np.float32).reshape(-1)
-            record = msgpack.unpackb(bytes(frames[1]), raw=False).get("edge") or {}
+            record = msg.record
             ref = self.reference[index]
             return {"outcome": record.get("outcome", "?"),
                     "reason": record.get("fallback_reason", ""),
@@ -74,7 +74,7 @@ def fuzz_frames(rng: random.Random, count: int, image: np.ndarray) -> list[list[
     """Seeded malformed messages: flipped bytes, truncations, bad headers, lies about sizes."""
     desc, view = P.tensor_frame(np.ascontiguousarray(image))
     valid = [bytes(memoryview(f)) for f in P.encode(
-        P.Infer(7, "", "input", "tensor", desc.to_wire(), 1.0, (view,)))]
+        P.ImageRequest(7, (desc,), (view,), 1.0))]
     out = []
     for _ in range(count):
         frames = [bytearray(f) for f in valid]

@@ -13,14 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import msgpack
 import numpy as np
 import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
 from tether.core.errors import ConfigError, ProtocolError
-from tether.edge.server import LOCAL_CODEC
 
 CIFAR_LOSSLESS = "cifar10/cifar10_test_first1017_lossless.npz"
 
@@ -108,7 +106,7 @@ class EdgeLoad:
 
     def _send(self, rid: int, idx: int, images: ImageSet) -> None:
         desc, view = P.tensor_frame(np.ascontiguousarray(images.images[idx]))
-        msg = P.Infer(rid, "", "input", LOCAL_CODEC, desc.to_wire(), self.deadline_s, (view,))
+        msg = P.ImageRequest(rid, (desc,), (view,), self.deadline_s)
         self._pending[rid] = {"edge": self.edge, "request": rid, "image": idx,
                               "label": int(images.labels[idx]), "sent_wall": time.time(),
                               "sent": time.monotonic()}
@@ -126,18 +124,17 @@ class EdgeLoad:
             if row is None:
                 continue
             row["client_seconds"] = now - row["sent"]
-            row.update(_answer_fields(msg, frames))
+            row.update(_answer_fields(msg))
             self.rows.append(row)
             if on_row is not None:
                 on_row(row)
 
 
-def _answer_fields(msg: Any, frames: list[Any]) -> dict[str, Any]:
+def _answer_fields(msg: Any) -> dict[str, Any]:
     """The record, prediction and outcome of one reply from the edge."""
-    if isinstance(msg, P.Result) and msg.tensors:
+    if isinstance(msg, P.ImageReply):
         logits = np.asarray(P.frame_array(msg.tensors[0], msg.payload[0])).reshape(-1)
-        header = msgpack.unpackb(bytes(frames[1]), raw=False)
-        record = header.get("edge") if isinstance(header.get("edge"), dict) else {}
+        record = dict(msg.record)
         return {"answered": True, "prediction": int(np.argmax(logits)), "record": record,
                 "outcome": record.get("outcome", "cloud"), "error": ""}
     if isinstance(msg, P.Busy):
