@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tether.core.policy import DecisionContext
+from tether.core.policy import DecisionContext, Observation
 from tether.core.types import LOCAL, Action
 from tether.policies.baselines import EstimatingPolicy
 from tether.policies.config import PolicyConfig
 from tether.policies.costmodel import CostModel
 from tether.policies.estimators import Ewma
+from tether.policies.queueing import BacklogValue
 
 
 class TetherAdaptive(EstimatingPolicy):
@@ -34,22 +35,29 @@ class TetherAdaptive(EstimatingPolicy):
 
     name = "adaptive"
     use_inflight_bound = True
+    #: Re-solve the backlog's value at most this often (s), and only when its inputs moved.
+    resolve_seconds = 0.5
+    #: ... by more than this fraction (arrival rate, any action's latency or work).
+    resolve_change = 0.03
 
     def __init__(self, model: CostModel, cfg: PolicyConfig) -> None:
         super().__init__(model, cfg)
         self._current: int | None = None
         self._last_arrival: float | None = None
         self._gap = Ewma(0.05)
-        self._load = Ewma(0.05)       # edge utilisation: booked compute per inter-arrival gap
+        self._overhead = Ewma(0.1)    # measured per-request edge CPU outside the model's work
         self._edge_free = -np.inf     # when the edge CPU finishes the work already given to it
         self._up_free = -np.inf       # when the uplink finishes the bytes already sent
+        self._value = BacklogValue()
+        self._solved: tuple[float, float, np.ndarray, np.ndarray] | None = None
+        self._local = int(model.index(LOCAL))
 
     def decide(self, ctx: DecisionContext) -> Action:
         if self._last_arrival is not None and ctx.now > self._last_arrival:
             self._gap.update(ctx.now - self._last_arrival)
         self._last_arrival = ctx.now
         if not ctx.cloud_available:
-            choice = int(self.model.index(LOCAL))
+            choice = self._local
         elif self.cfg.objective == "accuracy":
             choice = self._max_accuracy(ctx)
         else:
@@ -60,61 +68,78 @@ class TetherAdaptive(EstimatingPolicy):
         self.remember(ctx.now, action)
         return action
 
+    def observe(self, obs: Observation) -> None:
+        super().observe(obs)
+        if obs.action is None or obs.edge_seconds is None or obs.edge_wait_seconds is None:
+            return
+        if obs.exited or obs.action == LOCAL:
+            # answered on the edge: what the request took beyond its compute and its wait
+            # for the compute is the daemon's (and this policy's) own per-request CPU
+            rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds
+            local = float(self.terms(obs.now)[2][self._local])
+            self._overhead.update(min(max(rest, 0.0), local))
+
     # ---- the edge's and the link's own queues --------------------------------------------
-    def _edge_cpu(self, now: float) -> np.ndarray:
-        """Calibrated edge compute of every action (head/exit, plus encode if remote)."""
-        edge, _ = self.factors(now)
-        return (self.model.pre + self.model.remote_frac * self.model.encode) * edge
+    def work(self, now: float) -> np.ndarray:
+        """Edge CPU every action adds: calibrated compute plus the measured per-request
+        overhead of the daemon and the policy."""
+        return self.terms(now)[2] + (self._overhead.value or 0.0)
 
     def _book(self, now: float, choice: int) -> None:
         """Account the chosen action's edge compute and uplink bytes (predicted)."""
         start = max(now, self._edge_free)
-        cpu = float(self._edge_cpu(now)[choice])
-        if self._gap.value is not None:
-            self._load.update(cpu / max(self._gap.value, 1e-6))
+        cpu = float(self.work(now)[choice])
         self._edge_free = start + cpu
         if not self.model.is_local[choice]:
-            send = start + cpu
             bw = max(self.bandwidth(now), 1.0)
             frac = float(self.model.remote_frac[choice])
-            self._up_free = max(send, self._up_free) + frac * self.model.up[choice] * 8.0 / bw
+            self._up_free = max(start + cpu, self._up_free) + frac * self.model.up[choice] * 8.0 / bw
 
-    def waits(self, now: float) -> np.ndarray:
-        """Predicted wait of every action behind the work this edge already queued."""
-        # every action, even a raw offload, passes the edge's one compute queue
-        wait = np.full(len(self.model.actions), max(0.0, self._edge_free - now))
-        send = now + wait + self._edge_cpu(now)
-        link_wait = np.maximum(0.0, self._up_free - send) * self.model.remote_frac
-        return wait + link_wait
+    def link_waits(self, now: float, work: np.ndarray) -> np.ndarray:
+        """Wait of every action's bytes behind the bytes this edge already sent."""
+        send = max(now, self._edge_free) + work
+        return np.maximum(0.0, self._up_free - send) * self.model.remote_frac
 
-    def load_penalty(self, now: float) -> np.ndarray:
-        """Delay each action's edge compute imposes on the requests arriving behind it.
-
-        ``s`` seconds added to the (FIFO) edge processor delay every request that arrives
-        before its queue next empties by ``s``. With ``W`` seconds of work already queued
-        and load ``rho``, that busy period lasts about ``(W + s) / (1 - rho)``, so about
-        ``rate * (W + s) / (1 - rho)`` requests pay ``s`` each. This is what makes "local"
-        costlier than it looks on a loaded edge, and what the greedy oracle ignores.
-        """
+    def backlog_cost(self, now: float, lat: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """What each action's edge work costs the requests behind it (:mod:`queueing`),
+        the backlog value re-solved when the arrival rate or the prices moved."""
         if self._gap.value is None or self.cfg.edge_load_weight == 0:
-            return np.zeros(len(self.model.actions))
+            return np.zeros(len(lat))
         rate = 1.0 / max(self._gap.value, 1e-3)
-        rho = min(self._load.value or 0.0, 0.9)
-        cpu = self._edge_cpu(now)
+        ok = self.mask & np.isfinite(lat)
+        if self._stale(now, rate, lat, work):
+            self._value.solve(rate, np.where(ok, lat, np.inf), work)
+            self._solved = (now, rate, lat.copy(), work.copy())
         backlog = max(0.0, self._edge_free - now)
-        return self.cfg.edge_load_weight * cpu * rate * (backlog + cpu) / (1.0 - rho)
+        return self.cfg.edge_load_weight * self._value.cost(backlog, work)
+
+    def _stale(self, now: float, rate: float, lat: np.ndarray, work: np.ndarray) -> bool:
+        if self._solved is None:
+            return True
+        when, r, old_lat, old_work = self._solved
+        if now - when < self.resolve_seconds:
+            return False
+        tol = self.resolve_change
+        with np.errstate(invalid="ignore"):
+            moved = np.abs(lat - old_lat) > tol * np.abs(old_lat)
+        return abs(rate - r) > tol * r or bool(moved.any()) or \
+            bool((np.abs(work - old_work) > tol * old_work).any())
 
     # ---- objectives ------------------------------------------------------------------------
     def _min_latency(self, ctx: DecisionContext) -> int:
-        _, lat = self.argmin(ctx, self.bandwidth(ctx.now))
-        extra = self.waits(ctx.now) + self.load_penalty(ctx.now)
-        lat = lat + extra
-        best = int(np.argmin(lat))
+        now = ctx.now
+        fixed, bits, _ = self.terms(now, ctx.cloud_queue_seconds)
+        work = self.work(now)
+        lat = np.where(self.mask, fixed + bits / max(self.bandwidth(now), 1.0), np.inf)
+        extra = self.link_waits(now, work) + self.backlog_cost(now, lat, work)
+        score = lat + extra
+        best = int(np.argmin(score))
         cur = self._current
-        if cur is not None and np.isfinite(lat[cur]) and lat[cur] <= lat[best] * (1 + self.cfg.hysteresis):
+        if cur is not None and np.isfinite(score[cur]) and \
+                score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
             best = cur
         if self.model.is_local[best]:
-            probe = self.probe(ctx, lat[best], extra)
+            probe = self.probe(ctx, score[best], extra)
             if probe is not None:
                 return probe
         return best
@@ -123,7 +148,8 @@ class TetherAdaptive(EstimatingPolicy):
         bw_low = min(self.bw.quantile(1.0 - self.cfg.deadline_quantile, ctx.now),
                      self.bandwidth(ctx.now))
         _, lat = self.argmin(ctx, bw_low)
-        lat = lat + self.waits(ctx.now)
+        work = self.work(ctx.now)
+        lat = lat + max(0.0, self._edge_free - ctx.now) + self.link_waits(ctx.now, work)
         deadlines = [d for d in (self.cfg.deadline_seconds, ctx.deadline_seconds) if d is not None]
         meets = lat <= min(deadlines, default=np.inf)   # the request's own deadline if tighter
         if not meets.any():

@@ -90,6 +90,8 @@ class EstimatingPolicy:
         self._last_reply = -np.inf
         self.calibration = (Calibrator(model, cfg.calibration_alpha,
                                        cfg.calibration_halflife_seconds) if cfg.calibrate else None)
+        self._terms_key: tuple | None = None
+        self._terms: tuple[np.ndarray, np.ndarray, np.ndarray] = (model.pre, model.pre, model.pre)
 
     def factors(self, now: float) -> tuple[np.ndarray | float, np.ndarray | float]:
         """Calibrated (edge, cloud) compute factors per action (1.0 without calibration)."""
@@ -98,10 +100,28 @@ class EstimatingPolicy:
         return self.calibration.edge_factors(now), self.calibration.cloud_factors(now)
 
     def predict(self, ctx: DecisionContext, up_bps: float | np.ndarray) -> np.ndarray:
-        """Predicted latency of every action (calibrated compute, current RTT and queue)."""
-        edge, cloud = self.factors(ctx.now)
-        return self.model.latencies(up_bps, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds,
-                                    edge=edge, cloud=cloud)
+        """Predicted latency of every action (calibrated compute, current RTT and queue):
+        ``fixed + bits / bandwidth`` from per-action constants cached between samples."""
+        fixed, bits, _ = self.terms(ctx.now, ctx.cloud_queue_seconds)
+        return fixed + bits / np.maximum(up_bps, 1.0)
+
+    def terms(self, now: float, queue: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per action: latency without the link's transfer time, bits on the link (up and
+        down, weighted by the remote fraction), calibrated edge compute. Recomputed only
+        when a calibration sample, the RTT or the cloud queue changed, or a second passed
+        (the factors decay slowly), so a decision costs a few vector operations."""
+        rtt = self.rtt.propagation(now)
+        version = -1 if self.calibration is None else self.calibration.version
+        key = (version, rtt, queue, int(now))
+        if key != self._terms_key:
+            m = self.model
+            edge, cloud = self.factors(now)
+            remote = m.encode * edge + rtt + queue + m.cloud * cloud
+            fixed = m.pre * edge + m.remote_frac * remote
+            bits = m.remote_frac * (m.up + m.down) * 8.0
+            work = (m.pre + m.remote_frac * m.encode) * edge
+            self._terms, self._terms_key = (fixed, bits, work), key
+        return self._terms
 
     def observe(self, obs: Observation) -> None:
         if obs.rtt_seconds is not None:

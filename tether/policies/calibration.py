@@ -74,6 +74,7 @@ class Calibrator:
         n = len(model.actions)
         self._edge = _LogEwma(n, alpha)
         self._cloud = _LogEwma(n, alpha)
+        self.version = 0      # bumped by every sample: cached prices depending on it expire
 
     def observe(self, obs: Observation) -> None:
         """Feed one finished request's measured compute (ignored when not measured)."""
@@ -91,6 +92,7 @@ class Calibrator:
         if profiled < self.min_seconds or not measured > 0 or not math.isfinite(measured):
             return   # too small to measure against timer noise (e.g. offload without encode)
         ewma.update(i, math.log(measured / profiled), now)
+        self.version += 1
 
     def edge_factors(self, now: float) -> np.ndarray:
         return self._edge.factors(now, self.halflife)
