@@ -36,9 +36,9 @@ class TetherAdaptive(EstimatingPolicy):
     name = "adaptive"
     use_inflight_bound = True
     #: Re-solve the backlog's value at most this often (s), and only when its inputs moved.
-    resolve_seconds = 0.5
+    resolve_seconds = 1.0
     #: ... by more than this fraction (arrival rate, any action's latency or work).
-    resolve_change = 0.03
+    resolve_change = 0.05
 
     def __init__(self, model: CostModel, cfg: PolicyConfig) -> None:
         super().__init__(model, cfg)
@@ -51,21 +51,28 @@ class TetherAdaptive(EstimatingPolicy):
         self._value = BacklogValue()
         self._solved: tuple[float, float, np.ndarray, np.ndarray] | None = None
         self._local = int(model.index(LOCAL))
+        self._work_key: tuple | None = None
+        self._work = model.pre
+        self._masked_for: np.ndarray | None = None
+        self._masked_fixed = model.pre
 
     def decide(self, ctx: DecisionContext) -> Action:
-        if self._last_arrival is not None and ctx.now > self._last_arrival:
-            self._gap.update(ctx.now - self._last_arrival)
-        self._last_arrival = ctx.now
+        now = ctx.now
+        if self._last_arrival is not None and now > self._last_arrival:
+            self._gap.update(now - self._last_arrival)
+        self._last_arrival = now
+        bw = self.bandwidth(now)
+        work = self.work(now)
         if not ctx.cloud_available:
             choice = self._local
         elif self.cfg.objective == "accuracy":
-            choice = self._max_accuracy(ctx)
+            choice = self._max_accuracy(ctx, work)
         else:
-            choice = self._min_latency(ctx)
+            choice = self._min_latency(ctx, bw, work)
         self._current = choice
         action = self.model.actions[choice]
-        self._book(ctx.now, choice)
-        self.remember(ctx.now, action)
+        self._book(now, choice, work, bw)
+        self.remember(now, action)
         return action
 
     def observe(self, obs: Observation) -> None:
@@ -83,22 +90,27 @@ class TetherAdaptive(EstimatingPolicy):
     def work(self, now: float) -> np.ndarray:
         """Edge CPU every action adds: calibrated compute plus the measured per-request
         overhead of the daemon and the policy."""
-        return self.terms(now)[2] + (self._overhead.value or 0.0)
+        terms, overhead = self.terms(now), self._overhead.value or 0.0
+        if self._work_key is None or self._work_key[0] is not terms or self._work_key[1] != overhead:
+            self._work_key, self._work = (terms, overhead), terms[2] + overhead
+        return self._work
 
-    def _book(self, now: float, choice: int) -> None:
+    def _book(self, now: float, choice: int, work: np.ndarray, bw: float) -> None:
         """Account the chosen action's edge compute and uplink bytes (predicted)."""
         start = max(now, self._edge_free)
-        cpu = float(self.work(now)[choice])
+        cpu = float(work[choice])
         self._edge_free = start + cpu
         if not self.model.is_local[choice]:
-            bw = max(self.bandwidth(now), 1.0)
             frac = float(self.model.remote_frac[choice])
-            self._up_free = max(start + cpu, self._up_free) + frac * self.model.up[choice] * 8.0 / bw
+            self._up_free = max(start + cpu, self._up_free) + \
+                frac * float(self.model.up[choice]) * 8.0 / max(bw, 1.0)
 
-    def link_waits(self, now: float, work: np.ndarray) -> np.ndarray:
+    def link_waits(self, now: float, work: np.ndarray) -> np.ndarray | float:
         """Wait of every action's bytes behind the bytes this edge already sent."""
-        send = max(now, self._edge_free) + work
-        return np.maximum(0.0, self._up_free - send) * self.model.remote_frac
+        send = max(now, self._edge_free)
+        if self._up_free <= send:
+            return 0.0                     # the uplink is idle when anything could be sent
+        return np.maximum(0.0, self._up_free - send - work) * self.model.remote_frac
 
     def backlog_cost(self, now: float, lat: np.ndarray, work: np.ndarray) -> np.ndarray:
         """What each action's edge work costs the requests behind it (:mod:`queueing`),
@@ -106,9 +118,8 @@ class TetherAdaptive(EstimatingPolicy):
         if self._gap.value is None or self.cfg.edge_load_weight == 0:
             return np.zeros(len(lat))
         rate = 1.0 / max(self._gap.value, 1e-3)
-        ok = self.mask & np.isfinite(lat)
         if self._stale(now, rate, lat, work):
-            self._value.solve(rate, np.where(ok, lat, np.inf), work)
+            self._value.solve(rate, lat, work)         # lat: +inf below the accuracy floor
             self._solved = (now, rate, lat.copy(), work.copy())
         backlog = max(0.0, self._edge_free - now)
         return self.cfg.edge_load_weight * self._value.cost(backlog, work)
@@ -126,29 +137,32 @@ class TetherAdaptive(EstimatingPolicy):
             bool((np.abs(work - old_work) > tol * old_work).any())
 
     # ---- objectives ------------------------------------------------------------------------
-    def _min_latency(self, ctx: DecisionContext) -> int:
+    def _min_latency(self, ctx: DecisionContext, bw: float, work: np.ndarray) -> int:
         now = ctx.now
         fixed, bits, _ = self.terms(now, ctx.cloud_queue_seconds)
-        work = self.work(now)
-        lat = np.where(self.mask, fixed + bits / max(self.bandwidth(now), 1.0), np.inf)
+        lat = self._masked(fixed) + bits / max(bw, 1.0)
         extra = self.link_waits(now, work) + self.backlog_cost(now, lat, work)
         score = lat + extra
         best = int(np.argmin(score))
         cur = self._current
-        if cur is not None and np.isfinite(score[cur]) and \
-                score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
+        if cur is not None and score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
             best = cur
         if self.model.is_local[best]:
-            probe = self.probe(ctx, score[best], extra)
+            probe = self.probe(ctx, float(score[best]), extra)
             if probe is not None:
                 return probe
         return best
 
-    def _max_accuracy(self, ctx: DecisionContext) -> int:
+    def _masked(self, fixed: np.ndarray) -> np.ndarray:
+        """``fixed`` with the actions below the accuracy floor at +inf (cached per array)."""
+        if self._masked_for is not fixed:
+            self._masked_for, self._masked_fixed = fixed, np.where(self.mask, fixed, np.inf)
+        return self._masked_fixed
+
+    def _max_accuracy(self, ctx: DecisionContext, work: np.ndarray) -> int:
         bw_low = min(self.bw.quantile(1.0 - self.cfg.deadline_quantile, ctx.now),
                      self.bandwidth(ctx.now))
         _, lat = self.argmin(ctx, bw_low)
-        work = self.work(ctx.now)
         lat = lat + max(0.0, self._edge_free - ctx.now) + self.link_waits(ctx.now, work)
         deadlines = [d for d in (self.cfg.deadline_seconds, ctx.deadline_seconds) if d is not None]
         meets = lat <= min(deadlines, default=np.inf)   # the request's own deadline if tighter

@@ -91,6 +91,7 @@ class EstimatingPolicy:
         self.calibration = (Calibrator(model, cfg.calibration_alpha,
                                        cfg.calibration_halflife_seconds) if cfg.calibrate else None)
         self._terms_key: tuple | None = None
+        self._cal_version, self._cal_time = -1, -np.inf
         self._terms: tuple[np.ndarray, np.ndarray, np.ndarray] = (model.pre, model.pre, model.pre)
 
     def factors(self, now: float) -> tuple[np.ndarray | float, np.ndarray | float]:
@@ -98,6 +99,16 @@ class EstimatingPolicy:
         if self.calibration is None:
             return 1.0, 1.0
         return self.calibration.edge_factors(now), self.calibration.cloud_factors(now)
+
+    def _calibration_epoch(self, now: float) -> tuple[int, int]:
+        cal = self.calibration
+        if cal is None:
+            return (0, int(now))
+        if cal.samples <= 20:
+            return (cal.version, int(now))
+        if cal.version != self._cal_version and now - self._cal_time >= 0.25:
+            self._cal_version, self._cal_time = cal.version, now
+        return (self._cal_version, int(now))
 
     def predict(self, ctx: DecisionContext, up_bps: float | np.ndarray) -> np.ndarray:
         """Predicted latency of every action (calibrated compute, current RTT and queue):
@@ -108,11 +119,11 @@ class EstimatingPolicy:
     def terms(self, now: float, queue: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per action: latency without the link's transfer time, bits on the link (up and
         down, weighted by the remote fraction), calibrated edge compute. Recomputed only
-        when a calibration sample, the RTT or the cloud queue changed, or a second passed
-        (the factors decay slowly), so a decision costs a few vector operations."""
+        when the RTT or the cloud queue changed, after new calibration samples (at once for
+        the first ones, then at most every 0.25 s) or once a second (the factors decay
+        slowly), so a decision costs a few vector operations."""
         rtt = self.rtt.propagation(now)
-        version = -1 if self.calibration is None else self.calibration.version
-        key = (version, rtt, queue, int(now))
+        key = (rtt, round(queue, 4), self._calibration_epoch(now))
         if key != self._terms_key:
             m = self.model
             edge, cloud = self.factors(now)

@@ -43,7 +43,7 @@ class _LogEwma:
         self.shared_count = 0
 
     def update(self, i: int, log_ratio: float, now: float) -> None:
-        self.value[i] = self._step(self.value[i], int(self.count[i]), log_ratio)
+        self.value[i] = self._step(float(self.value[i]), int(self.count[i]), log_ratio)
         self.count[i] += 1
         self.when[i] = now
         self.shared = self._step(self.shared, self.shared_count, log_ratio)
@@ -53,7 +53,7 @@ class _LogEwma:
         if count == 0:
             return x
         if count >= WARMUP:
-            x = value + float(np.clip(x - value, -CLIP, CLIP))
+            x = value + min(max(x - value, -CLIP), CLIP)
         alpha = max(self.alpha, 1.0 / (count + 1))   # the first samples average plainly
         return value + alpha * (x - value)
 
