@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tether.core.bundle import CodecEntry, ExitEntry, Manifest  # noqa: E402
-from tether.core.traces import Trace, load_mahimahi, load_pensieve  # noqa: E402
+from tether.core.traces import Trace, constant, load_mahimahi, load_pensieve  # noqa: E402
 from tether.core.types import CodecCost, CostTable, ExitCost  # noqa: E402
 from tether.policies import PolicyConfig, scale_edge  # noqa: E402
 from tether.policies.evaluate import DEFAULT_POLICIES, run_policies, summarize  # noqa: E402
@@ -155,7 +155,29 @@ def run_trace(truth: CostTable, profile: CostTable, manifest: Manifest, group: s
     rows = {r["policy"]: r for r in summarize(results)}
     shares = action_shares(results)
     rows["oracle"]["exact"] = results["oracle"].meta.get("exact")
+    if args.decompose:
+        rows.update(decompose(truth, manifest, trace, cfg, sim, args.beam, results["oracle"]))
     return rows, shares
+
+
+def decompose(truth: CostTable, manifest: Manifest, trace: Trace, cfg: PolicyConfig,
+              sim: SimConfig, beam: int, oracle) -> dict:
+    """Where adaptive's gap to the oracle comes from, one piece of knowledge at a time:
+    ``adaptive-true`` is adaptive given the device's true compute (no calibration to do);
+    on a constant link at the trace's mean rate (nothing to estimate or foresee about the
+    link), ``flat-causal`` (adaptive, true compute) against ``flat-oracle-x`` (knows the
+    future arrivals) isolates what knowing the arrivals is worth."""
+    ref = oracle.latencies
+    true = run_policies(truth, trace, ("adaptive",), policy_config=cfg, sim_config=sim,
+                        manifest=manifest)["adaptive"].latencies
+    flat_trace = constant(trace.mean_bps / 1e6, trace.duration_s)
+    flat = run_policies(truth, flat_trace, ("causal", "oracle-x"), policy_config=cfg, sim_config=sim,
+                        manifest=manifest, beam=beam)
+    fc, fx = flat["causal"].latencies, flat["oracle-x"].latencies
+    row = lambda lat, base: {"mean_s": float(lat.mean()), "p95_s": float(np.percentile(lat, 95)),  # noqa: E731
+                             "mean_vs_oracle": float(lat.mean() / base.mean()),
+                             "p95_vs_oracle": float(np.percentile(lat, 95) / np.percentile(base, 95))}
+    return {"adaptive-true": row(true, ref), "flat-causal": row(fc, fx), "flat-oracle-x": row(fx, fx)}
 
 
 def action_shares(results: dict) -> dict:
@@ -206,6 +228,9 @@ def main() -> int:
     p.add_argument("--beam", type=int, default=64, help="planner's cap on kept queue states")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write per-trace rows as JSON here")
+    p.add_argument("--decompose", action="store_true",
+                   help="also run adaptive with the true compute, and causal vs oracle-x on a "
+                        "constant link at each trace's mean rate (the gap's parts)")
     args = p.parse_args()
     torch.set_num_threads(1)
     assets = assets_dir()
@@ -259,6 +284,13 @@ def report(all_rows: list[dict], seconds: float) -> None:
                          for r in sub)
             print(f"  {name:13s} mean {m:7.1f} ms, accuracy {np.nanmean(ratio(name, 'accuracy')):.4f}, "
                   f"adaptive better on {beaten}/{len(sub)}")
+        if "adaptive-true" in sub[0]["rows"]:
+            med = lambda name: np.median(ratio(name, "mean_vs_oracle"))  # noqa: E731
+            print(f"  decomposition (median mean ratio): adaptive {med('adaptive'):.3f}, with the "
+                  f"true compute {med('adaptive-true'):.3f}, + true past bandwidth (causal) "
+                  f"{med('causal'):.3f}, + future link and arrivals (oracle-x) "
+                  f"{med('oracle-x'):.3f}, + exits' outcomes (oracle) 1; constant link: causal / "
+                  f"oracle-x {med('flat-causal'):.3f} (knowing the arrivals)")
         learned = np.mean([[r["shares"][n]["learned"] for n in ("adaptive", "oracle")] for r in sub], 0)
         print(f"  learned-codec share: adaptive {100 * learned[0]:.1f}%, oracle {100 * learned[1]:.1f}%")
 
