@@ -12,7 +12,8 @@
   (:func:`app_latency`, :func:`deadline_miss`); ``sim_error.csv`` gives the simulator's
   error per action.
   Both price edge compute from the bundle's cost table scaled by the slowdown measured on
-  the (throttled) edge in this run (``edge_scale`` in meta.json).
+  the (throttled) edge in this run (``edge_scale`` in meta.json), plus the daemon's own
+  per-request edge time measured in the same run (``edge_overhead_s``, :func:`edge_overhead`).
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ if TYPE_CHECKING:
 COLUMNS = (
     "policy", "edge", "request", "trace_time", "image", "label", "answered", "action", "outcome",
     "fallback", "error", "bytes_sent", "bytes_received", "head_s", "encode_s", "network_s",
-    "queue_s", "decode_s", "tail_s", "local_s", "total_s", "client_s", "latency_s", "deadline_miss",
+    "queue_s", "decode_s", "tail_s", "local_s", "wait_s", "total_s", "client_s", "latency_s", "deadline_miss",
     "prediction", "correct", "predicted_s", "predicted_error_s", "oracle_s", "oracle_action",
 )
 _RECORD = {"head_s": "head_seconds", "encode_s": "encode_seconds",
            "network_s": "network_seconds", "queue_s": "cloud_queue_seconds",
            "decode_s": "cloud_decode_seconds", "tail_s": "tail_seconds",
-           "local_s": "local_seconds", "total_s": "total_seconds",
+           "local_s": "local_seconds", "wait_s": "edge_wait_seconds", "total_s": "total_seconds",
            "bytes_sent": "bytes_sent", "bytes_received": "bytes_received"}
 
 
@@ -99,6 +100,15 @@ def compute_scales(rows: list[dict[str, Any]], table: CostTable) -> tuple[float,
     return (float(np.median(edge)) if edge else 1.0, float(np.median(cloud)) if cloud else 1.0)
 
 
+def edge_overhead(rows: list[dict[str, Any]]) -> float:
+    """The daemon's own edge time per request (decision, parsing, the event loop), measured:
+    median over local answers of edge total - compute - wait for a compute thread."""
+    rest = [float(r["total_s"]) - float(r["local_s"]) - float(r.get("wait_s") or 0.0)
+            for r in rows if r.get("outcome") == "local" and r.get("action") == "local"
+            and r.get("total_s") not in ("", None) and r.get("local_s") not in ("", None)]
+    return max(0.0, float(np.median(rest))) if rest else 0.0
+
+
 def scaled_table(table: CostTable, edge: float, cloud: float) -> CostTable:
     """``table`` with edge times times ``edge`` and cloud times times ``cloud``."""
     from tether.policies import scale_edge
@@ -135,12 +145,13 @@ def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
     from tether.policies.simulator import SimConfig, Simulator, replay
 
     edge, cloud = compute_scales(rows, table)
+    overhead = edge_overhead(rows)
     model = CostModel(scaled_table(table, edge, cloud), prune=False, manifest=exp.manifest)
     sc = exp.scenario
     base = SimConfig(rtt_seconds=2 * sc.link.delay_ms / 1000.0, deadline_seconds=sc.deadline_s,
-                     ping_interval_seconds=0.5)
+                     ping_interval_seconds=0.5, edge_overhead_seconds=overhead)
     notes: dict[str, Any] = {"edge_scale": edge, "cloud_scale": cloud, "unpriced": 0,
-                             "oracle_exact": True}
+                             "edge_overhead_s": overhead, "oracle_exact": True}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["policy"], int(r["edge"])), []).append(r)
