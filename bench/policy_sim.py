@@ -170,7 +170,7 @@ def decompose(truth: CostTable, manifest: Manifest, trace: Trace, cfg: PolicyCon
     ref = oracle.latencies
     true = run_policies(truth, trace, ("adaptive",), policy_config=cfg, sim_config=sim,
                         manifest=manifest)["adaptive"].latencies
-    flat_trace = constant(trace.mean_bps / 1e6, trace.duration_s)
+    flat_trace = constant(trace.mean_bps() / 1e6, trace.duration_s)
     flat = run_policies(truth, flat_trace, ("causal", "oracle-x"), policy_config=cfg, sim_config=sim,
                         manifest=manifest, beam=beam)
     fc, fx = flat["causal"].latencies, flat["oracle-x"].latencies
