@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from tether.core.bundle import CodecEntry, ExitEntry, Manifest  # noqa: E402
 from tether.core.traces import Trace, constant, load_mahimahi, load_pensieve  # noqa: E402
 from tether.core.types import CodecCost, CostTable, ExitCost  # noqa: E402
-from tether.policies import PolicyConfig, scale_edge  # noqa: E402
+from tether.policies import PolicyConfig, build_cost_model, scale_edge  # noqa: E402
 from tether.policies.evaluate import DEFAULT_POLICIES, run_policies, summarize  # noqa: E402
 from tether.policies.simulator import SimConfig  # noqa: E402
 
@@ -135,6 +135,32 @@ def with_ladder(table: CostTable, manifest: Manifest, ladder: Path | None) -> tu
         manifest = manifest.with_exit(ExitEntry(e.split, f"exits/{e.split}.onnx", 0.97))
     return replace(table, codecs=table.codecs + codecs, exits=exits), manifest, \
         "documented ladder (docs/benchmarks.md, issue 7 measured points)"
+
+
+def split_report(truth: CostTable, manifest: Manifest, max_drop: float) -> None:
+    """Why (or whether) a split + codec can ever be chosen on this device: an action whose
+    edge work is at least the whole model's is beaten by local on latency *and* on the
+    load it puts on the edge, at any bandwidth and any queue, so no policy, the oracle
+    included, picks it; the rest must also beat the best full offload somewhere."""
+    cfg = PolicyConfig(max_accuracy_drop=max_drop)
+    model = build_cost_model(cfg, truth, manifest)
+    ok = model.allowed(cfg.floor_for(truth.full_accuracy))
+    local = truth.edge_full_seconds
+    offload = [c for c, a in zip(model.costs, ok) if a and c.action.kind.value == "offload"]
+    print(f"split actions on this device (local {local * 1e3:.1f} ms of edge work):")
+    for c, allowed in zip(model.costs, ok):
+        if c.action.kind.value != "split":
+            continue
+        work = c.pre_seconds + c.encode_seconds
+        # bandwidth below which its transfer saving pays for its extra edge time over an offload
+        beats = [(o.up_bytes - c.up_bytes) * 8 / max(work + c.cloud_seconds - o.encode_seconds
+                                                      - o.cloud_seconds, 1e-9) for o in offload]
+        verdict = ("dominated by local (edge work >= local)" if work >= local else
+                   f"beats every allowed offload below {min(beats) / 1e3:.0f} kbit/s" if min(beats) > 0
+                   else "never beats an offload")
+        print(f"  {c.action.key:34s} edge {work * 1e3:6.1f} ms  {c.up_bytes:7.0f} B  "
+              f"acc {c.accuracy if c.accuracy is not None else float('nan'):.3f}"
+              f"{'' if allowed else ' (below the floor)'}  {verdict}")
 
 
 def traces(assets: Path, norway_limit: int | None) -> list[tuple[str, Trace]]:
@@ -243,6 +269,7 @@ def main() -> int:
           f"{table.cloud_full_seconds * 1e3:.2f} ms; full accuracy {table.full_accuracy:.4f}, "
           f"budget {args.max_drop:g}; RTT {args.rtt_ms:g} ms, Poisson {args.rate:g}/s, deadline "
           f"{args.deadline:g} s\nladder: {source}")
+    split_report(truth, manifest, args.max_drop)
     print("ratios mean/p95 vs the planned oracle; gain = adaptive vs best of local/cloud/static/"
           "neurosurgeon; flags: mean<=1.10, p95<=1.25, beats all four (by > 0.1 %); E = plan exact; "
           "mix local/exit/split/offload %")

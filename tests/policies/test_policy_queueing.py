@@ -1,0 +1,52 @@
+"""The backlog value of the edge queue (relative value iteration) and its use by adaptive."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tether.policies.queueing import BacklogValue, _arrival_matrix, _frontier
+
+
+def test_arrival_matrix_rows_are_distributions():
+    m = _arrival_matrix(rate=30.0, step=0.01, points=40)
+    assert np.allclose(m.sum(axis=1), 1.0)
+    assert np.allclose(np.triu(m, 1), 0.0)          # the backlog only drains between arrivals
+    assert m[0, 0] == 1.0
+
+
+def test_frontier_drops_actions_slower_and_heavier_than_another():
+    lat, work = _frontier(np.array([0.025, 0.060, 0.070, 0.030]), np.array([0.025, 0.0, 0.010, 0.030]))
+    assert sorted(zip(work.tolist(), lat.tolist())) == [(0.0, 0.06), (0.025, 0.025)]
+
+
+def test_local_on_an_idle_edge_offload_behind_a_long_queue():
+    """Local 25 ms vs an offload of 60 ms that puts no work on the edge, 32 requests/s
+    (local-only would load the edge to 80 %): local when the queue is empty, offload once
+    the backlog is long, and the value of backlog grows faster than linearly."""
+    lat, work = np.array([0.025, 0.060]), np.array([0.025, 0.0])
+    value = BacklogValue()
+    value.solve(32.0, lat, work)
+    choice = lambda w: int(np.argmin(lat + value.cost(w, work)))  # noqa: E731
+    assert choice(0.0) == 0 and choice(0.2) == 1
+    grid = np.linspace(0.0, 0.5, 26)
+    u = value.cost(0.0, grid)
+    assert np.all(np.diff(u) > 0) and np.all(np.diff(u, 2) > -1e-9)
+    # warm re-solve at a slightly different rate keeps the decision boundary nearby
+    switch = min(w for w in np.linspace(0, 0.2, 81) if choice(w) == 1)
+    value.solve(33.0, lat, work)
+    later = min(w for w in np.linspace(0, 0.2, 81) if choice(w) == 1)
+    assert abs(later - switch) <= 0.01
+    assert value.solves == 2
+
+
+def test_adaptive_learns_the_daemons_per_request_edge_time(table):
+    from tether.core.policy import Observation
+    from tether.core.types import LOCAL
+    from tether.policies import PolicyConfig, build_policy
+    policy = build_policy(PolicyConfig(), table)
+    before = policy.work(0.0).copy()
+    for i in range(30):   # local answers: 100 ms compute, 40 ms queued, 160 ms in all
+        policy.observe(Observation(now=0.1 * i, action=LOCAL, total_seconds=0.16,
+                                   edge_seconds=0.1, edge_wait_seconds=0.04))
+    added = policy.work(3.0) - before
+    assert np.allclose(added, added[0]) and abs(added[0] - 0.02) < 0.002
