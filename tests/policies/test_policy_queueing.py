@@ -50,3 +50,26 @@ def test_adaptive_learns_the_daemons_per_request_edge_time(table):
                                    edge_seconds=0.1, edge_wait_seconds=0.04))
     added = policy.work(3.0) - before
     assert np.allclose(added, added[0]) and abs(added[0] - 0.02) < 0.002
+
+
+def test_adaptive_sees_requests_waiting_before_they_reach_it(table):
+    """A daemon saturated upstream of the policy (requests wait to be decided at all):
+    received at now - total, decided later; that wait counts as backlog in front of
+    every action's work, so offloading becomes worth more."""
+    from tether.core.policy import DecisionContext, Observation
+    from tether.core.types import LOCAL
+    from tether.policies import PolicyConfig, build_policy
+    policy = build_policy(PolicyConfig(probe_interval_seconds=0.0), table)
+    for i in range(5):
+        policy.decide(DecisionContext(now=0.2 * i))
+    fixed, bits, _ = policy.terms(1.0)
+    lat = fixed + bits / 8e6
+    calm = policy.backlog_cost(1.0, lat, policy.work(1.0))
+    n = len(policy._local_decisions)
+    assert n >= 1
+    decided = policy._local_decisions[0]
+    policy.observe(Observation(now=decided + 0.5, action=LOCAL, total_seconds=0.9,
+                               edge_seconds=0.1, edge_wait_seconds=0.0))
+    assert abs(policy._upstream - 0.4) < 1e-9            # received 0.4 s before it was decided
+    busy = policy.backlog_cost(decided + 0.5, lat, policy.work(decided + 0.5))
+    assert (busy - busy.min()).max() > (calm - calm.min()).max()

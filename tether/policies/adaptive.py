@@ -1,12 +1,16 @@
-"""tether-adaptive: robust throughput estimate + cost model, per-request choice.
+"""tether-adaptive: robust throughput estimate + cost model + edge-queue value, per request.
 
-Objective ``latency``: minimise predicted latency subject to the accuracy floor. The
-throughput estimate is RobustMPC's harmonic mean of recent samples (the right plug-in for
-the expected ``bytes / bandwidth``; ``estimator = "robust"`` adds its error discount, which
-measured worse for mean latency, see docs/benchmarks.md), corrected for the edge's
-own queueing, capped by what an offload still in flight proves (outages are seen before
-any reply), with cold start and staleness decay, and a hysteresis so noise does not flap
-between near-equal actions.
+Objective ``latency``: minimise predicted latency subject to the accuracy floor, plus what
+the request's edge work costs the requests behind it. The throughput estimate is
+RobustMPC's harmonic mean of recent samples (the right plug-in for the expected ``bytes /
+bandwidth``; ``estimator = "robust"`` adds its error discount, which measured worse for
+mean latency, see docs/benchmarks.md), corrected for the edge's own queueing, capped by
+what an offload still in flight proves (outages are seen before any reply), with cold
+start and staleness decay. The edge's FIFO is priced by :mod:`tether.policies.queueing`
+(the relative value of backlog under the measured arrival rate, re-solved when the prices
+move); its work per request is the calibrated compute plus the daemon's own per-request
+edge time measured online (edge total - compute - wait, on local answers). A hysteresis
+keeps noise from flapping between near-equal actions.
 
 When it answers locally it gets no throughput samples, so it probes: one remote request
 per ``probe_interval_seconds`` of silence when that could win at the best bandwidth seen
@@ -19,6 +23,8 @@ throughput samples; when nothing meets the deadline, the fastest action.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from tether.core.policy import DecisionContext, Observation
@@ -26,8 +32,12 @@ from tether.core.types import LOCAL, Action
 from tether.policies.baselines import EstimatingPolicy
 from tether.policies.config import PolicyConfig
 from tether.policies.costmodel import CostModel
-from tether.policies.estimators import Ewma
+from tether.policies.estimators import Ewma, WindowedExtreme
 from tether.policies.queueing import BacklogValue
+
+
+#: How long one quiet request's overhead measurement stands for the daemon's own edge time.
+OVERHEAD_WINDOW_SECONDS = 30.0
 
 
 class TetherAdaptive(EstimatingPolicy):
@@ -45,7 +55,14 @@ class TetherAdaptive(EstimatingPolicy):
         self._current: int | None = None
         self._last_arrival: float | None = None
         self._gap = Ewma(0.05)
-        self._overhead = Ewma(0.1)    # measured per-request edge CPU outside the model's work
+        # the daemon's own edge time per request: the windowed minimum of what local answers
+        # took beyond compute and compute wait (the minimum: a request that found the daemon
+        # idle shows only that; the others add the wait to be decided at all)
+        self._overhead = WindowedExtreme(OVERHEAD_WINDOW_SECONDS, use_max=False)
+        self._overhead_value = 0.0
+        self._local_decisions: deque[float] = deque(maxlen=512)   # when each was decided
+        self._upstream = 0.0          # last measured wait before a request reached the policy
+        self._upstream_at = -np.inf
         self._edge_free = -np.inf     # when the edge CPU finishes the work already given to it
         self._up_free = -np.inf       # when the uplink finishes the bytes already sent
         self._value = BacklogValue()
@@ -73,24 +90,30 @@ class TetherAdaptive(EstimatingPolicy):
         action = self.model.actions[choice]
         self._book(now, choice, work, bw)
         self.remember(now, action)
+        if choice == self._local:
+            self._local_decisions.append(now)
         return action
 
     def observe(self, obs: Observation) -> None:
         super().observe(obs)
-        if obs.action is None or obs.edge_seconds is None or obs.edge_wait_seconds is None:
+        if obs.action != LOCAL or obs.exited or not obs.ok:
             return
-        if obs.exited or obs.action == LOCAL:
-            # answered on the edge: what the request took beyond its compute and its wait
-            # for the compute is the daemon's (and this policy's) own per-request CPU
-            rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds
+        decided = self._local_decisions.popleft() if self._local_decisions else None
+        if decided is not None:
+            # received at now - total, decided at `decided`: the time it waited before the
+            # policy even saw it (a daemon saturated upstream of the compute queue)
+            self._upstream = max(0.0, decided - (obs.now - obs.total_seconds))
+            self._upstream_at = obs.now
+        if obs.edge_seconds is not None and obs.edge_wait_seconds is not None:
+            rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds - self._upstream
             local = float(self.terms(obs.now)[2][self._local])
-            self._overhead.update(min(max(rest, 0.0), local))
+            self._overhead_value = float(self._overhead.update(obs.now, min(max(rest, 0.0), local)))
 
     # ---- the edge's and the link's own queues --------------------------------------------
     def work(self, now: float) -> np.ndarray:
         """Edge CPU every action adds: calibrated compute plus the measured per-request
         overhead of the daemon and the policy."""
-        terms, overhead = self.terms(now), self._overhead.value or 0.0
+        terms, overhead = self.terms(now), self._overhead_value
         if self._work_key is None or self._work_key[0] is not terms or self._work_key[1] != overhead:
             self._work_key, self._work = (terms, overhead), terms[2] + overhead
         return self._work
@@ -121,7 +144,10 @@ class TetherAdaptive(EstimatingPolicy):
         if self._stale(now, rate, lat, work):
             self._value.solve(rate, lat, work)         # lat: +inf below the accuracy floor
             self._solved = (now, rate, lat.copy(), work.copy())
-        backlog = max(0.0, self._edge_free - now)
+        # the booked FIFO, plus the wait upstream of the policy last measured (it drains
+        # at the edge's speed; what is still queued there will all wait behind this work)
+        upstream = max(0.0, self._upstream - (now - self._upstream_at))
+        backlog = max(0.0, self._edge_free - now) + upstream
         return self.cfg.edge_load_weight * self._value.cost(backlog, work)
 
     def _stale(self, now: float, rate: float, lat: np.ndarray, work: np.ndarray) -> bool:
