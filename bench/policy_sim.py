@@ -155,8 +155,9 @@ def split_report(truth: CostTable, manifest: Manifest, max_drop: float) -> None:
         # bandwidth below which its transfer saving pays for its extra edge time over an offload
         beats = [(o.up_bytes - c.up_bytes) * 8 / max(work + c.cloud_seconds - o.encode_seconds
                                                       - o.cloud_seconds, 1e-9) for o in offload]
+        below = min(beats) / 1e3
         verdict = ("dominated by local (edge work >= local)" if work >= local else
-                   f"beats every allowed offload below {min(beats) / 1e3:.0f} kbit/s" if min(beats) > 0
+                   f"beats every allowed offload below {below:.0f} kbit/s" if below > 0
                    else "never beats an offload")
         print(f"  {c.action.key:34s} edge {work * 1e3:6.1f} ms  {c.up_bytes:7.0f} B  "
               f"acc {c.accuracy if c.accuracy is not None else float('nan'):.3f}"
@@ -197,13 +198,18 @@ def decompose(truth: CostTable, manifest: Manifest, trace: Trace, cfg: PolicyCon
     true = run_policies(truth, trace, ("adaptive",), policy_config=cfg, sim_config=sim,
                         manifest=manifest)["adaptive"].latencies
     flat_trace = constant(trace.mean_bps() / 1e6, trace.duration_s)
-    flat = run_policies(truth, flat_trace, ("causal", "oracle-x"), policy_config=cfg, sim_config=sim,
-                        manifest=manifest, beam=beam)
+    flat = run_policies(truth, flat_trace, ("causal", "oracle-x"), policy_config=cfg,
+                        sim_config=sim, manifest=manifest, beam=beam)
     fc, fx = flat["causal"].latencies, flat["oracle-x"].latencies
-    row = lambda lat, base: {"mean_s": float(lat.mean()), "p95_s": float(np.percentile(lat, 95)),  # noqa: E731
-                             "mean_vs_oracle": float(lat.mean() / base.mean()),
-                             "p95_vs_oracle": float(np.percentile(lat, 95) / np.percentile(base, 95))}
-    return {"adaptive-true": row(true, ref), "flat-causal": row(fc, fx), "flat-oracle-x": row(fx, fx)}
+    return {"adaptive-true": _ratio_row(true, ref), "flat-causal": _ratio_row(fc, fx),
+            "flat-oracle-x": _ratio_row(fx, fx)}
+
+
+def _ratio_row(lat: np.ndarray, base: np.ndarray) -> dict:
+    p95 = float(np.percentile(lat, 95))
+    return {"mean_s": float(lat.mean()), "p95_s": p95,
+            "mean_vs_oracle": float(lat.mean() / base.mean()),
+            "p95_vs_oracle": p95 / float(np.percentile(base, 95))}
 
 
 def action_shares(results: dict) -> dict:

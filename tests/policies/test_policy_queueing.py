@@ -15,7 +15,8 @@ def test_arrival_matrix_rows_are_distributions():
 
 
 def test_frontier_drops_actions_slower_and_heavier_than_another():
-    lat, work = _frontier(np.array([0.025, 0.060, 0.070, 0.030]), np.array([0.025, 0.0, 0.010, 0.030]))
+    lat, work = _frontier(np.array([0.025, 0.060, 0.070, 0.030]),
+                          np.array([0.025, 0.0, 0.010, 0.030]))
     assert sorted(zip(work.tolist(), lat.tolist())) == [(0.0, 0.06), (0.025, 0.025)]
 
 
