@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tether.policies.queueing import BacklogValue, _arrival_matrix, _frontier
 
@@ -74,3 +75,24 @@ def test_adaptive_sees_requests_waiting_before_they_reach_it(table):
     assert abs(policy._upstream - 0.4) < 1e-9            # received 0.4 s before it was decided
     busy = policy.backlog_cost(decided + 0.5, lat, policy.work(decided + 0.5))
     assert (busy - busy.min()).max() > (calm - calm.min()).max()
+
+
+def test_daemon_overhead_is_edge_work_in_the_simulator_and_the_planner(table):
+    from tether.core import traces as T
+    from tether.policies import PolicyConfig, build_cost_model
+    from tether.policies.oracle import plan_sequence
+    from tether.policies.simulator import SimConfig, Simulator, _Scripted
+    model = build_cost_model(PolicyConfig(), table)
+    trace = T.constant(4.0, 60)
+    cfgs = [SimConfig(n_requests=60, rate_hz=8.0, ping_interval_seconds=None,
+                      edge_overhead_seconds=o) for o in (0.0, 0.02)]
+    means = []
+    for cfg in cfgs:
+        sim = Simulator(model, trace, cfg)
+        plan, info = plan_sequence(model, trace, sim.arrival_times, sim.draws,
+                                   model.allowed(0.9), rtt=0.04, deadline=1.0,
+                                   overhead=cfg.edge_overhead_seconds)
+        replayed = sim.run(_Scripted([model.actions[i] for i in plan])).latencies.mean()
+        assert replayed == pytest.approx(info["planned_mean_s"], rel=1e-9)
+        means.append(replayed)
+    assert means[1] > means[0] + 0.02 * 0.5       # every request pays it, queues grow
