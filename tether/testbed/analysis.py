@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tether.core.config import from_mapping
-from tether.core.errors import ConfigError
+from tether.core.errors import ConfigError, TetherError
 from tether.core.types import Action, ActionKind, CostTable, write_json_atomic
 
 if TYPE_CHECKING:
@@ -176,7 +176,11 @@ def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
         notes["oracle_exact"] &= bool(result.meta.get("exact"))
         for r, out in zip(priced, result.requests):
             r["oracle_s"], r["oracle_action"] = out.latency, out.action
-    notes["simulated_mean_s"] = simulated_means(exp, model.table, base)
+    try:
+        notes["simulated_mean_s"] = simulated_means(exp, model.table, base)
+    except TetherError as exc:   # e.g. a bundle without accuracies: the run's results stand
+        notes["simulated_mean_s"] = {}
+        notes["simulated_error"] = str(exc)
     return notes
 
 
