@@ -79,7 +79,7 @@ class TetherAdaptive(EstimatingPolicy):
             self._gap.update(now - self._last_arrival)
         self._last_arrival = now
         bw = self.bandwidth(now)
-        work = self.work(now)
+        work = self.work(now, ctx.cloud_queue_seconds)
         if not ctx.cloud_available:
             choice = self._local
         elif self.cfg.objective == "accuracy":
@@ -106,14 +106,14 @@ class TetherAdaptive(EstimatingPolicy):
             self._upstream_at = obs.now
         if obs.edge_seconds is not None and obs.edge_wait_seconds is not None:
             rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds - self._upstream
-            local = float(self.terms(obs.now)[2][self._local])
+            local = float(self._terms[2][self._local])    # the latest calibrated prices
             self._overhead_value = float(self._overhead.update(obs.now, min(max(rest, 0.0), local)))
 
     # ---- the edge's and the link's own queues --------------------------------------------
-    def work(self, now: float) -> np.ndarray:
+    def work(self, now: float, queue: float = 0.0) -> np.ndarray:
         """Edge CPU every action adds: calibrated compute plus the measured per-request
-        overhead of the daemon and the policy."""
-        terms, overhead = self.terms(now), self._overhead_value
+        overhead of the daemon and the policy (``queue``: the cloud queue of the terms key)."""
+        terms, overhead = self.terms(now, queue), self._overhead_value
         if self._work_key is None or self._work_key[0] is not terms or self._work_key[1] != overhead:
             self._work_key, self._work = (terms, overhead), terms[2] + overhead
         return self._work
