@@ -88,8 +88,8 @@ class TetherAdaptive(EstimatingPolicy):
             choice = self._min_latency(ctx, bw, work)
         self._current = choice
         action = self.model.actions[choice]
-        self._book(now, choice, work, bw)
-        self.remember(now, action)
+        send = self._book(now, choice, work, bw)
+        self.remember(now, action, send)
         if choice == self._local:
             self._local_decisions.append(now)
         return action
@@ -106,8 +106,7 @@ class TetherAdaptive(EstimatingPolicy):
             self._upstream_at = obs.now
         if obs.edge_seconds is not None and obs.edge_wait_seconds is not None:
             rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds - self._upstream
-            local = float(self._terms[2][self._local])    # the latest calibrated prices
-            self._overhead_value = float(self._overhead.update(obs.now, min(max(rest, 0.0), local)))
+            self._overhead_value = float(self._overhead.update(obs.now, max(rest, 0.0)))
 
     # ---- the edge's and the link's own queues --------------------------------------------
     def work(self, now: float, queue: float = 0.0) -> np.ndarray:
@@ -118,8 +117,9 @@ class TetherAdaptive(EstimatingPolicy):
             self._work_key, self._work = (terms, overhead), terms[2] + overhead
         return self._work
 
-    def _book(self, now: float, choice: int, work: np.ndarray, bw: float) -> None:
-        """Account the chosen action's edge compute and uplink bytes (predicted)."""
+    def _book(self, now: float, choice: int, work: np.ndarray, bw: float) -> float:
+        """Account the chosen action's edge compute and uplink bytes (predicted); returns
+        when its bytes are sent (after the work already queued on the edge)."""
         start = max(now, self._edge_free)
         cpu = float(work[choice])
         self._edge_free = start + cpu
@@ -127,6 +127,7 @@ class TetherAdaptive(EstimatingPolicy):
             frac = float(self.model.remote_frac[choice])
             self._up_free = max(start + cpu, self._up_free) + \
                 frac * float(self.model.up[choice]) * 8.0 / max(bw, 1.0)
+        return start + cpu
 
     def link_waits(self, now: float, work: np.ndarray) -> np.ndarray | float:
         """Wait of every action's bytes behind the bytes this edge already sent."""

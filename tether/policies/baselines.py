@@ -156,11 +156,16 @@ class EstimatingPolicy:
             # Did not finish in time: the link delivered less than bytes_sent in that time.
             self.bw.add_sample(obs.now, obs.bytes_sent * 8.0 / obs.network_seconds / 2.0)
 
-    def remember(self, now: float, action: Action) -> None:
-        """Note a decision; offloads stay in flight until their observation arrives."""
+    def remember(self, now: float, action: Action, send: float | None = None) -> None:
+        """Note a decision; offloads stay in flight until their observation arrives.
+
+        ``send``: when its bytes leave (after the edge's own queue), if the caller knows;
+        else right after its own profiled edge work. A send time too early would make an
+        offload still queued on the edge look like a stalled link."""
         cost = self.model.cost(action)
         if cost.exit_rate == 0.0:
-            send = now + cost.pre_seconds + cost.encode_seconds
+            if send is None:
+                send = now + cost.pre_seconds + cost.encode_seconds
             self._inflight.append((action.key, send, cost.up_bytes))
 
     def _settle(self, key: str) -> None:
