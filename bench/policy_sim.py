@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tether.core.bundle import CodecEntry, ExitEntry, Manifest  # noqa: E402
-from tether.core.traces import Trace, load_mahimahi, load_pensieve  # noqa: E402
+from tether.core.traces import Trace, constant, load_mahimahi, load_pensieve  # noqa: E402
 from tether.core.types import CodecCost, CostTable, ExitCost  # noqa: E402
-from tether.policies import PolicyConfig, scale_edge  # noqa: E402
+from tether.policies import PolicyConfig, build_cost_model, scale_edge  # noqa: E402
 from tether.policies.evaluate import DEFAULT_POLICIES, run_policies, summarize  # noqa: E402
 from tether.policies.simulator import SimConfig  # noqa: E402
 
@@ -137,6 +137,33 @@ def with_ladder(table: CostTable, manifest: Manifest, ladder: Path | None) -> tu
         "documented ladder (docs/benchmarks.md, issue 7 measured points)"
 
 
+def split_report(truth: CostTable, manifest: Manifest, max_drop: float) -> None:
+    """Why (or whether) a split + codec can ever be chosen on this device: an action whose
+    edge work is at least the whole model's is beaten by local on latency *and* on the
+    load it puts on the edge, at any bandwidth and any queue, so no policy, the oracle
+    included, picks it; the rest must also beat the best full offload somewhere."""
+    cfg = PolicyConfig(max_accuracy_drop=max_drop)
+    model = build_cost_model(cfg, truth, manifest)
+    ok = model.allowed(cfg.floor_for(truth.full_accuracy))
+    local = truth.edge_full_seconds
+    offload = [c for c, a in zip(model.costs, ok) if a and c.action.kind.value == "offload"]
+    print(f"split actions on this device (local {local * 1e3:.1f} ms of edge work):")
+    for c, allowed in zip(model.costs, ok):
+        if c.action.kind.value != "split":
+            continue
+        work = c.pre_seconds + c.encode_seconds
+        # bandwidth below which its transfer saving pays for its extra edge time over an offload
+        beats = [(o.up_bytes - c.up_bytes) * 8 / max(work + c.cloud_seconds - o.encode_seconds
+                                                      - o.cloud_seconds, 1e-9) for o in offload]
+        below = min(beats) / 1e3
+        verdict = ("dominated by local (edge work >= local)" if work >= local else
+                   f"beats every allowed offload below {below:.0f} kbit/s" if below > 0
+                   else "never beats an offload")
+        print(f"  {c.action.key:34s} edge {work * 1e3:6.1f} ms  {c.up_bytes:7.0f} B  "
+              f"acc {c.accuracy if c.accuracy is not None else float('nan'):.3f}"
+              f"{'' if allowed else ' (below the floor)'}  {verdict}")
+
+
 def traces(assets: Path, norway_limit: int | None) -> list[tuple[str, Trace]]:
     mm = sorted((assets / "traces" / "mahimahi").glob("*.up"))
     nw = sorted((assets / "traces" / "norway-hsdpa").glob("*.log"))[:norway_limit]
@@ -155,7 +182,34 @@ def run_trace(truth: CostTable, profile: CostTable, manifest: Manifest, group: s
     rows = {r["policy"]: r for r in summarize(results)}
     shares = action_shares(results)
     rows["oracle"]["exact"] = results["oracle"].meta.get("exact")
+    if args.decompose:
+        rows.update(decompose(truth, manifest, trace, cfg, sim, args.beam, results["oracle"]))
     return rows, shares
+
+
+def decompose(truth: CostTable, manifest: Manifest, trace: Trace, cfg: PolicyConfig,
+              sim: SimConfig, beam: int, oracle) -> dict:
+    """Where adaptive's gap to the oracle comes from, one piece of knowledge at a time:
+    ``adaptive-true`` is adaptive given the device's true compute (no calibration to do);
+    on a constant link at the trace's mean rate (nothing to estimate or foresee about the
+    link), ``flat-causal`` (adaptive, true compute) against ``flat-oracle-x`` (knows the
+    future arrivals) isolates what knowing the arrivals is worth."""
+    ref = oracle.latencies
+    true = run_policies(truth, trace, ("adaptive",), policy_config=cfg, sim_config=sim,
+                        manifest=manifest)["adaptive"].latencies
+    flat_trace = constant(trace.mean_bps() / 1e6, trace.duration_s)
+    flat = run_policies(truth, flat_trace, ("causal", "oracle-x"), policy_config=cfg,
+                        sim_config=sim, manifest=manifest, beam=beam)
+    fc, fx = flat["causal"].latencies, flat["oracle-x"].latencies
+    return {"adaptive-true": _ratio_row(true, ref), "flat-causal": _ratio_row(fc, fx),
+            "flat-oracle-x": _ratio_row(fx, fx)}
+
+
+def _ratio_row(lat: np.ndarray, base: np.ndarray) -> dict:
+    p95 = float(np.percentile(lat, 95))
+    return {"mean_s": float(lat.mean()), "p95_s": p95,
+            "mean_vs_oracle": float(lat.mean() / base.mean()),
+            "p95_vs_oracle": p95 / float(np.percentile(base, 95))}
 
 
 def action_shares(results: dict) -> dict:
@@ -206,6 +260,9 @@ def main() -> int:
     p.add_argument("--beam", type=int, default=64, help="planner's cap on kept queue states")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write per-trace rows as JSON here")
+    p.add_argument("--decompose", action="store_true",
+                   help="also run adaptive with the true compute, and causal vs oracle-x on a "
+                        "constant link at each trace's mean rate (the gap's parts)")
     args = p.parse_args()
     torch.set_num_threads(1)
     assets = assets_dir()
@@ -218,6 +275,7 @@ def main() -> int:
           f"{table.cloud_full_seconds * 1e3:.2f} ms; full accuracy {table.full_accuracy:.4f}, "
           f"budget {args.max_drop:g}; RTT {args.rtt_ms:g} ms, Poisson {args.rate:g}/s, deadline "
           f"{args.deadline:g} s\nladder: {source}")
+    split_report(truth, manifest, args.max_drop)
     print("ratios mean/p95 vs the planned oracle; gain = adaptive vs best of local/cloud/static/"
           "neurosurgeon; flags: mean<=1.10, p95<=1.25, beats all four (by > 0.1 %); E = plan exact; "
           "mix local/exit/split/offload %")
@@ -259,6 +317,13 @@ def report(all_rows: list[dict], seconds: float) -> None:
                          for r in sub)
             print(f"  {name:13s} mean {m:7.1f} ms, accuracy {np.nanmean(ratio(name, 'accuracy')):.4f}, "
                   f"adaptive better on {beaten}/{len(sub)}")
+        if "adaptive-true" in sub[0]["rows"]:
+            med = lambda name: np.median(ratio(name, "mean_vs_oracle"))  # noqa: E731
+            print(f"  decomposition (median mean ratio): adaptive {med('adaptive'):.3f}, with the "
+                  f"true compute {med('adaptive-true'):.3f}, + true past bandwidth (causal) "
+                  f"{med('causal'):.3f}, + future link and arrivals (oracle-x) "
+                  f"{med('oracle-x'):.3f}, + exits' outcomes (oracle) 1; constant link: causal / "
+                  f"oracle-x {med('flat-causal'):.3f} (knowing the arrivals)")
         learned = np.mean([[r["shares"][n]["learned"] for n in ("adaptive", "oracle")] for r in sub], 0)
         print(f"  learned-codec share: adaptive {100 * learned[0]:.1f}%, oracle {100 * learned[1]:.1f}%")
 

@@ -68,6 +68,22 @@ def test_missing_accuracy_is_an_error_naming_the_fix(table):
     build_cost_model(PolicyConfig(), replace(no_full, codecs=(), exits=()))
 
 
+def test_the_whole_learned_ladder_is_in_the_action_space(table):
+    ladder = [CodecCost("layer3", f"bottleneck-b{b}", n, 0.001, 0.001, acc, 50)
+              for b, n, acc in (("0.003", 40, 0.80), ("0.001", 60, 0.90), ("0.0003", 90, 0.91))]
+    zstd = CodecCost("layer2", "fp32+zstd", 30000, 0.001, 0.0005)       # lossless: no accuracy
+    t = replace(table, codecs=table.codecs + tuple(ladder) + (zstd,))
+    m = _manifest(t, codecs=[("layer3", c.codec) for c in ladder])
+    keys = {c.action.key for c in action_space(t, m)}
+    assert {f"split:layer3:{c.codec}" for c in ladder} <= keys       # every trained rate
+    model = build_cost_model(PolicyConfig(max_accuracy_drop=None), t, m)
+    assert model.cost(Action.parse("split:layer2:fp32+zstd")).accuracy == t.full_accuracy
+    # a trained codec never measured by `tether codec eval` cannot be priced: an error
+    untested = m.with_codec(CodecEntry("layer3", "bottleneck-b0.0001", "bottleneck"))
+    with pytest.raises(BundleError, match="bottleneck-b0.0001 at layer3.*tether codec eval"):
+        build_cost_model(PolicyConfig(), t, untested)
+
+
 def _served_local(policy, now, seconds, action=LOCAL):
     policy.observe(Observation(now=now, action=action, total_seconds=seconds, edge_seconds=seconds))
 

@@ -10,7 +10,7 @@ import pytest
 
 from tether.core.types import CostTable, SplitCost, TensorSpec
 from tether.testbed.analysis import (
-    COLUMNS, compute_scales, flatten, scaled_table, sim_error_by_action, summarize, summary_table,
+    COLUMNS, compute_scales, edge_overhead, flatten, scaled_table, sim_error_by_action, summarize, summary_table,
     write_csv,
 )
 
@@ -37,6 +37,19 @@ def test_flatten_marks_misses_and_correctness():
     assert lost["deadline_miss"] is True and lost["correct"] == ""
     wrong = flatten(_raw(3, 0.1, pred=5), deadline_s=0.3)
     assert wrong["correct"] is False and wrong["deadline_miss"] is False
+
+
+def test_edge_overhead_is_what_local_answers_spend_beyond_compute_and_wait():
+    rows = []
+    for i, (total, local, wait) in enumerate([(0.030, 0.020, 0.004), (0.050, 0.020, 0.024),
+                                              (0.031, 0.021, 0.000)]):
+        raw = _raw(i, total, outcome="local")
+        raw["record"].update(local_seconds=local, edge_wait_seconds=wait)
+        rows.append(flatten(raw, deadline_s=1.0))
+    rows.append(flatten(_raw(9, 0.5), deadline_s=1.0))     # offloads do not count
+    assert rows[0]["wait_s"] == 0.004
+    assert edge_overhead(rows) == pytest.approx(0.006)      # low quantile of 6, 6, 10 ms
+    assert edge_overhead(rows[3:]) == 0.0
 
 
 def test_summary_is_computed_from_the_rows(tmp_path):

@@ -44,6 +44,7 @@ class Observation:
     ok: bool = True                     # False: timeout, busy, error, disconnected
     exited: bool = False                # answered by an early exit
     edge_seconds: float | None = None   # measured edge compute (head/exit + encode, or local)
+    edge_wait_seconds: float | None = None  # measured wait for the edge's compute (its queue)
     cloud_seconds: float | None = None  # cloud-reported decode + tail (compute, not queue)
 
 

@@ -336,4 +336,5 @@ def _calibration(record: RequestRecord) -> dict[str, float | None]:
         return {"edge_seconds": None, "cloud_seconds": None}
     edge = record.head_seconds + record.encode_seconds + record.local_seconds
     cloud = record.cloud_decode_seconds + record.tail_seconds if record.outcome == "cloud" else None
-    return {"edge_seconds": edge, "cloud_seconds": cloud}
+    return {"edge_seconds": edge, "cloud_seconds": cloud,
+            "edge_wait_seconds": record.edge_wait_seconds}

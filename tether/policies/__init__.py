@@ -46,7 +46,7 @@ def build_cost_model(config: PolicyConfig, cost_table: CostTable,
     model = CostModel(cost_table, overhead_bytes=config.overhead_bytes,
                       result_bytes=config.result_bytes, actions=config.actions, manifest=manifest)
     if config.accuracy_floor is not None or config.max_accuracy_drop is not None:
-        check_accuracies(model.costs, cost_table)
+        check_accuracies(model.costs, cost_table, manifest=manifest)
     return model
 
 

@@ -23,8 +23,20 @@ from tether.core.errors import BundleError
 from tether.core.types import LOCAL, Action, ActionKind, CodecCost, CostTable
 
 INPUT = "input"
-#: Codecs that reproduce their input exactly: their accuracy is the full model's.
-LOSSLESS = frozenset({"fp32", "fp32+zlib", "png"})
+#: Wire formats that reproduce their input exactly (with any lossless stage, ``+zlib``,
+#: ``+zstd``): their accuracy is the full model's. Every other codec, the bundle's learned
+#: ladder included, carries its own measured accuracy.
+LOSSLESS_BASES = frozenset({"fp32", "png"})
+#: Codecs that need no bundle entry (tether.codecs' tensor codecs; "int8" is the old name of
+#: int8-channel). Policies never import tether.codecs: tests/codecs checks this stays equal.
+_BASELINES = ("fp32", "fp16", "int8-channel", "int8-token", "int4-token", "int8")
+#: Codecs any edge runs without a manifest entry (+ png); learned ones come from the manifest.
+BASELINE_BASES = frozenset(_BASELINES) | {"png"}
+
+
+def is_lossless(codec: str) -> bool:
+    """True for ``fp32`` / ``png`` with any lossless stage (``fp32+zstd``, ...)."""
+    return codec.partition("+")[0] in LOSSLESS_BASES
 
 
 @dataclass(frozen=True)
@@ -113,20 +125,26 @@ class _Runnable:
         return self.manifest is None or (split in self.exits and split in self.heads)
 
 
-#: Codecs that need no bundle entry (tether.codecs' tensor codecs; "int8" is the old name of
-#: int8-channel). Policies never import tether.codecs: tests/policies checks this stays equal.
-_BASELINES = ("fp32", "fp16", "int8-channel", "int8-token", "int4-token", "int8")
-
-
 def _is_baseline(codec: str) -> bool:
-    base = codec.partition("+")[0]
-    return base in _BASELINES or codec == "png" or \
-        codec.startswith(("jpeg", "webp"))
+    return codec.partition("+")[0] in BASELINE_BASES or codec.startswith(("jpeg", "webp"))
 
 
-def check_accuracies(costs: Iterable[ActionCost], table: CostTable, where: str = "") -> None:
-    """Raise when an accuracy floor is asked for but a lossy action's accuracy is unknown."""
+def unpriced_codecs(table: CostTable, manifest: Manifest | None) -> list[str]:
+    """The bundle's codecs (its learned ladder) with no measured cost: they cannot be
+    priced, so they would silently be missing from the action space."""
+    if manifest is None:
+        return []
+    measured = {(c.split, c.codec) for c in table.codecs}
+    return [f"{c.codec} at {c.split}" for c in manifest.codecs
+            if not _is_baseline(c.codec) and (c.split, c.codec) not in measured]
+
+
+def check_accuracies(costs: Iterable[ActionCost], table: CostTable, where: str = "",
+                     manifest: Manifest | None = None) -> None:
+    """Raise when an accuracy floor is asked for but a lossy action's accuracy is unknown
+    (or a codec of the bundle's ladder was never measured at all)."""
     missing = [c.action.key for c in costs if c.accuracy is None and _lossy(c.action)]
+    missing += unpriced_codecs(table, manifest)
     exits = [e.split for e in table.exits if e.accuracy is None]
     if table.full_accuracy is None and any(_lossy(c.action) for c in costs):
         missing.insert(0, "the full model (full_accuracy)")
@@ -142,7 +160,7 @@ def check_accuracies(costs: Iterable[ActionCost], table: CostTable, where: str =
 
 def _lossy(action: Action) -> bool:
     return action.kind is ActionKind.EXIT or (action.kind is not ActionKind.LOCAL
-                                              and action.codec not in LOSSLESS)
+                                              and not is_lossless(str(action.codec)))
 
 
 def _codecs_at(table: CostTable, split: str, raw: CodecCost) -> list[CodecCost]:
@@ -153,4 +171,4 @@ def _codecs_at(table: CostTable, split: str, raw: CodecCost) -> list[CodecCost]:
 def _acc(codec: CodecCost, full: float | None) -> float | None:
     if codec.accuracy is not None:
         return codec.accuracy
-    return full if codec.codec in LOSSLESS else None
+    return full if is_lossless(codec.codec) else None

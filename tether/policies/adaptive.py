@@ -1,12 +1,16 @@
-"""tether-adaptive: robust throughput estimate + cost model, per-request choice.
+"""tether-adaptive: robust throughput estimate + cost model + edge-queue value, per request.
 
-Objective ``latency``: minimise predicted latency subject to the accuracy floor. The
-throughput estimate is RobustMPC's harmonic mean of recent samples (the right plug-in for
-the expected ``bytes / bandwidth``; ``estimator = "robust"`` adds its error discount, which
-measured worse for mean latency, see docs/benchmarks.md), corrected for the edge's
-own queueing, capped by what an offload still in flight proves (outages are seen before
-any reply), with cold start and staleness decay, and a hysteresis so noise does not flap
-between near-equal actions.
+Objective ``latency``: minimise predicted latency subject to the accuracy floor, plus what
+the request's edge work costs the requests behind it. The throughput estimate is
+RobustMPC's harmonic mean of recent samples (the right plug-in for the expected ``bytes /
+bandwidth``; ``estimator = "robust"`` adds its error discount, which measured worse for
+mean latency, see docs/benchmarks.md), corrected for the edge's own queueing, capped by
+what an offload still in flight proves (outages are seen before any reply), with cold
+start and staleness decay. The edge's FIFO is priced by :mod:`tether.policies.queueing`
+(the relative value of backlog under the measured arrival rate, re-solved when the prices
+move); its work per request is the calibrated compute plus the daemon's own per-request
+edge time measured online (edge total - compute - wait, on local answers). A hysteresis
+keeps noise from flapping between near-equal actions.
 
 When it answers locally it gets no throughput samples, so it probes: one remote request
 per ``probe_interval_seconds`` of silence when that could win at the best bandwidth seen
@@ -19,14 +23,21 @@ throughput samples; when nothing meets the deadline, the fastest action.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
-from tether.core.policy import DecisionContext
+from tether.core.policy import DecisionContext, Observation
 from tether.core.types import LOCAL, Action
 from tether.policies.baselines import EstimatingPolicy
 from tether.policies.config import PolicyConfig
 from tether.policies.costmodel import CostModel
-from tether.policies.estimators import Ewma
+from tether.policies.estimators import Ewma, WindowedExtreme
+from tether.policies.queueing import BacklogValue
+
+
+#: How long one quiet request's overhead measurement stands for the daemon's own edge time.
+OVERHEAD_WINDOW_SECONDS = 30.0
 
 
 class TetherAdaptive(EstimatingPolicy):
@@ -34,96 +45,152 @@ class TetherAdaptive(EstimatingPolicy):
 
     name = "adaptive"
     use_inflight_bound = True
+    #: Re-solve the backlog's value at most this often (s), and only when its inputs moved.
+    resolve_seconds = 1.0
+    #: ... by more than this fraction (arrival rate, any action's latency or work).
+    resolve_change = 0.05
 
     def __init__(self, model: CostModel, cfg: PolicyConfig) -> None:
         super().__init__(model, cfg)
         self._current: int | None = None
         self._last_arrival: float | None = None
         self._gap = Ewma(0.05)
-        self._load = Ewma(0.05)       # edge utilisation: booked compute per inter-arrival gap
+        # the daemon's own edge time per request: the windowed minimum of what local answers
+        # took beyond compute and compute wait (the minimum: a request that found the daemon
+        # idle shows only that; the others add the wait to be decided at all)
+        self._overhead = WindowedExtreme(OVERHEAD_WINDOW_SECONDS, use_max=False)
+        self._overhead_value = 0.0
+        self._local_decisions: deque[float] = deque(maxlen=512)   # when each was decided
+        self._upstream = 0.0          # last measured wait before a request reached the policy
+        self._upstream_at = -np.inf
         self._edge_free = -np.inf     # when the edge CPU finishes the work already given to it
         self._up_free = -np.inf       # when the uplink finishes the bytes already sent
+        self._value = BacklogValue()
+        self._solved: tuple[float, float, np.ndarray, np.ndarray] | None = None
+        self._local = int(model.index(LOCAL))
+        self._work_key: tuple | None = None
+        self._work = model.pre
+        self._masked_for: np.ndarray | None = None
+        self._masked_fixed = model.pre
 
     def decide(self, ctx: DecisionContext) -> Action:
-        if self._last_arrival is not None and ctx.now > self._last_arrival:
-            self._gap.update(ctx.now - self._last_arrival)
-        self._last_arrival = ctx.now
+        now = ctx.now
+        if self._last_arrival is not None and now > self._last_arrival:
+            self._gap.update(now - self._last_arrival)
+        self._last_arrival = now
+        bw = self.bandwidth(now)
+        work = self.work(now, ctx.cloud_queue_seconds)
         if not ctx.cloud_available:
-            choice = int(self.model.index(LOCAL))
+            choice = self._local
         elif self.cfg.objective == "accuracy":
-            choice = self._max_accuracy(ctx)
+            choice = self._max_accuracy(ctx, work)
         else:
-            choice = self._min_latency(ctx)
+            choice = self._min_latency(ctx, bw, work)
         self._current = choice
         action = self.model.actions[choice]
-        self._book(ctx.now, choice)
-        self.remember(ctx.now, action)
+        send = self._book(now, choice, work, bw)
+        self.remember(now, action, send)
+        if choice == self._local:
+            self._local_decisions.append(now)
         return action
 
-    # ---- the edge's and the link's own queues --------------------------------------------
-    def _edge_cpu(self, now: float) -> np.ndarray:
-        """Calibrated edge compute of every action (head/exit, plus encode if remote)."""
-        edge, _ = self.factors(now)
-        return (self.model.pre + self.model.remote_frac * self.model.encode) * edge
+    def observe(self, obs: Observation) -> None:
+        super().observe(obs)
+        if obs.action != LOCAL or obs.exited or not obs.ok:
+            return
+        decided = self._local_decisions.popleft() if self._local_decisions else None
+        if decided is not None:
+            # received at now - total, decided at `decided`: the time it waited before the
+            # policy even saw it (a daemon saturated upstream of the compute queue)
+            self._upstream = max(0.0, decided - (obs.now - obs.total_seconds))
+            self._upstream_at = obs.now
+        if obs.edge_seconds is not None and obs.edge_wait_seconds is not None:
+            rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds - self._upstream
+            self._overhead_value = float(self._overhead.update(obs.now, max(rest, 0.0)))
 
-    def _book(self, now: float, choice: int) -> None:
-        """Account the chosen action's edge compute and uplink bytes (predicted)."""
+    # ---- the edge's and the link's own queues --------------------------------------------
+    def work(self, now: float, queue: float = 0.0) -> np.ndarray:
+        """Edge CPU every action adds: calibrated compute plus the measured per-request
+        overhead of the daemon and the policy (``queue``: the cloud queue of the terms key)."""
+        terms, overhead = self.terms(now, queue), self._overhead_value
+        if self._work_key is None or self._work_key[0] is not terms or self._work_key[1] != overhead:
+            self._work_key, self._work = (terms, overhead), terms[2] + overhead
+        return self._work
+
+    def _book(self, now: float, choice: int, work: np.ndarray, bw: float) -> float:
+        """Account the chosen action's edge compute and uplink bytes (predicted); returns
+        when its bytes are sent (after the work already queued on the edge)."""
         start = max(now, self._edge_free)
-        cpu = float(self._edge_cpu(now)[choice])
-        if self._gap.value is not None:
-            self._load.update(cpu / max(self._gap.value, 1e-6))
+        cpu = float(work[choice])
         self._edge_free = start + cpu
         if not self.model.is_local[choice]:
-            send = start + cpu
-            bw = max(self.bandwidth(now), 1.0)
             frac = float(self.model.remote_frac[choice])
-            self._up_free = max(send, self._up_free) + frac * self.model.up[choice] * 8.0 / bw
+            self._up_free = max(start + cpu, self._up_free) + \
+                frac * float(self.model.up[choice]) * 8.0 / max(bw, 1.0)
+        return start + cpu
 
-    def waits(self, now: float) -> np.ndarray:
-        """Predicted wait of every action behind the work this edge already queued."""
-        # every action, even a raw offload, passes the edge's one compute queue
-        wait = np.full(len(self.model.actions), max(0.0, self._edge_free - now))
-        send = now + wait + self._edge_cpu(now)
-        link_wait = np.maximum(0.0, self._up_free - send) * self.model.remote_frac
-        return wait + link_wait
+    def link_waits(self, now: float, work: np.ndarray) -> np.ndarray | float:
+        """Wait of every action's bytes behind the bytes this edge already sent."""
+        send = max(now, self._edge_free)
+        if self._up_free <= send:
+            return 0.0                     # the uplink is idle when anything could be sent
+        return np.maximum(0.0, self._up_free - send - work) * self.model.remote_frac
 
-    def load_penalty(self, now: float) -> np.ndarray:
-        """Delay each action's edge compute imposes on the requests arriving behind it.
-
-        ``s`` seconds added to the (FIFO) edge processor delay every request that arrives
-        before its queue next empties by ``s``. With ``W`` seconds of work already queued
-        and load ``rho``, that busy period lasts about ``(W + s) / (1 - rho)``, so about
-        ``rate * (W + s) / (1 - rho)`` requests pay ``s`` each. This is what makes "local"
-        costlier than it looks on a loaded edge, and what the greedy oracle ignores.
-        """
+    def backlog_cost(self, now: float, lat: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """What each action's edge work costs the requests behind it (:mod:`queueing`),
+        the backlog value re-solved when the arrival rate or the prices moved."""
         if self._gap.value is None or self.cfg.edge_load_weight == 0:
-            return np.zeros(len(self.model.actions))
+            return np.zeros(len(lat))
         rate = 1.0 / max(self._gap.value, 1e-3)
-        rho = min(self._load.value or 0.0, 0.9)
-        cpu = self._edge_cpu(now)
-        backlog = max(0.0, self._edge_free - now)
-        return self.cfg.edge_load_weight * cpu * rate * (backlog + cpu) / (1.0 - rho)
+        if self._stale(now, rate, lat, work):
+            self._value.solve(rate, lat, work)         # lat: +inf below the accuracy floor
+            self._solved = (now, rate, lat.copy(), work.copy())
+        # the booked FIFO, plus the wait upstream of the policy last measured (it drains
+        # at the edge's speed; what is still queued there will all wait behind this work)
+        upstream = max(0.0, self._upstream - (now - self._upstream_at))
+        backlog = max(0.0, self._edge_free - now) + upstream
+        return self.cfg.edge_load_weight * self._value.cost(backlog, work)
+
+    def _stale(self, now: float, rate: float, lat: np.ndarray, work: np.ndarray) -> bool:
+        if self._solved is None:
+            return True
+        when, r, old_lat, old_work = self._solved
+        if now - when < self.resolve_seconds:
+            return False
+        tol = self.resolve_change
+        with np.errstate(invalid="ignore"):
+            moved = np.abs(lat - old_lat) > tol * np.abs(old_lat)
+        return abs(rate - r) > tol * r or bool(moved.any()) or \
+            bool((np.abs(work - old_work) > tol * old_work).any())
 
     # ---- objectives ------------------------------------------------------------------------
-    def _min_latency(self, ctx: DecisionContext) -> int:
-        _, lat = self.argmin(ctx, self.bandwidth(ctx.now))
-        extra = self.waits(ctx.now) + self.load_penalty(ctx.now)
-        lat = lat + extra
-        best = int(np.argmin(lat))
+    def _min_latency(self, ctx: DecisionContext, bw: float, work: np.ndarray) -> int:
+        now = ctx.now
+        fixed, bits, _ = self.terms(now, ctx.cloud_queue_seconds)
+        lat = self._masked(fixed) + bits / max(bw, 1.0)
+        extra = self.link_waits(now, work) + self.backlog_cost(now, lat, work)
+        score = lat + extra
+        best = int(np.argmin(score))
         cur = self._current
-        if cur is not None and np.isfinite(lat[cur]) and lat[cur] <= lat[best] * (1 + self.cfg.hysteresis):
+        if cur is not None and score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
             best = cur
         if self.model.is_local[best]:
-            probe = self.probe(ctx, lat[best], extra)
+            probe = self.probe(ctx, float(score[best]), extra)
             if probe is not None:
                 return probe
         return best
 
-    def _max_accuracy(self, ctx: DecisionContext) -> int:
+    def _masked(self, fixed: np.ndarray) -> np.ndarray:
+        """``fixed`` with the actions below the accuracy floor at +inf (cached per array)."""
+        if self._masked_for is not fixed:
+            self._masked_for, self._masked_fixed = fixed, np.where(self.mask, fixed, np.inf)
+        return self._masked_fixed
+
+    def _max_accuracy(self, ctx: DecisionContext, work: np.ndarray) -> int:
         bw_low = min(self.bw.quantile(1.0 - self.cfg.deadline_quantile, ctx.now),
                      self.bandwidth(ctx.now))
         _, lat = self.argmin(ctx, bw_low)
-        lat = lat + self.waits(ctx.now)
+        lat = lat + max(0.0, self._edge_free - ctx.now) + self.link_waits(ctx.now, work)
         deadlines = [d for d in (self.cfg.deadline_seconds, ctx.deadline_seconds) if d is not None]
         meets = lat <= min(deadlines, default=np.inf)   # the request's own deadline if tighter
         if not meets.any():

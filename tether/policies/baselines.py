@@ -90,6 +90,9 @@ class EstimatingPolicy:
         self._last_reply = -np.inf
         self.calibration = (Calibrator(model, cfg.calibration_alpha,
                                        cfg.calibration_halflife_seconds) if cfg.calibrate else None)
+        self._terms_key: tuple | None = None
+        self._cal_version, self._cal_time = -1, -np.inf
+        self._terms: tuple[np.ndarray, np.ndarray, np.ndarray] = (model.pre, model.pre, model.pre)
 
     def factors(self, now: float) -> tuple[np.ndarray | float, np.ndarray | float]:
         """Calibrated (edge, cloud) compute factors per action (1.0 without calibration)."""
@@ -97,11 +100,39 @@ class EstimatingPolicy:
             return 1.0, 1.0
         return self.calibration.edge_factors(now), self.calibration.cloud_factors(now)
 
+    def _calibration_epoch(self, now: float) -> tuple[int, int]:
+        cal = self.calibration
+        if cal is None:
+            return (0, int(now))
+        if cal.samples <= 20:
+            return (cal.version, int(now))
+        if cal.version != self._cal_version and now - self._cal_time >= 0.25:
+            self._cal_version, self._cal_time = cal.version, now
+        return (self._cal_version, int(now))
+
     def predict(self, ctx: DecisionContext, up_bps: float | np.ndarray) -> np.ndarray:
-        """Predicted latency of every action (calibrated compute, current RTT and queue)."""
-        edge, cloud = self.factors(ctx.now)
-        return self.model.latencies(up_bps, self.rtt.propagation(ctx.now), ctx.cloud_queue_seconds,
-                                    edge=edge, cloud=cloud)
+        """Predicted latency of every action (calibrated compute, current RTT and queue):
+        ``fixed + bits / bandwidth`` from per-action constants cached between samples."""
+        fixed, bits, _ = self.terms(ctx.now, ctx.cloud_queue_seconds)
+        return fixed + bits / np.maximum(up_bps, 1.0)
+
+    def terms(self, now: float, queue: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per action: latency without the link's transfer time, bits on the link (up and
+        down, weighted by the remote fraction), calibrated edge compute. Recomputed only
+        when the RTT or the cloud queue changed, after new calibration samples (at once for
+        the first ones, then at most every 0.25 s) or once a second (the factors decay
+        slowly), so a decision costs a few vector operations."""
+        rtt = self.rtt.propagation(now)
+        key = (rtt, round(queue, 4), self._calibration_epoch(now))
+        if key != self._terms_key:
+            m = self.model
+            edge, cloud = self.factors(now)
+            remote = m.encode * edge + rtt + queue + m.cloud * cloud
+            fixed = m.pre * edge + m.remote_frac * remote
+            bits = m.remote_frac * (m.up + m.down) * 8.0
+            work = (m.pre + m.remote_frac * m.encode) * edge
+            self._terms, self._terms_key = (fixed, bits, work), key
+        return self._terms
 
     def observe(self, obs: Observation) -> None:
         if obs.rtt_seconds is not None:
@@ -125,11 +156,16 @@ class EstimatingPolicy:
             # Did not finish in time: the link delivered less than bytes_sent in that time.
             self.bw.add_sample(obs.now, obs.bytes_sent * 8.0 / obs.network_seconds / 2.0)
 
-    def remember(self, now: float, action: Action) -> None:
-        """Note a decision; offloads stay in flight until their observation arrives."""
+    def remember(self, now: float, action: Action, send: float | None = None) -> None:
+        """Note a decision; offloads stay in flight until their observation arrives.
+
+        ``send``: when its bytes leave (after the edge's own queue), if the caller knows;
+        else right after its own profiled edge work. A send time too early would make an
+        offload still queued on the edge look like a stalled link."""
         cost = self.model.cost(action)
         if cost.exit_rate == 0.0:
-            send = now + cost.pre_seconds + cost.encode_seconds
+            if send is None:
+                send = now + cost.pre_seconds + cost.encode_seconds
             self._inflight.append((action.key, send, cost.up_bytes))
 
     def _settle(self, key: str) -> None:

@@ -43,7 +43,7 @@ class _LogEwma:
         self.shared_count = 0
 
     def update(self, i: int, log_ratio: float, now: float) -> None:
-        self.value[i] = self._step(self.value[i], int(self.count[i]), log_ratio)
+        self.value[i] = self._step(float(self.value[i]), int(self.count[i]), log_ratio)
         self.count[i] += 1
         self.when[i] = now
         self.shared = self._step(self.shared, self.shared_count, log_ratio)
@@ -53,7 +53,7 @@ class _LogEwma:
         if count == 0:
             return x
         if count >= WARMUP:
-            x = value + float(np.clip(x - value, -CLIP, CLIP))
+            x = value + min(max(x - value, -CLIP), CLIP)
         alpha = max(self.alpha, 1.0 / (count + 1))   # the first samples average plainly
         return value + alpha * (x - value)
 
@@ -74,6 +74,7 @@ class Calibrator:
         n = len(model.actions)
         self._edge = _LogEwma(n, alpha)
         self._cloud = _LogEwma(n, alpha)
+        self.version = 0      # bumped by every sample: cached prices depending on it expire
 
     def observe(self, obs: Observation) -> None:
         """Feed one finished request's measured compute (ignored when not measured)."""
@@ -91,6 +92,7 @@ class Calibrator:
         if profiled < self.min_seconds or not measured > 0 or not math.isfinite(measured):
             return   # too small to measure against timer noise (e.g. offload without encode)
         ewma.update(i, math.log(measured / profiled), now)
+        self.version += 1
 
     def edge_factors(self, now: float) -> np.ndarray:
         return self._edge.factors(now, self.halflife)

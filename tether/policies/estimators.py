@@ -46,12 +46,11 @@ class RobustHarmonic:
         self.samples: deque[float] = deque(maxlen=k)
         self.errors: deque[float] = deque(maxlen=k)
         self.discount = discount
+        self._mean: float | None = None     # cached: read on every decision, moved per sample
 
     @property
     def mean(self) -> float | None:
-        if not self.samples:
-            return None
-        return len(self.samples) / sum(1.0 / max(s, 1e-9) for s in self.samples)
+        return self._mean
 
     @property
     def value(self) -> float | None:
@@ -63,12 +62,14 @@ class RobustHarmonic:
     def clear(self) -> None:
         self.samples.clear()
         self.errors.clear()
+        self._mean = None
 
     def update(self, x: float) -> float:
         predicted = self.mean
         if predicted is not None:
             self.errors.append(min(abs(predicted - x) / max(x, 1e-9), MAX_RELATIVE_ERROR))
         self.samples.append(x)
+        self._mean = len(self.samples) / sum(1.0 / max(s, 1e-9) for s in self.samples)
         return self.value  # type: ignore[return-value]
 
 

@@ -75,7 +75,7 @@ def run_policies(table: CostTable, uplink: Trace, policies: tuple[str, ...] = DE
 def _sim_args(sim: Simulator) -> dict:
     return dict(rtt=sim.cfg.rtt_seconds, deadline=sim.cfg.deadline_seconds, downlink=sim.downlink,
                 queue=sim.cfg.cloud_queue_seconds, reserve=sim.cfg.fallback_reserve_seconds,
-                offset=sim.cfg.trace_offset_seconds)
+                offset=sim.cfg.trace_offset_seconds, overhead=sim.cfg.edge_overhead_seconds)
 
 
 def planned_oracle(sim: Simulator, model: CostModel, cfg: PolicyConfig, beam: int = 24,

@@ -39,8 +39,10 @@ class _Physics:
     """The simulator's per-request timing, as a pure function of the queue state."""
 
     def __init__(self, model: CostModel, uplink: Trace, downlink: Trace, rtt: float,
-                 queue: float, deadline: float, reserve: float | None, offset: float) -> None:
+                 queue: float, deadline: float, reserve: float | None, offset: float,
+                 overhead: float = 0.0) -> None:
         self.model, self.upl, self.downl = model, uplink, downlink
+        self.overhead = overhead
         self.rtt, self.queue, self.deadline, self.offset = rtt, queue, deadline, offset
         self.local = model.cost(LOCAL).pre_seconds
         self.reserve = self.local if reserve is None else reserve
@@ -48,7 +50,7 @@ class _Physics:
     def step(self, t: float, exited: bool, c: ActionCost, cpu: float, up: float,
              down: float) -> tuple[float, float, float, float]:
         """(latency, cpu free, uplink free, downlink free) of one request."""
-        start = max(t, cpu)
+        start = max(t, cpu) + self.overhead
         if exited:
             return start + c.pre_seconds - t, start + c.pre_seconds, up, down
         send = start + c.pre_seconds + c.encode_seconds
@@ -70,14 +72,16 @@ class _Physics:
 def plan_sequence(model: CostModel, uplink: Trace, arrivals: np.ndarray, exit_draws: np.ndarray,
                   allowed: np.ndarray, *, rtt: float, deadline: float, downlink: Trace | None = None,
                   queue: float = 0.0, reserve: float | None = None, offset: float = 0.0,
-                  beam: int = 24, know_exits: bool = True) -> tuple[list[int], dict]:
+                  beam: int = 24, know_exits: bool = True,
+                  overhead: float = 0.0) -> tuple[list[int], dict]:
     """Action indices (into ``model.actions``) minimising total latency over the sequence.
 
     ``know_exits=False``: the planner does not know which exits will be confident; an exit
     is priced at its exit rate (expected latency, the state of its remote branch), as a
     policy must. That plan is a reference, no longer a bound.
     """
-    phys = _Physics(model, uplink, downlink or uplink, rtt, queue, deadline, reserve, offset)
+    phys = _Physics(model, uplink, downlink or uplink, rtt, queue, deadline, reserve, offset,
+                    overhead)
     choices = np.flatnonzero(allowed)
     states = [_State(-math.inf, -math.inf, -math.inf, 0.0, -1, None)]
     truncated = 0
@@ -130,9 +134,11 @@ def _pareto(states: list[_State]) -> list[_State]:
 
 def lower_bound(model: CostModel, uplink: Trace, arrivals: np.ndarray, exit_draws: np.ndarray,
                 allowed: np.ndarray, *, rtt: float, deadline: float, downlink: Trace | None = None,
-                queue: float = 0.0, reserve: float | None = None, offset: float = 0.0) -> np.ndarray:
+                queue: float = 0.0, reserve: float | None = None, offset: float = 0.0,
+                overhead: float = 0.0) -> np.ndarray:
     """Per request, the latency of its best action on an idle edge and idle links."""
-    phys = _Physics(model, uplink, downlink or uplink, rtt, queue, deadline, reserve, offset)
+    phys = _Physics(model, uplink, downlink or uplink, rtt, queue, deadline, reserve, offset,
+                    overhead)
     out = np.empty(len(arrivals))
     floor = -math.inf
     for i, t in enumerate(arrivals):

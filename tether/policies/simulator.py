@@ -44,6 +44,7 @@ class SimConfig:
     deadline_seconds: float = 1.0       # per request, as the edge agent's default
     fallback_reserve_seconds: float | None = None  # kept for the local answer; None = local time
     trace_offset_seconds: float = 0.0   # where in the trace t=0 falls
+    edge_overhead_seconds: float = 0.0  # the daemon's own edge CPU per request (any action)
 
     def __post_init__(self) -> None:
         if self.arrival not in ("poisson", "periodic"):
@@ -52,6 +53,8 @@ class SimConfig:
             raise ConfigError("n_requests must be >= 1, rate_hz > 0 and rtt_seconds >= 0")
         if not self.deadline_seconds > 0:
             raise ConfigError("deadline_seconds must be > 0")
+        if self.edge_overhead_seconds < 0:
+            raise ConfigError("edge_overhead_seconds must be >= 0")
 
     def arrivals(self) -> np.ndarray:
         """Request arrival times (seconds), seeded."""
@@ -165,7 +168,7 @@ class Simulator:
         exit is priced at its exit rate, like the policies price it.
         """
         cost, t = self.model.cost(action), ctx.now
-        cpu_start = max(t, self._cpu.free_at)
+        cpu_start = max(t, self._cpu.free_at) + self.cfg.edge_overhead_seconds
         local = cpu_start + cost.pre_seconds - t
         if cost.exit_rate >= 1.0:
             return local
@@ -223,15 +226,18 @@ class Simulator:
         rec = RequestOutcome(i, t, action.key,
                              up_bps=self.uplink.rate_bps_at(self.cfg.trace_offset_seconds + t, 1.0))
         self._recs.append(rec)
+        wait = max(0.0, self._cpu.free_at - t)
+        overhead = self.cfg.edge_overhead_seconds
         if self.draws[i] < cost.exit_rate:
-            done = self._cpu.serve(t, cost.pre_seconds)
+            done = self._cpu.serve(t, overhead + cost.pre_seconds)
             kind = "local" if action == LOCAL else "exit"
             self._finish(rec, done, kind, cost.accuracy if action == LOCAL else None, cost)
             obs = Observation(now=done, action=action, total_seconds=rec.latency, exited=kind == "exit",
-                              edge_seconds=cost.pre_seconds)
+                              edge_seconds=cost.pre_seconds, edge_wait_seconds=wait)
             self._push(done, "observe", obs)
         else:
-            self._push(self._cpu.serve(t, cost.pre_seconds + cost.encode_seconds), "send", (rec, cost))
+            work = overhead + cost.pre_seconds + cost.encode_seconds
+            self._push(self._cpu.serve(t, work), "send", (rec, cost))
 
     def _on_send(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data

@@ -12,7 +12,8 @@
   (:func:`app_latency`, :func:`deadline_miss`); ``sim_error.csv`` gives the simulator's
   error per action.
   Both price edge compute from the bundle's cost table scaled by the slowdown measured on
-  the (throttled) edge in this run (``edge_scale`` in meta.json).
+  the (throttled) edge in this run (``edge_scale`` in meta.json), plus the daemon's own
+  per-request edge time measured in the same run (``edge_overhead_s``, :func:`edge_overhead`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tether.core.config import from_mapping
-from tether.core.errors import ConfigError
+from tether.core.errors import ConfigError, TetherError
 from tether.core.types import Action, ActionKind, CostTable, write_json_atomic
 
 if TYPE_CHECKING:
@@ -36,13 +37,13 @@ if TYPE_CHECKING:
 COLUMNS = (
     "policy", "edge", "request", "trace_time", "image", "label", "answered", "action", "outcome",
     "fallback", "error", "bytes_sent", "bytes_received", "head_s", "encode_s", "network_s",
-    "queue_s", "decode_s", "tail_s", "local_s", "total_s", "client_s", "latency_s", "deadline_miss",
+    "queue_s", "decode_s", "tail_s", "local_s", "wait_s", "total_s", "client_s", "latency_s", "deadline_miss",
     "prediction", "correct", "predicted_s", "predicted_error_s", "oracle_s", "oracle_action",
 )
 _RECORD = {"head_s": "head_seconds", "encode_s": "encode_seconds",
            "network_s": "network_seconds", "queue_s": "cloud_queue_seconds",
            "decode_s": "cloud_decode_seconds", "tail_s": "tail_seconds",
-           "local_s": "local_seconds", "total_s": "total_seconds",
+           "local_s": "local_seconds", "wait_s": "edge_wait_seconds", "total_s": "total_seconds",
            "bytes_sent": "bytes_sent", "bytes_received": "bytes_received"}
 
 
@@ -99,6 +100,16 @@ def compute_scales(rows: list[dict[str, Any]], table: CostTable) -> tuple[float,
     return (float(np.median(edge)) if edge else 1.0, float(np.median(cloud)) if cloud else 1.0)
 
 
+def edge_overhead(rows: list[dict[str, Any]]) -> float:
+    """The daemon's own edge time per request (decision, parsing, the event loop), measured:
+    over local answers, the 5th percentile of edge total - compute - wait for a compute
+    thread (a low quantile: on a saturated daemon most requests also wait to be decided)."""
+    rest = [float(r["total_s"]) - float(r["local_s"]) - float(r.get("wait_s") or 0.0)
+            for r in rows if r.get("outcome") == "local" and r.get("action") == "local"
+            and r.get("total_s") not in ("", None) and r.get("local_s") not in ("", None)]
+    return max(0.0, float(np.percentile(rest, 5))) if rest else 0.0
+
+
 def scaled_table(table: CostTable, edge: float, cloud: float) -> CostTable:
     """``table`` with edge times times ``edge`` and cloud times times ``cloud``."""
     from tether.policies import scale_edge
@@ -135,12 +146,13 @@ def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
     from tether.policies.simulator import SimConfig, Simulator, replay
 
     edge, cloud = compute_scales(rows, table)
+    overhead = edge_overhead(rows)
     model = CostModel(scaled_table(table, edge, cloud), prune=False, manifest=exp.manifest)
     sc = exp.scenario
     base = SimConfig(rtt_seconds=2 * sc.link.delay_ms / 1000.0, deadline_seconds=sc.deadline_s,
-                     ping_interval_seconds=0.5)
+                     ping_interval_seconds=0.5, edge_overhead_seconds=overhead)
     notes: dict[str, Any] = {"edge_scale": edge, "cloud_scale": cloud, "unpriced": 0,
-                             "oracle_exact": True}
+                             "edge_overhead_s": overhead, "oracle_exact": True}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["policy"], int(r["edge"])), []).append(r)
@@ -164,7 +176,27 @@ def add_predictions(rows: list[dict[str, Any]], exp: "Experiment",
         notes["oracle_exact"] &= bool(result.meta.get("exact"))
         for r, out in zip(priced, result.requests):
             r["oracle_s"], r["oracle_action"] = out.latency, out.action
+    try:
+        notes["simulated_mean_s"] = simulated_means(exp, model.table, base)
+    except TetherError as exc:   # e.g. a bundle without accuracies: the run's results stand
+        notes["simulated_mean_s"] = {}
+        notes["simulated_error"] = str(exc)
     return notes
+
+
+def simulated_means(exp: "Experiment", table: CostTable, base: Any) -> dict[str, float]:
+    """What the simulator says each policy of the scenario would score on this run's trace,
+    arrival rate and measured device (edge/cloud slowdown, daemon overhead): the ordering
+    the testbed is checked against. Adaptive starts from the unscaled profile, as on the edge."""
+    from tether.policies.evaluate import run_policies
+    sc = exp.scenario
+    names = tuple(dict.fromkeys(p["name"] for p in sc.policies if p["name"] != "oracle"))
+    cfg = dataclasses.replace(base, n_requests=max(1, int(sc.rate_hz * sc.duration_s)),
+                              rate_hz=sc.rate_hz, arrival=sc.arrival, seed=sc.seed)
+    profile = _cost_table(exp)
+    results = run_policies(table, exp.up, names + ("oracle",), _policy_config(sc.policies), cfg,
+                           exp.down, exp.manifest, profile=profile, beam=64)
+    return {name: float(res.latencies.mean()) for name, res in results.items()}
 
 
 def _known(model: Any, key: str) -> bool:
@@ -310,9 +342,13 @@ def write_results(exp: "Experiment", raw_rows: list[dict[str, Any]]) -> list[dic
     text = summary_table(summary)
     errors = sim_error_by_action(rows)
     write_csv(exp.out / "sim_error.csv", errors, SIM_ERROR_COLUMNS)
+    simulated = notes.get("simulated_mean_s", {})
+    ordering = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(simulated.items(),
+                                                                   key=lambda kv: kv[1]))
     (exp.out / "summary.md").write_text(text + "\n\nSimulator error per action (predicted - "
                                         "measured, application latency):\n\n"
-                                        + sim_error_table(errors) + "\n")
+                                        + sim_error_table(errors) + "\n\nSimulated on the same "
+                                        f"trace and device, mean latency: {ordering}\n")
     plots = write_plots(exp, rows)
     meta = {"scenario": _jsonable(dataclasses.asdict(sc)), "platform": exp.info.to_dict(),
             "backend": sc.link.backend, "kernel": exp.info.kernel,
