@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pytest
 
 from tether.core import protocol as P
-from tether.core.errors import BusyError, ConfigError, PeerUnavailableError, ProtocolError
+from tether.core.errors import (BusyError, ConfigError, PeerUnavailableError, ProtocolError,
+                                UnknownModelError)
 from tether.edge.client import EdgeClient
-from tether.edge.server import EdgeServer, sampling_kwargs
+from tether.core.sampling import SamplingParams
+from tether.edge.server import EdgeServer, sampling_of
 
 from .background import BackgroundLoop, wait_for
 
@@ -28,8 +30,9 @@ class ScriptedLLM:
         self.calls: list[tuple] = []
         self.closed = 0
 
-    async def generate(self, prompt, max_new_tokens=64, stop_at_eos=True):
+    async def generate(self, prompt, max_new_tokens=64, stop_at_eos=True, *, sampling=None):
         self.calls.append((prompt, max_new_tokens))
+        self.sampling = sampling
         try:
             for i in range(max_new_tokens):
                 await asyncio.sleep(self.delay)
@@ -41,16 +44,6 @@ class ScriptedLLM:
                     return
         finally:
             self.closed += 1
-
-
-class SamplingLLM(ScriptedLLM):
-    """An LLM edge that takes the sampling settings (what h13sample's LLMEdge does)."""
-
-    async def generate(self, prompt, max_new_tokens=64, stop_at_eos=True, *, temperature=0.0,
-                       top_k=0, top_p=1.0, seed=None):
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        async for ev in super().generate(prompt, max_new_tokens, stop_at_eos):
-            yield ev
 
 
 @pytest.fixture
@@ -106,27 +99,20 @@ def test_end_of_text_and_errors_end_the_stream_with_the_record(serve):
 
 def test_sampling_settings_reach_the_llm_or_are_refused(serve):
     start, _ = serve
-    sampler = SamplingLLM()
-    _, endpoint = start(sampler)
-    _, greedy_only = start(ScriptedLLM())
+    llm = ScriptedLLM()
+    _, endpoint = start(llm)
     with EdgeClient(endpoint, timeout=10) as client:
         client.generate("x", 2, temperature=0.7, top_k=40, top_p=0.9, seed=7).text()
-    assert sampler.sampling == dict(temperature=0.7, top_k=40, top_p=0.9, seed=7)
-    with EdgeClient(greedy_only, timeout=10) as client:
-        assert client.generate("x", 2, seed=7).text() == "t0 t1 "    # greedy: seed is moot
-        with pytest.raises(ConfigError, match="greedily only.*temperature=0.7"):
-            client.generate("x", 2, temperature=0.7).text()
+        assert llm.sampling == SamplingParams(0.7, 40, 0.9, 7)
+        assert client.generate("x", 2).text() == "t0 t1 "
+        assert llm.sampling == SamplingParams()                       # greedy by default
     with pytest.raises(ProtocolError, match="top_p"):
         EdgeClient("tcp://127.0.0.1:9").generate("x", top_p=0)
 
 
-def test_sampling_kwargs_reads_the_generate_signature():
-    msg = P.Generate(1, "x", temperature=0.5, seed=3)
-    assert sampling_kwargs(SamplingLLM().generate, msg) == dict(
-        temperature=0.5, top_k=0, top_p=1.0, seed=3)
-    assert sampling_kwargs(ScriptedLLM().generate, P.Generate(1, "x", top_k=5)) == {}
-    with pytest.raises(ConfigError, match="top_k=5"):
-        sampling_kwargs(ScriptedLLM().generate, P.Generate(1, "x", temperature=1.0, top_k=5))
+def test_sampling_of_a_generate_request():
+    assert sampling_of(P.Generate(1, "x", temperature=0.5, seed=3)) == SamplingParams(0.5, seed=3)
+    assert sampling_of(P.Generate(1, "x", top_k=5)) == SamplingParams(top_k=5)
 
 
 def test_streams_are_bounded_and_a_departed_app_stops_its_stream(serve):
