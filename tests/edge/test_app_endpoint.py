@@ -124,7 +124,7 @@ def test_streams_are_bounded_and_a_departed_app_stops_its_stream(serve):
         assert next(stream).tokens == (100,)
         with pytest.raises(BusyError, match="queue_full"):
             second.generate("more", 2).text()
-        with pytest.raises(ConfigError, match="no image bundle"):
+        with pytest.raises(UnknownModelError, match="no image model"):
             second.infer(__import__("numpy").zeros((2, 2, 3), dtype="uint8"))
     # both clients are gone: the edge stops generating for nobody
     assert bg.call(_wait(lambda: not server._streams)), "the stream kept running"
