@@ -38,8 +38,10 @@ def test_sampling_settings_become_the_edges_generate_request():
     assert (msg.temperature, msg.top_p, msg.top_k, msg.seed) == (0.7, 0.9, 40, 11)
     greedy = parse_request({"prompt": "hi", "temperature": None}, False, _Tok(), 64)
     assert greedy.generate_request().temperature == 0.0       # unlike OpenAI: greedy default
+    off = parse_request({"prompt": "hi", "temperature": 0.5, "top_k": -1}, False, _Tok(), 64)
+    assert off.generate_request().top_k == 0                  # vLLM's -1: no top-k cut
     for bad in ({"temperature": -1}, {"temperature": "hot"}, {"top_p": 0}, {"top_p": 1.5},
-                {"top_k": 2.5}, {"top_k": -1}, {"seed": -3}, {"seed": True}):
+                {"top_k": 2.5}, {"top_k": -2}, {"seed": -3}, {"seed": True}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             parse_request({"prompt": "hi", **bad}, False, _Tok(), 64)
 
