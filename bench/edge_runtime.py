@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from integration.procs import CloudHolder  # noqa: E402  (test helper: real cloud process)
+from support.procs import CloudHolder  # noqa: E402  (test helper: real cloud process)
 
 from tether.core.policy import FixedPolicy  # noqa: E402
 from tether.core.types import LOCAL, Action  # noqa: E402
@@ -167,7 +167,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     import uvloop
-    from edge.bundles import pretrained_weights, sample_images
+    from support.bundles import pretrained_weights, sample_images
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
         if bundle is None:

@@ -43,7 +43,7 @@ def test_vit_split_and_offload_equal_the_model(vit):
 
 
 def test_vit_over_real_sockets(vit):
-    from cloud.helpers import ServerThread
+    from support.cloud import ServerThread
 
     from tether.cloud import CloudConfig, ServedBundle
     model, out = vit

@@ -5,7 +5,7 @@ import zmq
 
 from tether.cloud import CloudConfig
 
-from .helpers import ServerThread, build_model
+from support.cloud import ServerThread, build_model
 
 
 @pytest.fixture(scope="session")

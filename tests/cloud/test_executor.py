@@ -23,7 +23,7 @@ from tether.commands.cloud import build_config
 from tether.core import protocol as P
 from tether.core.errors import ConfigError
 
-from .helpers import slow_bundle
+from support.cloud import slow_bundle
 
 
 def parse(argv):

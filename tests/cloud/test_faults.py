@@ -15,7 +15,7 @@ from tether.core import protocol as P
 from tether.core.errors import DeadlineExceededError, NonFiniteInputError
 from tether.core.types import TensorSpec
 
-from .helpers import RawClient, ServerThread, slow_bundle
+from support.cloud import RawClient, ServerThread, slow_bundle
 
 FP = "f" * 64
 

@@ -20,7 +20,7 @@ from tether.cloud.config import CloudCurveConfig
 from tether.cloud.twin import InProcessCloud
 from tether.core import protocol as P
 
-from .helpers import SPLITS, RawClient, ServerThread, slow_bundle
+from support.cloud import SPLITS, RawClient, ServerThread, slow_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 

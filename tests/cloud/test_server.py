@@ -12,7 +12,7 @@ import torch
 
 from tether.core import protocol as P
 
-from .helpers import SPLITS, RawClient
+from support.cloud import SPLITS, RawClient
 
 
 def test_handshake_lists_what_is_served_and_refuses_a_mismatch(server, model, ctx):

@@ -18,7 +18,7 @@ from tether.commands import cloud as cloud_command
 from tether.core.errors import ConfigError
 from tether.edge.config import load_edge_config
 
-from .helpers import ServerThread, slow_bundle
+from support.cloud import ServerThread, slow_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 

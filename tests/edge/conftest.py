@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from .bundles import shared_bundle
+from support.bundles import shared_bundle
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ from tether.edge.config import EdgeConfig
 from tether.edge.inproc import InProcessLink
 from tether.edge.records import ListSink
 
-from .bundles import SPLITS, reference_logits, sample_images
-from .fakes import run
+from support.bundles import SPLITS, reference_logits, sample_images
+from support.fakes import run
 
 IMAGES = sample_images(6)
 CONFIG = EdgeConfig(deadline_seconds=5.0)

@@ -15,7 +15,7 @@ from tether.edge.client import EdgeClient
 from tether.core.sampling import SamplingParams
 from tether.edge.server import EdgeServer, sampling_of
 
-from .background import BackgroundLoop, wait_for
+from support.background import BackgroundLoop, wait_for
 
 
 class ScriptedLLM:

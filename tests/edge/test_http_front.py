@@ -21,8 +21,8 @@ pytest.importorskip("uvicorn")
 
 from tether.edge.client import EdgeClient  # noqa: E402
 
-from .background import BackgroundLoop, get_json, http, multipart, wait_for  # noqa: E402
-from .bundles import SPLITS, reference_logits, sample_images  # noqa: E402
+from support.background import BackgroundLoop, get_json, http, multipart, wait_for  # noqa: E402
+from support.bundles import SPLITS, reference_logits, sample_images  # noqa: E402
 
 PATIENT = 30.0     # seconds: the shared machine is slow; never fall back by accident
 IMAGES = sample_images(3)

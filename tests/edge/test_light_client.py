@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from .bundles import REPO
+from support.bundles import REPO
 
 HEAVY = ("torch", "transformers", "onnxruntime", "onnx", "compressai", "torchvision")
 SCRIPT = """

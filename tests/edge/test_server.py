@@ -18,8 +18,8 @@ from tether.edge.compute import EdgeCompute
 from tether.edge.config import EdgeConfig
 from tether.edge.server import EdgeServer
 
-from .bundles import reference_logits, sample_images
-from .fakes import run
+from support.bundles import reference_logits, sample_images
+from support.fakes import run
 
 IMAGES = sample_images(4)
 

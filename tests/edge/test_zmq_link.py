@@ -13,7 +13,7 @@ from tether.core.errors import (BusyError, DeadlineExceededError, PeerUnavailabl
 from tether.edge.link import CloudLink, CloudRequest
 from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
 
-from .fakes import FakeCloud, fingerprint_bundle, run
+from support.fakes import FakeCloud, fingerprint_bundle, run
 
 FAST = LinkTiming(heartbeat_interval=0.05, heartbeat_timeout=0.3, handshake_timeout=0.2,
                   reconnect_min=0.02, reconnect_max=0.2)

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge.bundles import shared_bundle
+from support.bundles import shared_bundle
 
-from .procs import CloudHolder
+from support.procs import CloudHolder
 
 
 @pytest.fixture(scope="session")

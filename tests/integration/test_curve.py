@@ -21,10 +21,10 @@ from tether.edge.config import EdgeConfig
 from tether.edge.records import ListSink
 from tether.edge.zmq_link import CurveClientKeys, LinkTiming, ZmqCloudLink
 
-from edge.bundles import SPLITS, reference_logits, sample_images
-from edge.fakes import run
+from support.bundles import SPLITS, reference_logits, sample_images
+from support.fakes import run
 
-from .procs import free_port
+from support.procs import free_port
 
 TIMING = LinkTiming(heartbeat_interval=0.1, heartbeat_timeout=0.5, handshake_timeout=0.3,
                     reconnect_min=0.05, reconnect_max=0.2)

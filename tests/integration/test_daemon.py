@@ -15,9 +15,9 @@ from tether.core.errors import InputShapeError
 from tether.edge.client import EdgeClient
 from tether.edge.records import read_records
 
-from edge.bundles import SPLITS, reference_logits, sample_images
+from support.bundles import SPLITS, reference_logits, sample_images
 
-from .procs import Daemon, free_port
+from support.procs import Daemon, free_port
 
 pytestmark = pytest.mark.slow
 IMAGES = sample_images(24)

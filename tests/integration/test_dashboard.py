@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.bundles import sample_images
+from support.bundles import sample_images
 
-from .procs import REPO, Daemon, free_port
+from support.procs import REPO, Daemon, free_port
 
 pytestmark = pytest.mark.slow
 DASHBOARD = REPO / "configs" / "grafana" / "tether.json"

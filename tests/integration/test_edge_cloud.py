@@ -22,10 +22,10 @@ from tether.edge.config import EdgeConfig
 from tether.edge.records import ListSink
 from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
 
-from edge.bundles import SPLITS, reference_logits, sample_images
-from edge.fakes import run
+from support.bundles import SPLITS, reference_logits, sample_images
+from support.fakes import run
 
-from .procs import histogram_mean
+from support.procs import histogram_mean
 
 pytestmark = pytest.mark.slow
 

@@ -39,9 +39,9 @@ from tether.edge.records import ListSink
 from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
 from tether.partitioner import BundleModel
 
-from cloud.helpers import RawClient, ServerThread
-from edge.bundles import sample_images
-from edge.fakes import run
+from support.cloud import RawClient, ServerThread
+from support.bundles import sample_images
+from support.fakes import run
 
 SPLIT = "layer2.2"           # crossing tensor 32 x 16 x 16 fp32 = 32 768 B
 OTHER_SPLIT = "layer1.2"     # exported head, but no learned codec there

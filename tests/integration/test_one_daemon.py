@@ -14,7 +14,7 @@ import pytest
 from tether.core.errors import TetherError
 from tether.edge.client import EdgeClient
 
-from .procs import REPO, Daemon, free_port
+from support.procs import REPO, Daemon, free_port
 
 pytestmark = pytest.mark.slow
 PROMPT = "Once upon a time"

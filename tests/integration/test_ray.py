@@ -37,10 +37,10 @@ from tether.edge.config import EdgeConfig  # noqa: E402
 from tether.edge.records import ListSink  # noqa: E402
 from tether.edge.zmq_link import LinkTiming, ZmqCloudLink  # noqa: E402
 
-from edge.bundles import SPLITS, assets_dir, reference_logits, sample_images  # noqa: E402
-from edge.fakes import run  # noqa: E402
+from support.bundles import SPLITS, assets_dir, reference_logits, sample_images  # noqa: E402
+from support.fakes import run  # noqa: E402
 
-from .procs import CloudHolder, free_port  # noqa: E402
+from support.procs import CloudHolder, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

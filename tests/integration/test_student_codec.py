@@ -34,9 +34,9 @@ from tether.edge.records import ListSink
 from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
 from tether.partitioner import BundleModel
 
-from cloud.helpers import ServerThread
-from edge.bundles import assets_dir, sample_images
-from edge.fakes import run
+from support.cloud import ServerThread
+from support.bundles import assets_dir, sample_images
+from support.fakes import run
 
 SPLIT = "layer3.2"
 BETAS = (0.001, 0.01)

@@ -17,7 +17,7 @@ from tether.cli import main
 from tether.core.errors import ProtocolError
 from tether.edge.client import EdgeClient
 
-from edge.bundles import SPLITS, reference_logits, sample_images, shared_bundle
+from support.bundles import SPLITS, reference_logits, sample_images, shared_bundle
 
 pytestmark = pytest.mark.slow
 STEPS = 16

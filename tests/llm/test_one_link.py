@@ -24,7 +24,7 @@ from tether.edge.llm import GenerateConfig, LLMEdge
 from tether.edge.zmq_link import CurveClientKeys
 from tether.partitioner.llm import EdgeLM, new_exit_head, split_llm, train_exit_head
 
-from tests.integration.procs import Daemon, free_port
+from support.procs import Daemon, free_port
 
 from .links import zmq_link
 

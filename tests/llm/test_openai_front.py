@@ -14,7 +14,7 @@ openai = pytest.importorskip("openai")
 
 from tether.edge.client import EdgeClient  # noqa: E402
 
-from edge.background import BackgroundLoop, http  # noqa: E402
+from support.background import BackgroundLoop, http  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PATIENT = 30.0
@@ -24,7 +24,7 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from edge.bundles import shared_bundle
+    from support.bundles import shared_bundle
     return shared_bundle(tmp_path_factory)
 
 

@@ -175,7 +175,7 @@ def test_without_exit_head_a_lost_cloud_ends_the_stream_with_an_error(stories, e
 def test_a_cold_or_late_cloud_is_waited_for_on_the_first_step(stories, edges, reference):
     """The cloud starts 1 s after the session and its first step is slower than a step's
     timeout: the edge waits (readiness + first-step budget) instead of guessing locally."""
-    from tests.integration.procs import free_port
+    from support.procs import free_port
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
 

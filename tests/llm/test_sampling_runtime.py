@@ -16,7 +16,7 @@ from tether.edge.llm import GenerateConfig, LLMEdge
 from tether.edge.server import EdgeServer
 from tether.partitioner.llm import EdgeLM, SamplingParams, generate_whole
 
-from edge.background import BackgroundLoop  # noqa: E402
+from support.background import BackgroundLoop  # noqa: E402
 
 from .links import local_cloud, zmq_link
 

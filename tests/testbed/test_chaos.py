@@ -11,7 +11,7 @@ import pytest
 from tether.testbed.chaos import FAULTS, ChaosConfig, check, run_chaos
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the shared bundle
-from edge.bundles import shared_bundle  # noqa: E402
+from support.bundles import shared_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
