@@ -63,7 +63,7 @@ def test_a_stream_end_carries_its_typed_error():
     (P.Generate(1, "hi"), {"prompt": ""}, "prompt or token_ids"),
     (P.Generate(1, "hi"), {"token_ids": [5]}, "exactly one"),
     (P.Generate(1, token_ids=(5,)), {"token_ids": [5, -1]}, "non-negative"),
-    (P.Generate(1, token_ids=(5,)), {"token_ids": [1 << 40]}, "2\*\*31"),
+    (P.Generate(1, token_ids=(5,)), {"token_ids": [1 << 40]}, r"2\*\*31"),
     (P.Generate(1, token_ids=(5,)), {"token_ids": [True]}, "non-negative ints"),
     (P.Generate(1, token_ids=(5,)), {"token_ids": "5"}, "list"),
     (P.Generate(1, "hi"), {"max_new_tokens": 0}, "max_new_tokens"),
