@@ -56,6 +56,7 @@ class PeerWatch:
     _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
     def __init__(self, sock: zmq.Socket) -> None:
+        self._owner = sock
         self.socket = sock.get_monitor_socket(self._EVENTS)
         self.connected = self.ever_connected = False
         self.lost = ""          # why the peer is gone for the pending request; "" = not gone
@@ -76,6 +77,11 @@ class PeerWatch:
                 self.lost = self.lost or "refuses connections"
 
     def close(self) -> None:
+        """Stop the monitor (its inproc peer inside libzmq goes too), then close our end."""
+        try:
+            self._owner.disable_monitor()
+        except zmq.ZMQError:
+            pass                # the owner is already closed
         self.socket.close(linger=0)
 
 
