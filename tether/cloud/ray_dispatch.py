@@ -156,10 +156,10 @@ class Dispatcher:
         import ray
         import zmq
         import zmq.asyncio
+
+        from tether.core.sockets import open_socket
         ctx = zmq.asyncio.Context()
-        self.sock = ctx.socket(zmq.PAIR)
-        self.sock.linger = 0
-        self.sock.connect(self.endpoint)
+        self.sock = open_socket(ctx, zmq.PAIR, connect=self.endpoint)
         address = _resolve(self.settings["address"])
         ray.init(address=address, namespace="tether",
                  log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)

@@ -41,6 +41,7 @@ import zmq.asyncio
 
 from tether.cloud.config import CloudConfig
 from tether.core import protocol as P
+from tether.core.sockets import open_socket
 from tether.core.errors import ConfigError, PeerUnavailableError, SessionError
 from tether.core.metrics import BatchStats, CloudMetrics
 
@@ -217,9 +218,7 @@ class RayPool:
     def _spawn(self) -> None:
         self._generation += 1
         endpoint = f"ipc://{self._tmp.name}/dispatch-{self._generation}"
-        self._sock = self._ctx.socket(zmq.PAIR)
-        self._sock.linger = 0
-        self._sock.bind(endpoint)
+        self._sock = open_socket(self._ctx, zmq.PAIR, bind=endpoint)
         cmd = [sys.executable, "-m", "tether", "cloud-ray-dispatcher", "--endpoint", endpoint,
                "--settings", json.dumps(self._settings)]
         self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

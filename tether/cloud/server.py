@@ -35,6 +35,7 @@ from tether.cloud.sessions import SessionHandler
 from tether.cloud.curve import AllowList, load_allowed_keys, load_server_keys
 from tether.core.http import HealthServer
 from tether.core import protocol as P
+from tether.core.sockets import open_socket
 from tether.core.errors import ConfigError, ProtocolError
 from tether.core.metrics import CloudMetrics
 
@@ -83,13 +84,9 @@ class CloudServer:
             curve = (load_server_keys(self.config.curve.secret_key),
                      load_allowed_keys(self.config.curve.allowed_keys))
         await self.core.start()
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.setsockopt(zmq.RCVHWM, 10000)
+        sock = open_socket(self._ctx, zmq.ROUTER, linger_ms=1000, ROUTER_MANDATORY=1,
+                           ROUTER_HANDOVER=1, MAXMSGSIZE=self.config.max_message_bytes,
+                           SNDHWM=10000, RCVHWM=10000)
         if curve is not None:
             await self._setup_curve(sock, *curve)
         try:

@@ -22,6 +22,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from tether.core import protocol as P
+from tether.core.sockets import close_monitor, monitor_socket, open_socket
 from tether.core.errors import BusyError, DeadlineExceededError, PeerUnavailableError, ProtocolError
 
 #: Where a streamed token came from (TokenChunk.source).
@@ -57,7 +58,7 @@ class PeerWatch:
 
     def __init__(self, sock: zmq.Socket) -> None:
         self._owner = sock
-        self.socket = sock.get_monitor_socket(self._EVENTS)
+        self.socket = monitor_socket(sock, self._EVENTS)
         self.connected = self.ever_connected = False
         self.lost = ""          # why the peer is gone for the pending request; "" = not gone
 
@@ -78,11 +79,7 @@ class PeerWatch:
 
     def close(self) -> None:
         """Stop the monitor (its inproc peer inside libzmq goes too), then close our end."""
-        try:
-            self._owner.disable_monitor()
-        except zmq.ZMQError:
-            pass                # the owner is already closed
-        self.socket.close(linger=0)
+        close_monitor(self._owner, self.socket)
 
 
 def receive_matching(sock: zmq.Socket, watch: PeerWatch, rid: int, timeout: float,
@@ -125,8 +122,7 @@ class EdgeClient:
         self.endpoint = endpoint
         self.timeout = timeout          # seconds per answer (per chunk of a token stream)
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock = open_socket(self._ctx, zmq.DEALER)
         self._watch = PeerWatch(self._sock)
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)

@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
+from tether.core.sockets import open_socket
 from tether.core.errors import ConfigError, ProtocolError, TetherError, UnknownModelError
 from tether.core.sampling import SamplingParams
 from tether.core.types import RequestRecord
@@ -93,13 +94,9 @@ class EdgeServer:
 
     async def start(self) -> str:
         """Bind and start the IO and worker tasks; return the bound endpoint."""
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
-            sock.bind(self.endpoint)
+            sock = open_socket(self._ctx, zmq.ROUTER, bind=self.endpoint, ROUTER_MANDATORY=1)
         except zmq.ZMQError as exc:
-            sock.close()
             raise ProtocolError(f"cannot listen on {self.endpoint}: {exc}; choose another "
                                 "--listen endpoint") from exc
         self._sock = sock

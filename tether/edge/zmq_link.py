@@ -29,6 +29,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from tether.core import protocol as P
+from tether.core.sockets import close_monitor, monitor_socket, open_socket
 from tether.core.errors import (ConfigError, DeadlineExceededError,
                                 PeerUnavailableError, ProtocolError, TetherError)
 from tether.edge.link import (CloudReply, CloudRequest, LinkReadiness, SessionMessage,
@@ -216,11 +217,8 @@ class ZmqCloudLink(LinkReadiness):
             backoff = min(2 * backoff, self.timing.reconnect_max)
 
     def _new_socket(self) -> zmq.asyncio.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(self.timing.reconnect_max * 1000))
+        sock = open_socket(self._ctx, zmq.DEALER, IMMEDIATE=1, RECONNECT_IVL=50,
+                           RECONNECT_IVL_MAX=int(self.timing.reconnect_max * 1000))
         if self.curve is not None:
             sock.curve_serverkey = self.curve.server_public
             sock.curve_publickey = self.curve.public
@@ -339,7 +337,7 @@ class ZmqCloudLink(LinkReadiness):
                 return
 
     async def _monitor(self, sock: zmq.asyncio.Socket) -> None:
-        mon = sock.get_monitor_socket(_MONITOR_EVENTS)
+        mon = monitor_socket(sock, _MONITOR_EVENTS)
         try:
             while True:
                 event = parse_monitor_message(await mon.recv_multipart())
@@ -352,11 +350,7 @@ class ZmqCloudLink(LinkReadiness):
         except zmq.ZMQError:
             return
         finally:
-            try:
-                sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            mon.close(linger=0)
+            close_monitor(sock, mon)
 
 
 async def _send_then(sock: zmq.asyncio.Socket, frames: list[Any], future: asyncio.Future) -> Any:

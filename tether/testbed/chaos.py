@@ -37,6 +37,7 @@ import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
+from tether.core.sockets import open_socket
 from tether.core.bundle import Manifest
 from tether.core.errors import PeerUnavailableError
 from tether.testbed.chaos_load import ChaosClient, cloud_burst, fuzz_frames, send_fuzz
@@ -150,8 +151,7 @@ class _Daemons:
 
 def _answers_ping(endpoint: str, timeout: float = 0.5) -> bool:
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = open_socket(ctx, zmq.DEALER)
     try:
         sock.connect(endpoint)
         sock.send_multipart(P.encode(P.Ping(1, time.monotonic())))

@@ -13,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
+from tether.core.sockets import open_socket
 
 
 class ChaosClient:
@@ -22,9 +23,7 @@ class ChaosClient:
                  images: np.ndarray, reference: np.ndarray, deadline_s: float) -> None:
         self.edge, self.ledger, self.images, self.reference = edge, ledger, images, reference
         self.deadline_s = deadline_s
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock = open_socket(ctx, zmq.DEALER, connect=endpoint)
         self._ids = iter(range(1, 1 << 62))
 
     def send(self, index: int, kind: str) -> None:
@@ -108,9 +107,7 @@ async def cloud_burst(endpoint: str, ctx: zmq.asyncio.Context, images: np.ndarra
     x = np.ascontiguousarray(images[np.arange(batch) % len(images)].transpose(0, 3, 1, 2),
                              dtype=np.float32) / 255.0
     encoded = make_codec("fp32").encode(torch.from_numpy(x))
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = open_socket(ctx, zmq.DEALER, connect=endpoint)
     got: dict[str, int] = {}
     try:
         for rid in range(1, n + 1):
@@ -129,9 +126,7 @@ async def cloud_burst(endpoint: str, ctx: zmq.asyncio.Context, images: np.ndarra
 
 async def send_fuzz(endpoint: str, frames: list[list[bytes]], ctx: zmq.asyncio.Context) -> int:
     """Send every message; return how many replies came back within a second."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = open_socket(ctx, zmq.DEALER, connect=endpoint)
     replies = 0
     try:
         for msg in frames:

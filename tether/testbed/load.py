@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from tether.core import protocol as P
+from tether.core.sockets import open_socket
 from tether.core.errors import ConfigError, ProtocolError
 
 CIFAR_LOSSLESS = "cifar10/cifar10_test_first1017_lossless.npz"
@@ -77,9 +78,7 @@ class EdgeLoad:
     def __init__(self, endpoint: str, edge: int, deadline_s: float,
                  context: zmq.asyncio.Context) -> None:
         self.endpoint, self.edge, self.deadline_s = endpoint, edge, deadline_s
-        self._sock = context.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        self._sock = open_socket(context, zmq.DEALER, connect=endpoint)
         self._pending: dict[int, dict[str, Any]] = {}
         self.rows: list[dict[str, Any]] = []
 
