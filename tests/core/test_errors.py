@@ -67,3 +67,19 @@ def test_byte_counts_are_constructor_fields_and_copies_carry_them():
         assert cls("m").with_traffic(3, 4).bytes_received == 4
     again = pickle.loads(pickle.dumps(counted))     # Ray ships exceptions between processes
     assert (type(again), again.bytes_sent, again.bytes_received) == (type(counted), 120, 7)
+
+
+def test_busy_carries_the_peers_retry_estimate_through_copies_and_pickling():
+    from tether.core import protocol as P
+    from tether.edge.link import MAX_RETRY_ESTIMATE_S, message_error
+
+    busy = message_error(P.Busy(5, "sessions_full", 3, 2.5))
+    assert isinstance(busy, errors.BusyError) and busy.retry_after_s == 2.5
+    assert "retry in ~2.5 s" in str(busy)
+    counted = busy.with_traffic(10)
+    assert (counted.retry_after_s, counted.bytes_sent) == (2.5, 10)
+    assert pickle.loads(pickle.dumps(counted)).retry_after_s == 2.5
+    assert message_error(P.Busy(5, "queue_full", 3, 1e9)).retry_after_s == MAX_RETRY_ESTIMATE_S
+    assert message_error(P.Busy(5, "queue_full", 3, float("nan"))).retry_after_s == 0.0
+    assert message_error(P.Busy(5, "queue_full", 3, -4.0)).retry_after_s == 0.0
+    assert errors.BusyError("plain").retry_after_s == 0.0

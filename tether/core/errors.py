@@ -60,7 +60,11 @@ class TetherError(Exception):
     def with_traffic(self, sent: int, received: int = 0) -> "TetherError":
         """A copy carrying the request's socket byte counts (a count already known wins)."""
         return type(self)(*self.args, bytes_sent=self.bytes_sent or sent,
-                          bytes_received=self.bytes_received or received)
+                          bytes_received=self.bytes_received or received, **self._fields())
+
+    def _fields(self) -> dict[str, Any]:
+        """Constructor fields of a subclass beyond the message and byte counts."""
+        return {}
 
 
 class TransientError(TetherError):
@@ -76,7 +80,17 @@ class FatalError(TetherError):
 
 
 class BusyError(TransientError):
+    """The peer refused the request; ``retry_after_s`` is its own estimate of when it will
+    have room (0: no estimate)."""
+
     code = "busy"
+
+    def __init__(self, *args: Any, retry_after_s: float = 0.0, **traffic: int) -> None:
+        super().__init__(*args, **traffic)
+        self.retry_after_s = retry_after_s
+
+    def _fields(self) -> dict[str, Any]:
+        return {"retry_after_s": self.retry_after_s}
 
 
 class DeadlineExceededError(TransientError):

@@ -127,8 +127,18 @@ def message_error(msg: Any) -> TetherError | None:
         return msg.to_exception()
     if isinstance(msg, P.Busy):
         retry = f", retry in ~{msg.retry_after_s:.3g} s" if msg.retry_after_s > 0 else ""
-        return BusyError(f"cloud busy ({msg.reason}, queue depth {msg.queue_depth}{retry})")
+        return BusyError(f"cloud busy ({msg.reason}, queue depth {msg.queue_depth}{retry})",
+                         retry_after_s=retry_estimate(msg.retry_after_s))
     return None
+
+
+#: The longest a BUSY reply's retry estimate is trusted for (a wrong peer cannot park us).
+MAX_RETRY_ESTIMATE_S = 60.0
+
+
+def retry_estimate(seconds: float) -> float:
+    """A peer's retry estimate, clamped to [0, MAX_RETRY_ESTIMATE_S] (NaN: no estimate)."""
+    return min(MAX_RETRY_ESTIMATE_S, seconds) if seconds > 0 else 0.0
 
 
 def with_request_id(msg: SessionMessage, wire_id: int) -> SessionMessage:

@@ -286,11 +286,12 @@ class LLMEdge:
         return choose_token(logits, s.sampling, s.length)[0]
 
     def _cloud_failed(self, s: _Session, exc: TetherError) -> None:
-        """BUSY backs off this stream only; anything else the cloud for every stream."""
+        """BUSY backs off this stream only (for the cloud's own estimate when it is longer);
+        anything else the cloud for every stream."""
         s.failure = exc.code
         until = time.monotonic() + self.config.retry_after_s
         if isinstance(exc, BusyError):
-            s.retry_at = until
+            s.retry_at = max(until, time.monotonic() + exc.retry_after_s)
             return
         self._down_until = until
         if not isinstance(exc, TransientError):
