@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
-import zmq.auth
 from prometheus_client import CollectorRegistry
 
 from tether.cloud.bundles import ServedBundle
-from tether.cloud.config import CloudConfig, CloudCurveConfig
+from tether.cloud.config import CloudConfig
 from tether.cloud.server import CloudServer
 from tether.core.metrics import CloudMetrics
 from tether.core.policy import FixedPolicy
@@ -19,9 +16,10 @@ from tether.edge.agent import EdgeAgent
 from tether.edge.compute import EdgeCompute
 from tether.edge.config import EdgeConfig
 from tether.edge.records import ListSink
-from tether.edge.zmq_link import CurveClientKeys, LinkTiming, ZmqCloudLink
+from tether.edge.zmq_link import LinkTiming, ZmqCloudLink
 
 from support.bundles import SPLITS, reference_logits, sample_images
+from support.curve import curve_keys
 from support.fakes import run
 
 from support.procs import free_port
@@ -32,14 +30,7 @@ TIMING = LinkTiming(heartbeat_interval=0.1, heartbeat_timeout=0.5, handshake_tim
 
 @pytest.fixture()
 def keys(tmp_path):
-    server_pub, server_sec = zmq.auth.create_certificates(str(tmp_path), "server")
-    allowed_pub, allowed_sec = zmq.auth.create_certificates(str(tmp_path), "edge-ok")
-    _, stranger_sec = zmq.auth.create_certificates(str(tmp_path), "stranger")
-    allowed_dir = tmp_path / "allowed"
-    allowed_dir.mkdir()
-    shutil.copy(allowed_pub, allowed_dir)
-    return {"server_pub": server_pub, "server_sec": server_sec, "allowed": allowed_dir,
-            "ok": allowed_sec, "stranger": stranger_sec}
+    return curve_keys(tmp_path)
 
 
 def test_unknown_client_key_gets_no_service(bundle, keys):
@@ -47,12 +38,11 @@ def test_unknown_client_key_gets_no_service(bundle, keys):
     images = sample_images(4)
     expected = reference_logits(bundle, images)
     config = CloudConfig(bind=f"tcp://127.0.0.1:{free_port()}", max_queue_delay_s=0.0,
-                         curve=CloudCurveConfig(keys["server_sec"], keys["allowed"]))
+                         curve=keys.cloud())
     action = FixedPolicy(Action.parse(f"split:{SPLITS[0]}:fp32"))
 
     def edge(name, cert):
-        curve = CurveClientKeys.load(keys["server_pub"], cert)   # server key given as a file
-        link = ZmqCloudLink(config.bind, compute.bundle_info(), name, TIMING, curve)
+        link = ZmqCloudLink(config.bind, compute.bundle_info(), name, TIMING, keys.client(cert))
         sink = ListSink()
         return EdgeAgent(compute, action, EdgeConfig(edge_id=name, deadline_seconds=5.0), link,
                          [sink]), sink
@@ -61,8 +51,8 @@ def test_unknown_client_key_gets_no_service(bundle, keys):
         server = CloudServer(config, [ServedBundle.load(bundle)],
                              CloudMetrics(CollectorRegistry()))
         await server.start()
-        (good, good_sink), (bad, bad_sink) = edge("edge-ok", keys["ok"]), \
-            edge("stranger", keys["stranger"])
+        (good, good_sink), (bad, bad_sink) = edge("edge-ok", keys.edge_secret), \
+            edge("stranger", keys.stranger_secret)
         try:
             await good.start()
             await bad.start()

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from tether.cli import main
+from tether.core import protocol as P
 from tether.core.errors import ProtocolError
 from tether.edge.client import EdgeClient
 
 from support.bundles import SPLITS, reference_logits, sample_images, shared_bundle
+from support.cloud import answer_to_frames
 
 pytestmark = pytest.mark.slow
 STEPS = 16
@@ -108,9 +110,9 @@ def test_one_edge_endpoint_answers_images_and_token_streams(served, bundle, stor
         by_ids = client.generate(ids, max_new_tokens=4)         # token ids instead of text
         assert [c.tokens[0] for c in by_ids] == reference[:4]
         assert by_ids.record.finish == "length"
-        client._sock.send_multipart([b"\x0b", b"\x80"])        # garbage: ERROR, still serving
-        with pytest.raises(ProtocolError):
-            client._answer(0)
+        error, pong = answer_to_frames(served, [b"\x0b", b"\x80"], PATIENT)   # garbage
+        assert isinstance(error, P.Error) and error.code == ProtocolError.code
+        assert isinstance(pong, P.Pong)                         # that peer is still served
         images_again = EdgeClient(served, timeout=PATIENT)
         np.testing.assert_allclose(images_again.infer(images[0]).logits, answers[0].logits,
                                    rtol=1e-5, atol=1e-5)

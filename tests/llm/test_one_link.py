@@ -6,24 +6,22 @@ SIGTERM drain (every open step answered exactly once, sessions closed)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections import Counter
 
 import pytest
 import torch
-import zmq.auth
 from prometheus_client import CollectorRegistry
 
-from tether.cloud.config import CloudConfig, CloudCurveConfig
+from tether.cloud.config import CloudConfig
 from tether.cloud.llm import LLMEngine, LLMEngineConfig, LLMServer
 from tether.core import protocol as P
 from tether.core.errors import BusyError, PeerUnavailableError, TetherError
 from tether.core.metrics import CloudMetrics, render
 from tether.edge.llm import GenerateConfig, LLMEdge
-from tether.edge.zmq_link import CurveClientKeys
 from tether.partitioner.llm import EdgeLM, new_exit_head, split_llm, train_exit_head
 
+from support.curve import curve_keys
 from support.procs import Daemon, free_port
 
 from .links import zmq_link
@@ -65,22 +63,16 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_generation_over_curve_and_a_stranger_gets_no_service(stories, reference, tmp_path):
-    server_pub, server_sec = zmq.auth.create_certificates(str(tmp_path), "server")
-    edge_pub, edge_sec = zmq.auth.create_certificates(str(tmp_path), "edge")
-    _, stranger_sec = zmq.auth.create_certificates(str(tmp_path), "stranger")
-    allowed = tmp_path / "allowed"
-    allowed.mkdir()
-    shutil.copy(edge_pub, allowed)
+    keys = curve_keys(tmp_path)
     fp = stories.fingerprint
 
     async def main():
-        config = CloudConfig(bind="tcp://127.0.0.1:0", preload=False,
-                             curve=CloudCurveConfig(tmp_path / "server.key_secret", allowed))
+        config = CloudConfig(bind="tcp://127.0.0.1:0", preload=False, curve=keys.cloud())
         server = LLMServer(LLMEngine(stories, LLMEngineConfig(), "stories260K"), config.bind,
                            config=config)
         endpoint = await server.start()
-        good = zmq_link(endpoint, fp, CurveClientKeys.load(server_pub, edge_sec))
-        bad = zmq_link(endpoint, fp, CurveClientKeys.load(server_pub, stranger_sec))
+        good = zmq_link(endpoint, fp, keys.client(keys.edge_secret))
+        bad = zmq_link(endpoint, fp, keys.client(keys.stranger_secret))
         try:
             edge = LLMEdge(EdgeLM(stories, 2), fp, stories.tokenizer(),
                            GenerateConfig(timeout_s=PATIENT), good)

@@ -257,9 +257,12 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
     """App -> edge daemon endpoint -> cloud, tokens streamed back over real sockets."""
     import threading
 
+    from tether.core import protocol as P
     from tether.core.errors import ProtocolError
     from tether.edge.client import EdgeClient
     from tether.edge.server import EdgeServer
+
+    from support.cloud import answer_to_frames
 
     ready, stop = threading.Event(), threading.Event()
     box = {}
@@ -288,9 +291,9 @@ def test_generate_through_the_edge_endpoint(stories, edges, reference):
         assert stream.record.by_source() == {"cloud": STEPS, "exit": 0, "local": 0}
         text = "".join(c.text for c in tokens)
         assert text.startswith(", there was a little girl named Lily")
-        client._sock.send_multipart([b"\x0e", b"\x80"])          # garbage header: ERROR, still serving
-        with pytest.raises(ProtocolError):
-            client._answer(0)
+        error, pong = answer_to_frames(box["endpoint"], [b"\x0e", b"\x80"], PATIENT)  # garbage
+        assert isinstance(error, P.Error) and error.code == ProtocolError.code
+        assert isinstance(pong, P.Pong)                           # that peer is still served
         assert len(list(client.generate("Once", max_new_tokens=3))) == 3
         client.close()
     finally:

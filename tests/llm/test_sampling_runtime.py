@@ -17,6 +17,7 @@ from tether.edge.server import EdgeServer
 from tether.partitioner.llm import EdgeLM, SamplingParams, generate_whole
 
 from support.background import BackgroundLoop  # noqa: E402
+from support.cloud import answer_to_frames
 
 from .links import local_cloud, zmq_link
 
@@ -117,10 +118,10 @@ def test_the_app_endpoint_streams_the_seeded_tokens(stories, endpoint, reference
             stream = client.generate(PROMPT, STEPS, temperature=sp.temperature, top_k=sp.top_k,
                                      top_p=sp.top_p, seed=sp.seed)
             assert [c.tokens[0] for c in stream] == ref
-        client._sock.send_multipart(_hostile_generate(top_k=-1))  # a hostile peer: ERROR
-        with pytest.raises(ProtocolError, match="top_k"):
-            client._answer(9)
-        assert len(list(client.generate(PROMPT, 3))) == 3        # and it still serves
+        error, pong = answer_to_frames(endpoint, _hostile_generate(top_k=-1), PATIENT)
+        assert isinstance(error, P.Error) and error.code == ProtocolError.code  # a hostile peer
+        assert "top_k" in error.message and isinstance(pong, P.Pong)            # still served
+        assert len(list(client.generate(PROMPT, 3))) == 3        # and so is the client
     finally:
         client.close()
 

@@ -138,3 +138,16 @@ class RawClient:
         enc = make_codec(codec).encode(tensor)
         rid = next(self._ids) if request_id is None else request_id
         return P.Infer(rid, fingerprint, split, codec, enc.header, deadline_s, tuple(enc.payload))
+
+
+def answer_to_frames(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> tuple[Any, Any]:
+    """What a peer that sends ``frames`` as they are (malformed, hostile: no client would)
+    gets back from ``endpoint``, and then its answer to a PING on the same connection
+    (is the peer still served?)."""
+    client = RawClient(endpoint, zmq.Context.instance())
+    try:
+        client.sock.send_multipart(frames)
+        reply = client.recv(timeout)
+        return reply, client.request(P.Ping(1, 1.0), timeout)
+    finally:
+        client.close()

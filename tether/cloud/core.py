@@ -14,6 +14,9 @@ LLM session steps (PREFILL/DECODE/CLOSE) pass the :class:`~tether.cloud.sessions
 the same kind of admission (bounded sessions, KV memory and step queue; BUSY when full),
 drain and metrics; the session handler batches decode steps.
 
+What one formed batch does (decode, tail, one reply per request) is
+:func:`tether.cloud.batch.run_batch`; this class decides which requests form it and when.
+
 The socket server (:mod:`tether.cloud.server`) and the in-process twin
 (:class:`tether.cloud.twin.InProcessCloud`) both drive this class.
 """
@@ -25,56 +28,21 @@ import logging
 import os
 import socket
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import torch
-
-from tether.cloud.admission import CostModel, completion_estimate
+from tether.cloud.admission import completion_estimate
+from tether.cloud.batch import Group, Job, Reply, Running, expired, run_batch
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
 from tether.cloud.executor import BatchExecutor, ThreadPoolBatches
 from tether.cloud.sessions import SESSION_MESSAGES, SessionGate, SessionHandler
 from tether.core import protocol as P
-from tether.core.checks import require_finite
 from tether.core.errors import (
-    BundleError, DeadlineExceededError, InputShapeError, PayloadError, ProtocolError,
-    PeerUnavailableError, SessionError, TetherError,
+    BundleError, PeerUnavailableError, ProtocolError, SessionError, TetherError,
 )
 from tether.core.metrics import BatchStats, CloudMetrics, CloudRequestStats
 
 log = logging.getLogger(__name__)
-Reply = Any   # a protocol message (Ready, Result, Busy, Error, Pong, ...)
-
-
-@dataclass
-class _Job:
-    msg: P.Infer
-    received: float
-    deadline: float | None
-    future: asyncio.Future
-    bytes_in: int
-    nbytes: int = 0                       # payload bytes (the cost model's unit)
-    answered: bool = False
-    on_reply: Callable[[Reply], None] | None = None   # called with the reply, on the loop
-
-
-@dataclass
-class _Group:
-    bundle: ServedBundle
-    split: str
-    codec_id: str
-    codec: Any
-    jobs: deque = field(default_factory=deque)
-    queued_bytes: int = 0                 # payload bytes of ``jobs``
-    costs: CostModel = field(default_factory=CostModel)
-
-
-@dataclass
-class _Running:
-    jobs: list[_Job]
-    until: float                          # expected end (clock), for the admission estimate
 
 
 class CloudCore:
@@ -93,11 +61,11 @@ class CloudCore:
         self.sessions = sessions
         self.gate = SessionGate(sessions, metrics) if sessions is not None else None
         self.server_id = config.server_id or f"{socket.gethostname()}:{os.getpid()}"
-        self._groups: dict[tuple[str, str, str], _Group] = {}
+        self._groups: dict[tuple[str, str, str], Group] = {}
         self._queued = 0
         self._queued_bytes = 0
         self._inflight = 0
-        self._running: dict[int, _Running] = {}   # worker index -> the batch it computes
+        self._running: dict[int, Running] = {}   # worker index -> the batch it computes
         self._accepting = True
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -242,7 +210,7 @@ class CloudCore:
                 return self._reject(msg, P.Busy(msg.request_id, "deadline", self._queued,
                                                 estimate), bytes_in)
             deadline = received + msg.deadline_s
-        job = _Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in,
+        job = Job(msg, received, deadline, asyncio.get_running_loop().create_future(), bytes_in,
                    nbytes, on_reply=on_reply)
         group.jobs.append(job)
         group.queued_bytes += nbytes
@@ -253,7 +221,7 @@ class CloudCore:
         self._wakeup.set()
         return job.future
 
-    def _group_for(self, msg: P.Infer) -> _Group:
+    def _group_for(self, msg: P.Infer) -> Group:
         key = (msg.fingerprint, msg.split, msg.codec)
         group = self._groups.get(key)
         if group is None:
@@ -263,7 +231,7 @@ class CloudCore:
                                   f"served: {[b.model_id for b in self.bundles.values()]}: "
                                   "handshake (HELLO) first and use a served bundle")
             codec = bundle.codec(msg.split, msg.codec)   # SplitError / UnknownCodecError
-            group = self._groups[key] = _Group(bundle, msg.split, msg.codec, codec)
+            group = self._groups[key] = Group(bundle, msg.split, msg.codec, codec)
         return group
 
     def _backlog(self, now: float, own_s: float = 0.0) -> float:
@@ -273,12 +241,12 @@ class CloudCore:
         return completion_estimate([r.until for r in self._running.values()], queued_s, own_s,
                                    self.compute.parallelism, now)
 
-    def _may_miss(self, group: _Group, deadline_s: float) -> bool:
+    def _may_miss(self, group: Group, deadline_s: float) -> bool:
         """False when ``deadline_s`` surely exceeds the estimate: on an idle cloud the estimate
         is the request's own cost, which never exceeds its group's batch time."""
         return bool(self._queued or self._running) or deadline_s <= group.costs.batch_s
 
-    def _estimate(self, group: _Group, nbytes: int) -> float:
+    def _estimate(self, group: Group, nbytes: int) -> float:
         """Seconds until a request of ``nbytes`` admitted now would be answered (0: unknown).
 
         On an idle cloud this is the request's own compute time, which decays toward zero
@@ -287,7 +255,7 @@ class CloudCore:
         now = time.perf_counter()
         return self._backlog(now, group.costs.cost(1, nbytes, self.config.max_batch_size, now))
 
-    def _busy(self, msg: P.Infer, reason: str, group: _Group, nbytes: int = 0) -> P.Busy:
+    def _busy(self, msg: P.Infer, reason: str, group: Group, nbytes: int = 0) -> P.Busy:
         return P.Busy(msg.request_id, reason, self._queued, self._estimate(group, nbytes))
 
     def _reject(self, msg: P.Infer, reply: Reply, bytes_in: int) -> asyncio.Future:
@@ -310,7 +278,7 @@ class CloudCore:
                 continue
             now = time.perf_counter()
             nbytes = sum(j.nbytes for j in jobs)
-            self._running[index] = _Running(jobs, now + group.costs.cost(
+            self._running[index] = Running(jobs, now + group.costs.cost(
                 len(jobs), nbytes, self.config.max_batch_size, now))
             replies, batch = await self._compute(group, jobs)   # cancelled: close() answers
             del self._running[index]
@@ -321,7 +289,7 @@ class CloudCore:
             if self._queued:
                 await asyncio.sleep(0)  # let the replies go out and IO run between batches
 
-    def _learn(self, group: _Group, jobs: list[_Job], replies: list[Reply], batch: Any) -> None:
+    def _learn(self, group: Group, jobs: list[Job], replies: list[Reply], batch: Any) -> None:
         """Fold a computed batch into its group's cost model and the metrics."""
         seconds, done = batch.tail_seconds, 0
         for job, reply in zip(jobs, replies):
@@ -332,7 +300,7 @@ class CloudCore:
         if self.metrics:
             self.metrics.observe_batch(batch)
 
-    async def _compute(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], Any]:
+    async def _compute(self, group: Group, jobs: list[Job]) -> tuple[list[Reply], Any]:
         """Run one batch on the executor (threads here, or a Ray pool)."""
         try:
             return await self.compute.run(group, jobs)
@@ -340,26 +308,26 @@ class CloudCore:
             log.exception("batch failed")
             return [P.Error.from_exception(j.msg.request_id, exc) for j in jobs], None
 
-    def _pop(self, group: _Group) -> _Job:
+    def _pop(self, group: Group) -> Job:
         job = group.jobs.popleft()
         group.queued_bytes -= job.nbytes
         self._queued -= 1
         self._queued_bytes -= job.bytes_in
         return job
 
-    def _take_batch(self, group: _Group) -> list[_Job]:
+    def _take_batch(self, group: Group) -> list[Job]:
         """Up to ``max_batch_size`` jobs of ``group``; the expired ones answered DEADLINE."""
-        jobs: list[_Job] = []
+        jobs: list[Job] = []
         now = time.perf_counter()
         while group.jobs and len(jobs) < self.config.max_batch_size:
             job = self._pop(group)
             if job.deadline is not None and now > job.deadline:
-                self._finish(job, _expired(job, now))
+                self._finish(job, expired(job, now))
             else:
                 jobs.append(job)
         return jobs
 
-    async def _next_group(self) -> _Group:
+    async def _next_group(self) -> Group:
         delay = self.config.max_queue_delay_s
         while True:
             now = time.perf_counter()
@@ -384,75 +352,13 @@ class CloudCore:
             except asyncio.TimeoutError:
                 pass
 
-    def _run_batch(self, group: _Group, jobs: list[_Job]) -> tuple[list[Reply], BatchStats | None]:
-        """Decode every request, run the tail once on the concatenation, split the rows."""
-        start = time.perf_counter()
-        replies: list[Reply] = [None] * len(jobs)
-        inputs: list[tuple[int, torch.Tensor, float]] = []
-        for i, job in enumerate(jobs):
-            t0 = time.perf_counter()
-            if job.deadline is not None and t0 > job.deadline:
-                replies[i] = _expired(job, t0)
-                continue
-            try:
-                inputs.append((i, self._decode(group, job.msg), time.perf_counter() - t0))
-            except Exception as exc:  # noqa: BLE001 - a bad payload hurts only its sender
-                replies[i] = P.Error.from_exception(job.msg.request_id, _as_payload_error(exc))
-        t0 = time.perf_counter()
-        inputs = [inp for inp in inputs if not _expired_now(jobs[inp[0]], t0, replies, inp[0])]
-        if not inputs:
-            return replies, None
-        try:
-            out = self._tail(group, torch.cat([x for _, x, _ in inputs]) if len(inputs) > 1
-                             else inputs[0][1])
-        except Exception as exc:  # noqa: BLE001
-            log.exception("tail of %s at %s failed", group.bundle.model_id, group.split)
-            for i, _, _ in inputs:
-                replies[i] = P.Error.from_exception(jobs[i].msg.request_id, exc)
-            return replies, None
-        tail_s = time.perf_counter() - t0
-        rows = out if out.device.type == "cpu" and out.is_contiguous() else out.cpu().contiguous()
-        rows = rows.numpy() if rows.dtype != torch.bfloat16 else rows   # numpy slices are cheap
-        row = 0
-        for i, x, decode_s in inputs:
-            n = x.shape[0]
-            replies[i] = P.result_for(jobs[i].msg.request_id, rows[row:row + n],
-                                      queue_s=start - jobs[i].received, decode_s=decode_s,
-                                      tail_s=tail_s, batch_size=len(inputs))
-            row += n
-        return replies, BatchStats(group.bundle.model_id, group.split, len(inputs), row, tail_s)
-
-    def _decode(self, group: _Group, msg: P.Infer) -> torch.Tensor:
-        x = group.codec.decode(msg.codec_header, msg.payload)
-        spec = group.bundle.expected(group.split)
-        if not isinstance(x, torch.Tensor):
-            raise PayloadError(f"codec {msg.codec!r} decoded to {type(x).__name__}, not a tensor")
-        if x.dim() != len(spec.shape) or tuple(x.shape[1:]) != spec.shape[1:]:
-            raise InputShapeError(f"split {group.split!r} of {group.bundle.model_id} takes "
-                                  f"[N, {', '.join(map(str, spec.shape[1:]))}], got {list(x.shape)}")
-        if not 1 <= x.shape[0] <= self.config.max_request_samples:
-            raise InputShapeError(f"a request carries 1..{self.config.max_request_samples} "
-                                  f"samples, got {x.shape[0]}")
-        integer = spec.dtype.startswith(("int", "uint"))   # token ids of a text model
-        if not x.is_floating_point() and not integer:
-            raise InputShapeError(f"split {group.split!r} takes floating tensors, got {x.dtype}")
-        if integer and x.is_floating_point():
-            raise InputShapeError(f"split {group.split!r} takes {spec.dtype} token ids, "
-                                  f"got {x.dtype}")
-        require_finite(x, f"the tensor at split {group.split!r}")
-        return x.float() if spec.dtype == "float32" and x.dtype != torch.float32 else x
-
-    def _tail(self, group: _Group, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = group.bundle.tail(group.split)(x)
-        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
-            raise TetherError(f"tail of {group.bundle.model_id} at {group.split!r} returned "
-                              f"{type(out).__name__}, not one row per sample")
-        return out
+    def _run_batch(self, group: Group, jobs: list[Job]) -> tuple[list[Reply], BatchStats | None]:
+        """Decode + tail of one formed batch (:func:`tether.cloud.batch.run_batch`)."""
+        return run_batch(group, jobs, self.config.max_request_samples)
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
-    def _finish(self, job: _Job, reply: Reply) -> None:
+    def _finish(self, job: Job, reply: Reply) -> None:
         """Answer ``job`` (once: a second answer is ignored)."""
         if job.answered:
             return
@@ -483,30 +389,7 @@ class CloudCore:
         self.metrics.observe_request(stats)
 
 
-
 def _done(reply: Reply) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     future.set_result(reply)
     return future
-
-
-def _expired(job: _Job, now: float) -> P.Error:
-    """The typed DEADLINE reply for a request whose deadline passed before compute."""
-    return P.Error(job.msg.request_id, DeadlineExceededError.code,
-                   f"deadline of {job.msg.deadline_s:.3f} s passed after {now - job.received:.3f} s "
-                   "in the cloud's queue; dropped before compute")
-
-
-def _expired_now(job: _Job, now: float, replies: list[Reply], i: int) -> bool:
-    """True (and ``replies[i]`` set) when ``job`` expired while its batch was decoded."""
-    if job.deadline is None or now <= job.deadline:
-        return False
-    replies[i] = _expired(job, now)
-    return True
-
-
-def _as_payload_error(exc: Exception) -> TetherError:
-    if isinstance(exc, TetherError):
-        return exc
-    return PayloadError(f"payload could not be decoded ({type(exc).__name__}: {exc}); "
-                        "encode it with the codec named in the request")

@@ -76,7 +76,7 @@ class TailWorker:
 
     def run(self, messages: list[list[bytes]], meta: list[list[Any]]) -> tuple[list, list]:
         """Decode + tail of one batch: encoded replies and (inputs, rows, tail_s, busy_s)."""
-        from tether.cloud.core import _Job
+        from tether.cloud.batch import Job
         from tether.core import protocol as P
         from tether.core.errors import BundleError
         start = time.perf_counter()
@@ -88,7 +88,7 @@ class TailWorker:
         except Exception as exc:  # noqa: BLE001 - answered per request, like the front does
             replies = [P.Error.from_exception(m.request_id, exc) for m in msgs]
             return [_frames(r) for r in replies], [0, 0, 0.0, time.perf_counter() - start]
-        jobs = [_Job(m, start - age, None if left is None else start + left, None, 0)
+        jobs = [Job(m, start - age, None if left is None else start + left, None, 0)
                 for m, (age, left) in zip(msgs, meta)]
         replies, batch = self.core._run_batch(group, jobs)
         stats = [batch.size, batch.samples, batch.tail_seconds] if batch else [0, 0, 0.0]

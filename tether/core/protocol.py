@@ -32,6 +32,11 @@ API (used by tether.edge, tether.cloud and the LLM split)::
     Limits, TensorDesc, BundleInfo, tensor_frame, frame_array, frame_tensor, result_for:
     tether.core.frames, re-exported here.
 
+This module declares every message kind (:class:`MsgType`, the message classes,
+:data:`MESSAGE_CLASSES`) and owns :func:`encode`/:func:`decode`; the kind-independent
+mechanics (header-field specs and validators, header/size/tensor checks, wire_size,
+peek_request_id) live in :mod:`tether.core.wire`.
+
 Unknown extra header fields are ignored (fields added within a version); a different ``v``
 raises VersionMismatchError.
 """
@@ -41,19 +46,23 @@ from __future__ import annotations
 import enum
 import math
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
 import msgpack
 
-from tether.core.errors import (
-    ConfigError, ProtocolError, TetherError, VersionMismatchError, error_from_code,
-)
+from tether.core.errors import ConfigError, ProtocolError, TetherError, error_from_code
 from tether.core.frames import (  # noqa: F401 (re-exported: part of this module's API)
     DEFAULT_LIMITS, Buffer, BundleInfo, Limits, TensorDesc, as_view as _as_view, frame_array,
     frame_tensor, result_for, tensor_frame,
 )
 from tether.core.sampling import SamplingParams
+from tether.core.wire import (  # noqa: F401 (peek_request_id, wire_size: re-exported)
+    FLOAT as _FLOAT, INT as _INT, MAP as _MAP, OTHER as _OTHER, STR as _STR,
+    check_sizes as _check_sizes, direct_fill as _direct_fill, field_specs as _field_specs,
+    nbytes as _nbytes, peek_request_id, read_tensors as _read_tensors, to_wire as _to_wire,
+    unpack_header as _unpack_header, wire_size,
+)
 
 PROTOCOL_VERSION = 1
 ZERO_COPY_BYTES = 64 * 1024     # frames at least this big are sent without copying
@@ -330,42 +339,8 @@ MESSAGE_CLASSES: dict[MsgType, type] = {
 }
 _FRAME0 = {t: bytes([int(t)]) for t in MsgType}
 _BY_BYTE = {int(t): t for t in MsgType}
-_HEADER_KEY = {"request_id": "id"}
 _MISSING = object()
-# How a header field is checked on the fast path (anything else goes to its full checker):
-_STR, _INT, _FLOAT, _MAP, _OTHER = range(5)
-_KINDS = {str: _STR, int: _INT, float: _FLOAT, dict: _MAP}
 _INT_MIN, _INT_END = -(1 << 63), 1 << 64
-
-
-class _Field(typing.NamedTuple):
-    """One header field of a message class, as :func:`encode` and :func:`decode` see it."""
-
-    name: str           # attribute
-    key: str            # header key
-    kind: int           # _STR/_INT/_FLOAT/_MAP: checked inline; _OTHER: always by ``check``
-    nullable: bool      # None allowed
-    required: bool
-    check: Any          # full validator (value, limits) -> value; raises ProtocolError
-
-
-def _field_specs(cls: type) -> tuple[_Field, ...]:
-    """The header fields of a message class (every field but ``payload`` and ``tensors``)."""
-    hints = typing.get_type_hints(cls)
-    specs = []
-    for f in fields(cls):
-        if f.name in ("payload", "tensors"):
-            continue
-        key = _HEADER_KEY.get(f.name, f.name)
-        tp = hints[f.name]
-        args = typing.get_args(tp)
-        nullable = type(None) in args
-        inner = next(a for a in args if a is not type(None)) if nullable else tp
-        kind = _KINDS.get(typing.get_origin(inner) or inner, _OTHER)
-        required = f.default is MISSING and f.default_factory is MISSING
-        specs.append(_Field(f.name, key, kind, nullable, required,
-                            _checker(tp, f"{cls.TYPE.name}.{key}")))
-    return tuple(specs)
 
 
 # --- encode --------------------------------------------------------------------------------
@@ -383,23 +358,6 @@ def encode(msg: Message) -> list[Buffer]:
     if _HAS_TENSORS[mtype] and msg.tensors:
         header["tensors"] = [t.to_wire() for t in msg.tensors]
     return [_FRAME0[mtype], _packb(header, use_bin_type=True), *payload]
-
-
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, (BundleInfo, TensorDesc)):
-        return value.to_wire()
-    if isinstance(value, tuple):
-        return [_to_wire(v) for v in value]
-    return value
-
-
-def _nbytes(buf: Any) -> int:
-    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
-
-
-def wire_size(frames: list[Any]) -> int:
-    """Total bytes of ``frames`` (what the socket carries, before ZMTP framing)."""
-    return sum(len(f) if type(f) is bytes else _nbytes(_as_view(f)) for f in frames)
 
 
 # --- decode --------------------------------------------------------------------------------
@@ -427,14 +385,14 @@ def _decode(frames: list[Any], limits: Limits) -> Message:
     mtype = _BY_BYTE.get(kind[0]) if len(kind) == 1 else None
     if mtype is None:
         raise ProtocolError(f"frame 0 must be one message-type byte, got {bytes(kind[:8])!r}")
-    header = _unpack_header(views[1], limits)
+    header = _unpack_header(views[1], limits, PROTOCOL_VERSION)
     payload = tuple(v if type(v) is memoryview else memoryview(v) for v in views[2:])
-    _check_sizes(mtype, header, payload)
+    _check_sizes(mtype.name, header, payload, _HAS_PAYLOAD[mtype])
     values = _header_fields(mtype, header, limits)
     if _HAS_PAYLOAD[mtype]:
         values["payload"] = payload
     if _HAS_TENSORS[mtype]:
-        values["tensors"] = _tensors(header, payload, limits)
+        values["tensors"] = _read_tensors(header, payload, limits)
     return _build(mtype, values)
 
 
@@ -475,121 +433,10 @@ def _build(mtype: MsgType, values: dict[str, Any]) -> Message:
     return msg
 
 
-def peek_request_id(frames: list[Any]) -> int:
-    """Best-effort request id of a message that failed :func:`decode` (0 when unreadable)."""
-    try:
-        view = _as_view(frames[1])
-        if view.nbytes <= DEFAULT_LIMITS.max_header_bytes:
-            rid = msgpack.unpackb(view, raw=False, ext_hook=_no_ext).get("id", 0)
-            return rid if type(rid) is int and 0 <= rid < (1 << 64) else 0
-    except Exception:  # noqa: BLE001 - anything unreadable has no id
-        pass
-    return 0
-
-
-def _unpack_header(view: Buffer, limits: Limits) -> dict[str, Any]:
-    if len(view) > limits.max_header_bytes:
-        raise ProtocolError(f"header of {len(view)} bytes exceeds {limits.max_header_bytes}")
-    try:            # from bytes: msgpack reads a memoryview about twice as slowly
-        header = _unpackb(view if type(view) is bytes else bytes(view), raw=False,
-                          strict_map_key=True, use_list=True, ext_hook=_no_ext)
-    except Exception as exc:
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
-    if type(header) is not dict:
-        raise ProtocolError("header must be a msgpack map")
-    version = header.get("v")
-    if type(version) is not int:            # strict: a bool or 1.0 is not a version
-        raise ProtocolError(f"header 'v' (protocol version) must be an int, got {version!r:.40}")
-    if version != PROTOCOL_VERSION:
-        raise VersionMismatchError(f"peer speaks protocol version {version!r}, this tether "
-                                   f"speaks {PROTOCOL_VERSION}: upgrade the older side")
-    return header
-
-
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} not allowed")
-
-
-def _check_sizes(mtype: MsgType, header: dict[str, Any], payload: tuple[memoryview, ...]) -> None:
-    sizes = header.get("sizes", _NO_SIZES)
-    if type(sizes) is not list or not all(type(s) is int for s in sizes):
-        raise ProtocolError("header 'sizes' must be a list of ints")
-    if payload and not _HAS_PAYLOAD[mtype]:
-        raise ProtocolError(f"{mtype.name} carries no payload, got {len(payload)} extra frames")
-    if len(sizes) != len(payload):
-        raise ProtocolError(f"header declares {len(sizes)} payload frames, got {len(payload)}")
-    for i, (declared, view) in enumerate(zip(sizes, payload)):
-        if declared != view.nbytes:
-            raise ProtocolError(f"payload frame {i}: declared {declared} bytes, got {view.nbytes}")
-
-
-_NO_SIZES: list[int] = []
-
-
-def _tensors(header: dict[str, Any], payload: tuple[memoryview, ...],
-             limits: Limits) -> tuple[TensorDesc, ...]:
-    raw = header.get("tensors", _NO_SIZES)
-    if type(raw) is not list or len(raw) > len(payload):
-        raise ProtocolError("header 'tensors' must be a list with one payload frame per tensor")
-    descs = tuple(TensorDesc.from_wire(d, limits, f"tensor {i}") for i, d in enumerate(raw))
-    for i, (desc, view) in enumerate(zip(descs, payload)):
-        if desc.nbytes != view.nbytes:
-            raise ProtocolError(f"tensor {i}: {desc.shape} {desc.dtype} needs {desc.nbytes} bytes, "
-                                f"frame has {view.nbytes}")
-    return descs
-
-
-_SCALARS: dict[type, tuple[str, Any]] = {
-    int: ("an int", lambda v: type(v) is int and -(1 << 63) <= v < (1 << 64)),
-    float: ("a finite number", lambda v: type(v) in (int, float) and math.isfinite(v)),
-    str: ("a string", lambda v: isinstance(v, str)),
-    dict: ("a map", lambda v: isinstance(v, dict)),
-}
-
-
-def _checker(tp: Any, where: str) -> Any:
-    """A validator ``(value, limits) -> value`` for one header field type."""
-    args = typing.get_args(tp)
-    if args and type(None) in args:
-        inner = _checker(next(a for a in args if a is not type(None)), where)
-        return lambda v, limits: None if v is None else inner(v, limits)
-    if typing.get_origin(tp) is tuple and args and args[0] is int:
-        def check_ints(v: Any, limits: Limits) -> tuple[int, ...]:
-            if not isinstance(v, list) or not all(type(i) is int and 0 <= i < 1 << 63 for i in v):
-                raise ProtocolError(f"{where} must be a list of non-negative ints")
-            return tuple(v)
-        return check_ints
-    if typing.get_origin(tp) is tuple and args and args[0] is BundleInfo:
-        def check_bundles(v: Any, limits: Limits) -> tuple[BundleInfo, ...]:
-            if not isinstance(v, list):
-                raise ProtocolError(f"{where} must be a list")
-            return tuple(BundleInfo.from_wire(b, limits) for b in v)
-        return check_bundles
-    base = typing.get_origin(tp) or tp
-    what, ok = _SCALARS[base]
-
-    def check(v: Any, limits: Limits) -> Any:
-        if not ok(v):
-            raise ProtocolError(f"{where} must be {what}, got {v!r:.60}")
-        return float(v) if base is float else v
-    return check
-
-
-def _direct_fill(cls: type) -> tuple[dict[str, Any], tuple[tuple[str, Any], ...]] | None:
-    """(static defaults, default factories) of a class :func:`_build` may fill directly;
-    None for classes that validate in ``__post_init__`` or have no ``__dict__``."""
-    if hasattr(cls, "__post_init__") or "__slots__" in vars(cls):
-        return None
-    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-    factories = tuple((f.name, f.default_factory) for f in fields(cls)
-                      if f.default_factory is not MISSING)
-    return defaults, factories
-
-
-# built last: the field checkers above must exist
+# per message type, built once from the classes above (tether.core.wire.field_specs)
 _SPECS = {t: _field_specs(c) for t, c in MESSAGE_CLASSES.items()}
 _ENCODE = {t: tuple((f.name, f.key, f.kind == _OTHER) for f in specs) for t, specs in _SPECS.items()}
 _HAS_PAYLOAD = {t: any(f.name == "payload" for f in fields(c)) for t, c in MESSAGE_CLASSES.items()}
 _HAS_TENSORS = {t: any(f.name == "tensors" for f in fields(c)) for t, c in MESSAGE_CLASSES.items()}
 _DIRECT = {t: _direct_fill(c) for t, c in MESSAGE_CLASSES.items()}
-_packb, _unpackb = msgpack.packb, msgpack.unpackb
+_packb = msgpack.packb
