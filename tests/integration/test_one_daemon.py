@@ -26,11 +26,17 @@ def _tether(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=180)
 
 
+def _tether_started(*args: str) -> subprocess.Popen:
+    """`tether ARGS` started in the background (it imports torch while the daemons start)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "tether", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def test_llm_only_cloud_and_edge_from_toml(assets, tmp_path):
     ckpt = assets / "tinyllm" / "stories260K.bin"
-    whole = _tether("generate", "--checkpoint", str(ckpt), "--split", "5", "--max-new-tokens", "6",
-                    PROMPT)                          # every layer on this side: the whole model
-    assert whole.returncode == 0, whole.stderr
+    whole = _tether_started("generate", "--checkpoint", str(ckpt), "--split", "5",
+                            "--max-new-tokens", "6", PROMPT)   # every layer here: the whole model
     cloud_toml = tmp_path / "cloud.toml"
     cloud_toml.write_text(f'[cloud]\nbind = "tcp://127.0.0.1:{free_port()}"\n'
                           f'[llm]\ncheckpoint = "{ckpt}"\nmax_sessions = 4\nmax_batch = 2\n'
@@ -53,17 +59,21 @@ def test_llm_only_cloud_and_edge_from_toml(assets, tmp_path):
             edge.kill()
     finally:
         cloud.kill()
+        whole_out, whole_err = whole.communicate(timeout=180)
+    assert whole.returncode == 0, whole_err
     assert split.returncode == 0, split.stderr
-    assert split.stdout == whole.stdout and len(split.stdout) > len(PROMPT) + 1
+    assert split.stdout == whole_out and len(split.stdout) > len(PROMPT) + 1
     assert "6 tokens" in split.stderr and "'cloud': 6" in split.stderr, split.stderr   # flag won
 
 
 def test_an_edge_with_nothing_to_serve_and_an_old_config_fail_in_one_line(tmp_path):
-    empty = _tether("edge", "--connect", "tcp://127.0.0.1:9")
     old = tmp_path / "edge.toml"
     old.write_text('bundle = "b"\nllm_checkpoint = "s.bin"\n')
-    moved = _tether("edge", "--config", str(old))
+    empty = _tether_started("edge", "--connect", "tcp://127.0.0.1:9")     # both at once
+    moved = _tether_started("edge", "--config", str(old))
     for proc, needle in ((empty, "nothing to serve"), (moved, "under [llm]")):
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], proc.stderr
-    assert str(old) in moved.stderr
+        _, err = proc.communicate(timeout=180)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0], err
+        if proc is moved:
+            assert str(old) in err

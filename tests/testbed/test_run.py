@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +14,17 @@ from tether.testbed.load import arrival_times
 from tether.testbed.runner import reanalyze, run_scenario
 from tether.testbed.scenario import load_scenario
 
+from support.bundles import shared_bundle
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "resnet20"
-    cmd = [sys.executable, "-m", "tether", "partition", "cifar_resnet20", "--out", str(out),
-           "--repeats", "1", "--warmup", "0", "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return out
+    """The session's cifar_resnet20 bundle (tests/support/bundles.py), exported once and shared
+    with the edge and integration tests: the scenario's local and cloud policies need only the
+    whole model, which every bundle holds."""
+    return shared_bundle(tmp_path_factory)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
