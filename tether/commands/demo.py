@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-#: A weak edge (1 ms of CPU per 20 ms period; the whole edge daemon is slowed, not just the model).
-DEFAULT_QUOTA = 0.05
+#: A weak edge (0.5 ms of CPU per 20 ms period; the whole edge daemon is slowed, not just the model).
+DEFAULT_QUOTA = 0.025
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -55,10 +55,14 @@ def demo_scenario(args: argparse.Namespace, policies: int = 6):
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tether.testbed.demo import run_demo
+    from tether.testbed.demo import OUTAGE_S, UPLINK_STATES, run_demo
+    from tether.testbed.demo_model import IMAGE_SIZE
     from tether.testbed.runner import _printer
     scenario = demo_scenario(args)
-    print(f"tether demo: weak edge ({args.cpu_quota:g} core), weak LTE-like uplink, "
+    print(f"tether demo: {scenario.model} on {IMAGE_SIZE}x{IMAGE_SIZE} images, weak edge "
+          f"({args.cpu_quota:g} core), weak LTE-like uplink (Markov fades "
+          f"{max(UPLINK_STATES):g} Mbit/s to {min(UPLINK_STATES) * 1000:g} kbit/s, one "
+          f"{OUTAGE_S:g} s outage, {args.delay_ms:g} ms each way), {args.rate:g} requests/s, "
           f"{scenario.duration_s:g} s per policy; results in {args.out}/", flush=True)
     run_demo(scenario, args.out, _printer)
     out = args.out
