@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-#: A weak edge (0.5 ms of CPU per 20 ms period; the whole edge daemon is slowed, not just the model).
-DEFAULT_QUOTA = 0.025
+#: A weak edge (1 ms of CPU per 20 ms period; the whole edge daemon is slowed, not just the model).
+DEFAULT_QUOTA = 0.05
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
