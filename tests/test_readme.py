@@ -27,7 +27,7 @@ README = (REPO / "README.md").read_text()
 SKIP = {
     "python3 -m venv": "installs into a fresh virtual environment (CI does this itself)",
     ".venv/bin/python -m pytest": "the whole test suite",
-    ".venv/bin/tether demo": "a one-minute demo run",
+    ".venv/bin/tether demo": "a several-minute demo run (bundle build, then 15 s per policy)",
     "tether partition resnet18": "an ImageNet-size model: a long profile (or a download)",
     "tether partition mynet.py": "needs your own model file (tests/byo does this)",
     "tether partition mypkg.": "needs your own package (tests/byo does this)",

@@ -88,7 +88,7 @@ def test_timeline_names_every_action_per_second():
 def _summary(adaptive_mean: float) -> list[dict]:
     def row(name, mean):
         return {"policy": name, "mean_s": mean, "p95_s": 2 * mean, "accuracy": 0.9,
-                "deadline_misses": 0, "oracle_mean_s": 0.05}
+                "deadline_misses": 0, "oracle_mean_s": 0.05, "predicted_mean_s": 0.07}
     return [row("local", 0.12), row("cloud", 0.2), row("static x", 0.1),
             row("neurosurgeon", 0.09), row("adaptive", adaptive_mean)]
 
@@ -98,6 +98,9 @@ def test_comparison_says_whether_adaptive_won_from_the_numbers():
     assert "lowest measured mean latency of all 5 policies: yes" in won
     assert "best fixed choice in hindsight: static x (100.0 ms)" in won
     assert "-20 % mean latency" in won
+    # the oracle is the simulator's: shown beside the simulator's replay of adaptive's actions
+    assert "hindsight oracle on adaptive's arrivals 50.0 ms; adaptive's own actions replayed " \
+           "70.0 ms (measured 80.0 ms)" in won
     lost = comparison_text(_summary(0.095))
     assert ": NO" in lost
 

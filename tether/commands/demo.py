@@ -1,6 +1,6 @@
 """`tether demo`: the first thing a new user runs (no assets, no root needed).
 
-On first use it builds ``OUT/bundle``: a seeded ResNet-20 fitted to synthetic images the demo
+On first use it builds ``OUT/bundle``: a seeded ResNet-56 (64x64 input) fitted to synthetic images the demo
 makes, with a trained learned-codec ladder and an early exit (about a minute on two cores;
 cached afterwards). Then it starts a real `tether cloud`, a userspace link replaying a weak
 LTE-like uplink and a `tether edge` under a CPU quota (cgroup as root, else enforced in
@@ -22,7 +22,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``demo``."""
     p = subparsers.add_parser(
         "demo", help="weak edge + weak uplink: adaptive vs every fixed choice, live",
-        description="Build a ResNet-20 bundle with a trained codec ladder (synthetic data, "
+        description="Build a ResNet-56 (64x64) bundle with a trained codec ladder (synthetic data, "
                     "cached in --out), start `tether cloud`, a userspace link (weak LTE-like "
                     "uplink) and a CPU-quota'd `tether edge`, run local, cloud-only, each "
                     "learned split, Neurosurgeon and adaptive on the same trace and requests, "
@@ -43,21 +43,26 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def demo_scenario(args: argparse.Namespace, policies: int = 6):
     """The demo's scenario from the command-line options (policies are filled in later)."""
     from tether.core.errors import ConfigError
+    from tether.testbed.demo_model import MODEL
     from tether.testbed.scenario import LinkSpec, Scenario
     if not args.duration > 0 or not args.rate > 0 or not args.cpu_quota > 0:
         raise ConfigError("--duration, --rate and --cpu-quota must be > 0")
     return Scenario(
-        name="demo", model="cifar_resnet20", duration_s=max(3.0, args.duration / policies),
+        name="demo", model=MODEL, duration_s=max(3.0, args.duration / policies),
         warmup_s=1.0, edges=1, arrival="poisson", rate_hz=args.rate, deadline_s=1.0,
         cpu_quota=args.cpu_quota, seed=7, images="random",
         link=LinkSpec(up="lte-like", down="constant:30", delay_ms=args.delay_ms))
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tether.testbed.demo import run_demo
+    from tether.testbed.demo import OUTAGE_S, UPLINK_STATES, run_demo
+    from tether.testbed.demo_model import IMAGE_SIZE
     from tether.testbed.runner import _printer
     scenario = demo_scenario(args)
-    print(f"tether demo: weak edge ({args.cpu_quota:g} core), weak LTE-like uplink, "
+    print(f"tether demo: {scenario.model} on {IMAGE_SIZE}x{IMAGE_SIZE} images, weak edge "
+          f"({args.cpu_quota:g} core), weak LTE-like uplink (Markov fades "
+          f"{max(UPLINK_STATES):g} Mbit/s to {min(UPLINK_STATES) * 1000:g} kbit/s, one "
+          f"{OUTAGE_S:g} s outage, {args.delay_ms:g} ms each way), {args.rate:g} requests/s, "
           f"{scenario.duration_s:g} s per policy; results in {args.out}/", flush=True)
     run_demo(scenario, args.out, _printer)
     out = args.out
