@@ -1,7 +1,7 @@
 """`tether demo`: the first thing a new user runs (no assets, no root needed).
 
 On first use it builds ``OUT/bundle``: a seeded ResNet-56 (64x64 input) fitted to synthetic images the demo
-makes, with a trained learned-codec ladder and an early exit (about a minute on two cores;
+makes, with a trained learned codec and an early exit (about three minutes on two cores;
 cached afterwards). Then it starts a real `tether cloud`, a userspace link replaying a weak
 LTE-like uplink and a `tether edge` under a CPU quota (cgroup as root, else enforced in
 userspace), runs every fixed choice, Neurosurgeon and adaptive on the same trace and

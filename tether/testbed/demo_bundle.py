@@ -1,7 +1,7 @@
 """The demo's bundle: a calibrated seeded ResNet-56 (64x64) with a trained codec ladder and an exit.
 
-Built once into ``OUT/bundle`` (cached; ``demo.json`` records what was built) in about a
-minute on two cores, from data the demo makes itself (:mod:`tether.testbed.demo_model`):
+Built once into ``OUT/bundle`` (cached; ``demo.json`` records what was built) in about
+three minutes on two cores, from data the demo makes itself (:mod:`tether.testbed.demo_model`):
 
 1. the seeded ResNet-56 is fitted to the synthetic task (BatchNorm statistics, last layer);
 2. ``tether partition`` exports ONNX heads at the ladder's split points and profiles them;
