@@ -187,7 +187,13 @@ def test_64_streams_against_8_sessions_busy_bounded_and_every_stream_ends(storie
     results, peak, left, text, records = asyncio.run(main())
     plain, exiting = results[0::2], results[1::2]
     busy = [r for r in plain if isinstance(r, BaseException)]
-    assert all(isinstance(r, BusyError) and "sessions_full" in str(r) for r in busy), busy
+    # the excess is refused by the gate: no session slot, or (rarely, when 8 decodes and 8
+    # CLOSEs are in flight at once) no queue slot; never anything but BUSY
+    odd = [f"{type(r).__name__}: {r}" for r in busy
+           if not (isinstance(r, BusyError) and ("sessions_full" in str(r)
+                                                 or "queue_full" in str(r)))]
+    assert not odd, odd
+    assert any("sessions_full" in str(r) for r in busy)
     for events in (r for r in plain if not isinstance(r, BaseException)):
         assert [e.token for e in events] == reference[:STEPS]
         assert {e.source for e in events} == {"cloud"}
@@ -197,7 +203,9 @@ def test_64_streams_against_8_sessions_busy_bounded_and_every_stream_ends(storie
     assert peak["sessions"] <= 8 and peak["admitted"] <= 8 and peak["queue"] <= 16
     assert 0 < peak["kv"] <= config.max_kv_bytes
     assert left == (0, 0)                                        # every session CLOSEd
-    assert _metric(text, "tether_cloud_busy_total", reason="sessions_full") >= len(busy)
+    for reason in ("sessions_full", "queue_full"):
+        refused = sum(reason in str(r) for r in busy)
+        assert refused == 0 or _metric(text, "tether_cloud_busy_total", reason=reason) >= refused
     assert _metric(text, "tether_cloud_llm_steps_total", kind="decode", outcome="ok") > 0
     assert _metric(text, "tether_cloud_llm_steps_total", kind="prefill", outcome="busy") > 0
     assert _metric(text, "tether_cloud_llm_sessions") == 0
