@@ -1,7 +1,7 @@
 """`tether demo`: the first thing a new user runs (no assets, no root needed).
 
-On first use it builds ``OUT/bundle``: a seeded ResNet-56 (64x64 input) fitted to synthetic images the demo
-makes, with a trained learned codec and an early exit (about three minutes on two cores;
+On first use it builds ``OUT/bundle``: a seeded ResNet-56 (64x64 input) fitted to synthetic
+images the demo makes, with a trained learned codec and an early exit (about three minutes on two cores;
 cached afterwards). Then it starts a real `tether cloud`, a userspace link replaying a weak
 LTE-like uplink and a `tether edge` under a CPU quota (cgroup as root, else enforced in
 userspace), runs every fixed choice, Neurosurgeon and adaptive on the same trace and
@@ -22,7 +22,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``demo``."""
     p = subparsers.add_parser(
         "demo", help="weak edge + weak uplink: adaptive vs every fixed choice, live",
-        description="Build a ResNet-56 (64x64) bundle with a trained codec ladder (synthetic data, "
+        description="Build a ResNet-56 (64x64) bundle with a trained learned codec (synthetic data, "
                     "cached in --out), start `tether cloud`, a userspace link (weak LTE-like "
                     "uplink) and a CPU-quota'd `tether edge`, run local, cloud-only, each "
                     "learned split, Neurosurgeon and adaptive on the same trace and requests, "

@@ -29,8 +29,8 @@ IMAGE_SIZE = 64
 TEXTURE, NOISE = 0.3, 0.04     # nuisance detail an image codec must spend bytes on
 #: What every result of the demo says about its data.
 DATA_NOTE = ("synthetic 10-class images (seeded low-frequency class patterns + random fields); "
-             "CIFAR ResNet-56 (64x64 input) with seeded random weights, BatchNorm statistics and last layer fitted "
-             "to them")
+             "CIFAR ResNet-56 (64x64 input) with seeded random weights, BatchNorm statistics and "
+             "last layer fitted to them")
 
 
 def _upsample(low: torch.Tensor, size: int) -> torch.Tensor:
