@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +19,7 @@ from tether.core.errors import InputShapeError
 from tether.core.policy import FixedPolicy
 from tether.core.types import LOCAL, Action
 from tether.edge.agent import EdgeAgent
-from tether.edge.compute import EdgeCompute
+from tether.edge.compute import INPUT, EdgeCompute
 from tether.edge.config import EdgeConfig
 from tether.edge.inproc import InProcessLink
 from tether.edge.records import ListSink
@@ -221,7 +222,6 @@ def test_broken_policy_and_bad_input(bundle, compute):
 
 def _with_exit(bundle, tmp_path, threshold):
     """A copy of the bundle with an ONNX early exit (pool + linear) at SPLITS[1]."""
-    import shutil
     from tether.partitioner import export_onnx
     copy = tmp_path / f"bundle-exit-{threshold}"
     shutil.copytree(bundle, copy)
@@ -333,3 +333,24 @@ def test_records_feed_prometheus_metrics(compute):
     assert value("tether_edge_fallbacks_total", {"reason": "disconnected"}) == 3
     assert value("tether_edge_request_seconds_count", {"outcome": "fallback"}) == 3
     assert value("tether_edge_inflight_requests") == 0
+
+
+def test_start_encodes_once_with_every_codec_the_edge_can_run(bundle, tmp_path, monkeypatch):
+    # an image codec's first use loads its plugin (tens of ms unthrottled, most of a second
+    # behind a weak quota): paid at start, not by the first request that picks it
+    from tether.core.types import CodecCost, CostTable
+    copy = tmp_path / "bundle-codecs"
+    shutil.copytree(bundle, copy)
+    path = copy / Manifest.load(copy).cost_table
+    table = CostTable.load(path)
+    measured = [CodecCost(INPUT, "webp75", 900, 1e-3, 1e-3, 0.9),
+                CodecCost(INPUT, "jpeg90", 1500, 1e-3, 1e-3, 0.9),
+                CodecCost(SPLITS[1], "int8-channel+zlib", 2000, 1e-3, 1e-3, 0.9),
+                CodecCost("not-exported", "fp16", 2000, 1e-3, 1e-3, 0.9)]
+    replace(table, codecs=tuple(measured)).save(path)
+    calls = []
+    encode = EdgeCompute.encode
+    monkeypatch.setattr(EdgeCompute, "encode",
+                        lambda self, s, c, f: calls.append((s, c)) or encode(self, s, c, f))
+    EdgeCompute(copy)
+    assert calls == [(c.split, c.codec) for c in measured[:3]]   # no head: not runnable

@@ -120,6 +120,7 @@ def test_demo_bundle_holds_a_measured_ladder_and_exit(tiny_demo_bundle):
     from tether.core.bundle import Manifest
     from tether.policies import PolicyConfig, build_cost_model
     from tether.policies.costmodel import CostModel
+    from tether.testbed.demo import LOCAL_TARGET_S, QUOTA_MIN, weak_edge_quota
     from tether.testbed.demo_bundle import LADDER, ensure_demo_bundle
     out, bundle, recipe = tiny_demo_bundle
     manifest = Manifest.load(bundle)
@@ -136,6 +137,10 @@ def test_demo_bundle_holds_a_measured_ladder_and_exit(tiny_demo_bundle):
     assert len(learned) == len(LADDER)
     assert all(c.accuracy is not None and 0 < c.bytes < 2000 for c in learned)
     assert table.full_accuracy is not None
+    quota = weak_edge_quota(bundle, manifest)           # the whole model at ~150 ms on the edge
+    full = CostTable.load(bundle / manifest.cost_table).edge_full_seconds
+    assert QUOTA_MIN <= quota <= 1.0
+    assert quota == 1.0 or 0.2 < full / quota / LOCAL_TARGET_S < 5   # profiled vs measured now
     mtime = (bundle / "demo.json").stat().st_mtime
     assert ensure_demo_bundle(out, recipe=recipe) == bundle           # cached
     assert (bundle / "demo.json").stat().st_mtime == mtime

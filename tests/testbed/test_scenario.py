@@ -97,9 +97,13 @@ def test_demo_scenario_is_a_weak_edge_on_a_userspace_link():
     args, demo = _demo_args(duration=60, rate=2)
     scenario = demo.demo_scenario(args)
     assert scenario.weights is None and scenario.duration_s == 10 and scenario.rate_hz == 2
-    assert scenario.cpu_quota == demo.DEFAULT_QUOTA and scenario.link.backend == "userspace"
+    # the quota is set at run time from this machine's speed (tether.testbed.demo.weak_edge_quota)
+    assert scenario.cpu_quota is None and scenario.link.backend == "userspace"
+    assert demo.demo_scenario(_demo_args(cpu_quota=0.2)[0]).cpu_quota == 0.2
     with pytest.raises(ConfigError):
         demo.demo_scenario(_demo_args(rate=0)[0])
+    with pytest.raises(ConfigError):
+        demo.demo_scenario(_demo_args(cpu_quota=0)[0])
 
 
 def test_oracle_cannot_run_live():

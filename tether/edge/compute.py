@@ -79,6 +79,29 @@ class EdgeCompute:
             self.codec(entry.split, entry.codec)
         for split in self._exits:
             self._exit_module(split)
+        self._warm_encoders()
+
+    def _warm_encoders(self) -> None:
+        """Encode once with every codec of the cost table the edge can run: an image
+        codec's first use loads its library plugin (WebP's took 0.75 s behind a 0.11-core
+        quota, three requests queued behind it), a learned codec's its entropy coder."""
+        if self.costs is None or self.manifest.input.dtype.startswith("int"):
+            return
+        shape = (1, *self.manifest.input.shape[1:])
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        features = {INPUT: x}
+        for entry in self.costs.codecs:
+            split = entry.split
+            if split != INPUT and split not in self.heads:
+                continue
+            try:
+                if split not in features:
+                    features[split] = self.head(split, x)
+                inp = x if self.replaces_head(split, entry.codec) else features[split]
+                self.encode(split, entry.codec, inp)
+            except TetherError as exc:   # answered as a fallback if a policy ever picks it
+                log.warning("codec %s at %s cannot encode on this edge: %s",
+                            entry.codec, split, exc)
 
     def _load_costs(self) -> CostTable | None:
         try:

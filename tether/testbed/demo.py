@@ -13,6 +13,7 @@ a text timeline of adaptive's choices are printed; CSV and plots are written as 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,10 @@ UPLINK_DWELL = (2.5, 2.5, 2.0, 2.0)
 #: One outage (s) per trace, starting between 55 % and 70 % of it.
 OUTAGE_S = 1.5
 IMAGE_SEED = 3
+#: The weak edge, whatever the machine: the CPU quota that makes the whole model take about
+#: this long there (unthrottled median here / quota), clamped to [QUOTA_MIN, 1] core.
+LOCAL_TARGET_S = 0.15
+QUOTA_MIN = 0.01
 
 
 def demo_uplink(duration_s: float, seed: int = 7) -> traces.Trace:
@@ -44,6 +49,30 @@ def demo_uplink(duration_s: float, seed: int = 7) -> traces.Trace:
     start = int(np.random.default_rng(seed + 1).uniform(0.55, 0.7) * duration_s * 1000)
     slots[start:start + int(OUTAGE_S * 1000)] = 0.0
     return traces.Trace(slots, "weak-lte")
+
+
+def weak_edge_quota(bundle: Path, manifest: Manifest,
+                    progress: Callable[[str], None] | None = None) -> float:
+    """The CPU quota (cores) under which the whole model takes about :data:`LOCAL_TARGET_S`
+    on this machine: its unthrottled median, measured now on the edge's runtime (one ONNX
+    Runtime thread), over the target. A fixed quota would make a slow machine's edge
+    saturate and a fast one's never lose to the cloud."""
+    from tether.partitioner.onnxrt import OnnxModule
+    model = OnnxModule(bundle / str(manifest.full_onnx), threads=1)
+    x = np.random.default_rng(0).random((1, *model.input_shape[1:]), dtype=np.float32)
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(15):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    full = float(np.median(times))
+    quota = float(np.clip(full / LOCAL_TARGET_S, QUOTA_MIN, 1.0))
+    if progress:
+        progress(f"weak edge: {quota:.3f} core (the whole model takes {full * 1000:.1f} ms of CPU "
+                 f"here, about {full / quota * 1000:.0f} ms on the edge)")
+    return round(quota, 4)
 
 
 def demo_policies(manifest: Manifest) -> tuple[dict[str, Any], ...]:
@@ -75,6 +104,8 @@ def run_demo(scenario: Scenario, out: Path, progress: Callable[[str], None] | No
     out.mkdir(parents=True, exist_ok=True)
     bundle = ensure_demo_bundle(out, progress, recipe or Recipe())
     manifest = Manifest.load(bundle)
+    if scenario.cpu_quota is None:
+        scenario = replace(scenario, cpu_quota=weak_edge_quota(bundle, manifest, progress))
     trace_path = out / "uplink.trace"
     demo_uplink(max(scenario.duration_s, 10.0), scenario.seed).save_mahimahi(trace_path)
     scenario = replace(scenario, bundle=str(bundle), policies=demo_policies(manifest),
@@ -198,4 +229,4 @@ def _pct(value: float) -> str:
 
 
 __all__ = ["ACCURACY_DROP", "comparison_text", "demo_images", "demo_policies", "demo_uplink",
-           "run_demo", "short_action", "timeline_text"]
+           "run_demo", "short_action", "timeline_text", "weak_edge_quota"]
