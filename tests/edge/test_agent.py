@@ -160,6 +160,8 @@ class ScriptedPeer:
                 return P.encode(P.Error(msg.request_id, "bad_payload", "corrupt"))
             if self.mode == "slow":
                 await asyncio.sleep(10)
+            if self.mode == "late":
+                await asyncio.sleep(0.4)
         return await self.cloud.request_frames(frames)
 
 
@@ -188,6 +190,61 @@ def test_failures_fall_back_to_the_local_model(served, compute, expected, mode, 
         if mode != "down":
             assert all(r.bytes_sent > 0 and r.head_seconds > 0 for r in sink.records)
     run(scenario())
+
+
+class PatientPolicy(RecordingPolicy):
+    """Waits ``value`` seconds after the send ("boom": its patience raises)."""
+
+    def __init__(self, action, value):
+        super().__init__(action)
+        self.value = value
+
+    def patience(self, action):
+        if self.value == "boom":
+            raise RuntimeError("boom")
+        return self.value
+
+
+async def _patient_request(served, compute, mode, patience, deadline, linger):
+    cloud = InProcessCloud([served])
+    await cloud.start()
+    link = InProcessLink(ScriptedPeer(cloud, mode), compute.bundle_info(), "edge-t")
+    sink, policy = ListSink(), PatientPolicy(Action.parse(f"split:{SPLITS[0]}:fp16"), patience)
+    agent = EdgeAgent(compute, policy, replace(CONFIG, deadline_seconds=deadline), link, [sink])
+    await agent.start()
+    try:
+        result = await agent.infer(IMAGES[0])
+        at_answer = list(policy.observations)
+        await asyncio.sleep(linger)       # the reply it gave up on is still awaited
+    finally:
+        await agent.close()
+        await cloud.close()
+    return result, at_answer, policy.observations
+
+
+@pytest.mark.parametrize("mode, patience, deadline, reason", [
+    ("slow", 0.05, 2.0, "overdue"), ("late", 0.05, 2.0, "overdue"), ("slow", None, 0.3, "timeout"),
+    ("slow", 5.0, 0.3, "timeout"), ("slow", "boom", 0.3, "timeout")])
+def test_patience_gives_up_an_overdue_offload(served, compute, expected, mode, patience,
+                                              deadline, reason):
+    linger = 2.3 if mode == "slow" and reason == "overdue" else 0.6
+    result, at_answer, observed = run(_patient_request(served, compute, mode, patience,
+                                                       deadline, linger))
+    record = result.record
+    np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-4, atol=1e-4)
+    assert (record.outcome, record.fallback_reason) == ("fallback", reason)
+    if reason == "timeout":      # waited for the deadline (less the local answer's reserve)
+        assert deadline - 0.2 < record.total_seconds < deadline + 0.2
+        assert len(at_answer) == 1 and not at_answer[0].ok
+        return
+    assert record.total_seconds < 0.35 and record.bytes_sent > 0    # well before 2 s
+    assert at_answer == []       # the policy learns when the wait it gave up on ends
+    assert len(observed) == 1
+    if mode == "late":           # the reply came after all: a sample as if it had waited
+        assert observed[0].ok and observed[0].bytes_received > 40
+        assert observed[0].network_seconds > 0.3 and observed[0].cloud_seconds > 0
+    else:                        # nothing by the deadline: the failure, at the deadline
+        assert not observed[0].ok and 1.5 < observed[0].network_seconds < 2.1
 
 
 def test_policy_asking_for_an_unknown_codec_still_gets_an_answer(served, compute, expected):

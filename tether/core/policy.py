@@ -3,12 +3,25 @@
 A policy is pure: no IO, no clocks of its own. The edge calls :meth:`Policy.decide`
 before each request with what it knows now, and :meth:`Policy.observe` with what it
 measured afterwards (and with each PING/PONG RTT sample).
+
+Optional: a policy that predicts its actions' latency may also define
+``patience(self, action: Action) -> float | None``: for ``action`` (the one its last
+:meth:`Policy.decide` returned), the seconds after its request is sent to the cloud after
+which the edge stops waiting for the reply and answers locally (fallback reason
+``"overdue"``); None waits until the deadline. Counted from the send, not the decision:
+a request delayed by the edge's own queue is not the cloud's fault, and giving it up
+would only add local work to that queue. The edge still awaits the reply until the
+deadline for the policy: its :class:`Observation` comes with the reply (or the failure),
+as if the edge had waited: giving up changes how long the user waits, not what the
+policy learns. It is not part of the protocol (fixed policies have none); the edge and
+the simulator read it through :func:`patience_of`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tether.core.types import Action
 
@@ -71,3 +84,17 @@ class FixedPolicy:
 
     def observe(self, obs: Observation) -> None:
         return None
+
+
+def patience_of(policy: Any, action: Action) -> float | None:
+    """The policy's patience for ``action`` (see the module docstring), or None when it has
+    none: no ``patience`` method, or a value that is None, not positive or not finite.
+    A policy's exception propagates (the caller decides how to survive it)."""
+    fn = getattr(policy, "patience", None)
+    if fn is None:
+        return None
+    value = fn(action)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else None

@@ -216,7 +216,7 @@ class RequestRecord:
     start_time: float            # wall clock (time.time()) when the request arrived
     action: str                  # Action.key actually executed
     outcome: str                 # "cloud", "local", "exit", "fallback"
-    fallback_reason: str = ""    # "", "timeout", "busy", "error", "disconnected"
+    fallback_reason: str = ""    # "", "timeout", "overdue", "busy", "error", "disconnected"
     head_seconds: float = 0.0
     encode_seconds: float = 0.0
     network_seconds: float = 0.0  # send-to-reply minus cloud-reported time

@@ -6,7 +6,10 @@ link carries the tail request with the request's deadline. Compute is timed insi
 worker thread (service time); the wait for a free compute thread is recorded apart as
 ``edge_wait_seconds``, so a saturated edge does not look like a slow one to the calibration.
 On timeout, BUSY, ERROR or a disconnected cloud the request is answered locally (whole
-model, or an early exit) and marked ``outcome="fallback"`` with the reason. Every request
+model, or an early exit) and marked ``outcome="fallback"`` with the reason; a policy with a
+``patience`` (see :mod:`tether.core.policy`) stops waiting that long after the send, before
+the deadline (reason ``"overdue"``); the reply is still awaited in the background, and the
+policy observes it (or its failure) as if the edge had waited. Every request
 yields one :class:`~tether.core.types.RequestRecord` for the sinks, the metrics and the policy.
 """
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from tether.core.errors import (BusyError, DeadlineExceededError, InputShapeError,
                                 PeerUnavailableError, TetherError)
-from tether.core.policy import DecisionContext, Observation, Policy
+from tether.core.policy import DecisionContext, Observation, Policy, patience_of
 from tether.core.metrics import EdgeMetrics
 from tether.core.types import LOCAL, Action, ActionKind, RequestRecord
 from tether.edge.compute import INPUT, EdgeCompute, ExitAnswer
@@ -70,6 +73,9 @@ class _Timing:
     sent: int = 0
     received: int = 0
     exit_answer: ExitAnswer | None = None
+    patience: float | None = None     # the policy's wait for the reply after the send (s)
+    sent_at: float = 0.0              # perf_counter() when the request went to the link
+    late: asyncio.Future | None = None   # the reply still awaited after giving up (overdue)
     features: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -157,6 +163,7 @@ class EdgeAgent:
         rid = next(self._ids)
         action = self._decide(budget)
         timing = _Timing()
+        timing.patience = self._patience(action)
         self._gauge(+1)
         try:
             logits, outcome, reason = await self._answer(rid, action, x, t0 + budget, timing)
@@ -172,7 +179,7 @@ class EdgeAgent:
             tail_seconds=timing.tail, local_seconds=timing.local,
             edge_wait_seconds=timing.wait, total_seconds=time.perf_counter() - t0,
             bytes_sent=timing.sent, bytes_received=timing.received, prediction=prediction)
-        self._finish(record, action)
+        self._finish(record, action, timing, t0)
         return EdgeResult(logits, prediction, record)
 
     def _decide(self, budget: float) -> Action:
@@ -186,6 +193,17 @@ class EdgeAgent:
         except Exception:   # noqa: BLE001 - a broken policy must not lose the request
             log.exception("policy %s failed; answering locally", getattr(self.policy, "name", "?"))
             return LOCAL
+
+    def _patience(self, action: Action) -> float | None:
+        """Seconds the policy waits for the cloud's reply to ``action`` (None: the deadline)."""
+        if action.kind is ActionKind.LOCAL:
+            return None
+        try:
+            return patience_of(self.policy, action)
+        except Exception:   # noqa: BLE001 - a broken policy must not lose the request
+            log.exception("policy %s patience failed; waiting until the deadline",
+                          getattr(self.policy, "name", "?"))
+            return None
 
     async def _answer(self, rid: int, action: Action, x: np.ndarray, deadline: float,
                       timing: _Timing) -> tuple[np.ndarray, str, str]:
@@ -238,9 +256,13 @@ class EdgeAgent:
             raise _Fallback("disconnected")
         request = CloudRequest(rid, split, codec, dict(encoded.header), list(encoded.payload),
                                budget)
-        t = time.perf_counter()
+        t = timing.sent_at = time.perf_counter()
         try:
-            reply = await self.link.infer(request)
+            reply = await self._await_reply(request, timing)
+        except _Fallback:       # overdue: the bytes went, the reply is still awaited
+            timing.network = time.perf_counter() - t
+            timing.sent = _payload_bytes(request.payload)
+            raise
         except (DeadlineExceededError, asyncio.TimeoutError) as exc:
             reason, cause = "timeout", exc
         except BusyError as exc:
@@ -259,6 +281,22 @@ class EdgeAgent:
         timing.sent = getattr(cause, "bytes_sent", 0)
         timing.received = getattr(cause, "bytes_received", 0)
         raise _Fallback(reason, cause)
+
+    async def _await_reply(self, request: CloudRequest, timing: _Timing) -> CloudReply:
+        """The link's reply; when the policy's patience ends first, raise ``_Fallback(
+        "overdue")`` with the request left pending in ``timing.late`` (for the policy)."""
+        if timing.patience is None or timing.patience >= request.budget_seconds:
+            return await self.link.infer(request)
+        pending = asyncio.ensure_future(self.link.infer(request))
+        try:
+            done, _ = await asyncio.wait({pending}, timeout=timing.patience)
+        except asyncio.CancelledError:
+            pending.cancel()
+            raise
+        if not done:
+            timing.late = pending
+            raise _Fallback("overdue")
+        return pending.result()
 
     async def _full(self, x: np.ndarray, timing: _Timing) -> np.ndarray:
         logits, service = await self._run(timing, self.compute.full, x)
@@ -296,7 +334,7 @@ class EdgeAgent:
 
     # ---- feedback ----------------------------------------------------------------------
 
-    def _finish(self, record: RequestRecord, action: Action) -> None:
+    def _finish(self, record: RequestRecord, action: Action, timing: _Timing, t0: float) -> None:
         for sink in self.sinks:
             try:
                 sink.write(record)
@@ -306,12 +344,42 @@ class EdgeAgent:
             self.metrics.observe(record)
         if self.on_record is not None:
             self.on_record(record)
+        if timing.late is not None:   # given up at its patience: observed at the reply
+            timing.late.add_done_callback(lambda task: self._observe_late(task, action, timing, t0))
+            return
         self.policy.observe(Observation(
             now=time.monotonic(), action=action, bytes_sent=record.bytes_sent,
             bytes_received=record.bytes_received, network_seconds=record.network_seconds,
             cloud_queue_seconds=record.cloud_queue_seconds, total_seconds=record.total_seconds,
             ok=record.outcome != "fallback", exited=record.outcome == "exit",
             **_calibration(record)))
+
+    def _observe_late(self, task: asyncio.Future, action: Action, timing: _Timing,
+                      t0: float) -> None:
+        """What the policy would have observed had the edge waited for an offload it gave
+        up at its patience: the reply (a throughput and compute sample) or the failure."""
+        if task.cancelled():
+            return
+        exc, now = task.exception(), time.perf_counter()
+        if exc is None:
+            reply = task.result()
+            self._last_queue_seconds = reply.queue_seconds
+            obs = Observation(
+                now=time.monotonic(), action=action, bytes_sent=reply.bytes_sent,
+                bytes_received=reply.bytes_received, network_seconds=reply.network_seconds,
+                cloud_queue_seconds=reply.queue_seconds, total_seconds=now - t0,
+                edge_seconds=timing.head + timing.encode,
+                cloud_seconds=reply.decode_seconds + reply.tail_seconds)
+        else:
+            obs = Observation(
+                now=time.monotonic(), action=action, bytes_sent=getattr(exc, "bytes_sent", 0),
+                bytes_received=getattr(exc, "bytes_received", 0),
+                network_seconds=now - timing.sent_at, total_seconds=now - t0, ok=False)
+        try:
+            self.policy.observe(obs)
+        except Exception:   # noqa: BLE001 - a callback has nobody to raise to
+            log.exception("policy %s failed to observe a late reply",
+                          getattr(self.policy, "name", "?"))
 
     def _observe_rtt(self, rtt: float) -> None:
         if self.metrics is not None:
@@ -325,6 +393,14 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     t = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - t
+
+
+def _payload_bytes(payload: list[Any]) -> int:
+    """Bytes of the payload frames handed to the link (what an overdue request sent)."""
+    try:
+        return sum(memoryview(p).nbytes for p in payload)
+    except TypeError:
+        return 0
 
 
 def _calibration(record: RequestRecord) -> dict[str, float | None]:

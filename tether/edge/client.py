@@ -37,7 +37,7 @@ class EdgeAnswer:
     prediction: int                     # argmax class index
     action: str                         # action key executed, e.g. "split:layer2:fp32"
     outcome: str                        # "cloud", "local", "exit" or "fallback"
-    fallback_reason: str                # "", "timeout", "busy", "error", "disconnected"
+    fallback_reason: str                # "", "timeout", "overdue", "busy", "error", "disconnected"
     total_seconds: float                # edge-side time for the request
     label: str = ""                     # class name, when the bundle has labels
     record: dict[str, Any] = field(default_factory=dict)   # the full RequestRecord fields

@@ -12,6 +12,12 @@ move); its work per request is the calibrated compute plus the daemon's own per-
 edge time measured online (edge total - compute - wait, on local answers). A hysteresis
 keeps noise from flapping between near-equal actions.
 
+Patience (ski rental): an offload whose reply is overdue, ``max(patience_factor x its
+predicted send-to-reply time, the local answer's cost)`` seconds after the send, is given up and
+answered locally (:meth:`TetherAdaptive.patience`), instead of waiting for the deadline.
+The edge still awaits the reply (until the deadline) for the policy, which learns as if it
+had waited: the offload stays in flight (the bound) until its reply or its failure.
+
 When it answers locally it gets no throughput samples, so it probes: one remote request
 per ``probe_interval_seconds`` of silence when that could win at the best bandwidth seen
 recently (see :meth:`EstimatingPolicy.probe`).
@@ -23,6 +29,7 @@ throughput samples; when nothing meets the deadline, the fastest action.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -72,6 +79,9 @@ class TetherAdaptive(EstimatingPolicy):
         self._work = model.pre
         self._masked_for: np.ndarray | None = None
         self._masked_fixed = model.pre
+        self._lat: np.ndarray = model.pre   # last decision's predictions (+ link waits)
+        self._local_cost = 0.0              # ... and what answering locally costs (+ backlog)
+        self._predicted: tuple[int, float, float, float] | None = None
 
     def decide(self, ctx: DecisionContext) -> Action:
         now = ctx.now
@@ -80,12 +90,16 @@ class TetherAdaptive(EstimatingPolicy):
         self._last_arrival = now
         bw = self.bandwidth(now)
         work = self.work(now, ctx.cloud_queue_seconds)
+        self._predicted = None
         if not ctx.cloud_available:
             choice = self._local
         elif self.cfg.objective == "accuracy":
             choice = self._max_accuracy(ctx, work)
         else:
             choice = self._min_latency(ctx, bw, work)
+        if choice != self._local:
+            self._predicted = (choice, now, float(self._lat[choice]),
+                               max(0.0, self._edge_free - now) + self._local_cost)
         self._current = choice
         action = self.model.actions[choice]
         send = self._book(now, choice, work, bw)
@@ -107,6 +121,27 @@ class TetherAdaptive(EstimatingPolicy):
         if obs.edge_seconds is not None and obs.edge_wait_seconds is not None:
             rest = obs.total_seconds - obs.edge_seconds - obs.edge_wait_seconds - self._upstream
             self._overhead_value = float(self._overhead.update(obs.now, max(rest, 0.0)))
+
+    def patience(self, action: Action) -> float | None:
+        """Seconds after the send to wait for the reply to the last decided ``action``:
+        ``max(patience_factor x its predicted send-to-reply time, the local answer's cost)``
+        (ski rental; the cost of giving up: the local answer behind the edge queue at the
+        decision plus, for the latency objective, what its work costs later requests).
+        None for a local or exit-only action, another action than the last decided, or
+        ``patience_factor = 0`` (wait until the deadline)."""
+        pred, factor = self._predicted, self.cfg.patience_factor
+        if pred is None or factor <= 0 or self.model.actions[pred[0]] != action:
+            return None
+        choice, when, lat, local = pred
+        frac = float(self.model.remote_frac[choice])
+        if self.model.is_local[choice] or frac <= 0:
+            return None
+        edge = float(np.broadcast_to(self.factors(when)[0], self.model.pre.shape)[choice])
+        pre, encode = self.model.pre[choice] * edge, self.model.encode[choice] * edge
+        # expected = pre + frac * (encode + remote): an exit's remote part if not confident
+        remote = (lat - pre) / frac - encode
+        value = max(factor * remote, local)
+        return value if math.isfinite(value) else None
 
     # ---- the edge's and the link's own queues --------------------------------------------
     def work(self, now: float, queue: float = 0.0) -> np.ndarray:
@@ -168,8 +203,11 @@ class TetherAdaptive(EstimatingPolicy):
         now = ctx.now
         fixed, bits, _ = self.terms(now, ctx.cloud_queue_seconds)
         lat = self._masked(fixed) + bits / max(bw, 1.0)
-        extra = self.link_waits(now, work) + self.backlog_cost(now, lat, work)
+        waits = self.link_waits(now, work)
+        self._lat = lat + waits
+        extra = waits + self.backlog_cost(now, lat, work)
         score = lat + extra
+        self._local_cost = float(score[self._local])
         best = int(np.argmin(score))
         cur = self._current
         if cur is not None and score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
@@ -190,7 +228,9 @@ class TetherAdaptive(EstimatingPolicy):
         bw_low = min(self.bw.quantile(1.0 - self.cfg.deadline_quantile, ctx.now),
                      self.bandwidth(ctx.now))
         _, lat = self.argmin(ctx, bw_low)
-        lat = lat + max(0.0, self._edge_free - ctx.now) + self.link_waits(ctx.now, work)
+        self._lat = lat + self.link_waits(ctx.now, work)
+        self._local_cost = float(self._lat[self._local])
+        lat = self._lat + max(0.0, self._edge_free - ctx.now)
         deadlines = [d for d in (self.cfg.deadline_seconds, ctx.deadline_seconds) if d is not None]
         meets = lat <= min(deadlines, default=np.inf)   # the request's own deadline if tighter
         if not meets.any():

@@ -36,6 +36,8 @@ class PolicyConfig:
     peak_memory_seconds: float = 60.0      # how long the best sample seen argues for a probe
     edge_load_weight: float = 1.0          # adaptive: weight of what its edge work costs later requests
     hysteresis: float = 0.05                # switch only for a predicted gain above this fraction
+    patience_factor: float = 2.0            # adaptive: answer locally after max(this x the predicted
+                                            # send-to-reply time, local's cost) from the send (0: never)
     overhead_bytes: int = 256               # protocol header bytes per message
     result_bytes: int = 64                  # reply payload (logits) bytes
     static_action: str | None = None        # "static" policy: this action key, or best at prior
@@ -71,6 +73,8 @@ class PolicyConfig:
             raise ConfigError("policy.probe_interval_seconds must be >= 0, peak_memory_seconds > 0")
         if self.hysteresis < 0 or self.bandit_alpha < 0 or self.bandit_ridge <= 0:
             raise ConfigError("policy.hysteresis and bandit_alpha must be >= 0, bandit_ridge > 0")
+        if not 0.0 <= self.patience_factor < float("inf"):
+            raise ConfigError("policy.patience_factor must be >= 0 and finite (0 disables it)")
 
     def floor_for(self, full_accuracy: float | None) -> float | None:
         """The accuracy floor in force, or None when no accuracy is known or required."""

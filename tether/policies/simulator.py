@@ -6,7 +6,10 @@ the testbed measures: edge compute (head / whole model / exit head) + encode, pa
 header bytes through the uplink, half the propagation RTT, the cloud's queue, decode and
 tail, result bytes through the downlink, the other half RTT. As in the edge agent, an
 offload gets ``deadline - elapsed - reserve`` seconds (reserve: the local answer's time);
-without a reply by then the whole model answers on the edge ("fallback"). Periodic PINGs share the links and feed RTT samples.
+without a reply by then the whole model answers on the edge ("fallback"), as it does once
+the policy's patience for the request (:func:`~tether.core.policy.patience_of`, counted
+from the send) runs out; the policy then observes the reply, or the failure at the
+deadline, as if the edge had waited. Periodic PINGs share the links and feed RTT samples.
 
 Policies see only :class:`DecisionContext` and :class:`Observation`, as on a real edge;
 the :class:`HindsightOracle` alone is given the true latency of each action.
@@ -22,7 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from tether.core.errors import ConfigError
-from tether.core.policy import DecisionContext, Observation, Policy
+from tether.core.policy import DecisionContext, Observation, Policy, patience_of
 from tether.core.traces import Trace
 from tether.core.types import LOCAL, Action
 from tether.policies.baselines import HindsightOracle
@@ -192,6 +195,8 @@ class Simulator:
         self._seq = 0
         self._recs: list[RequestOutcome] = []
         self._current = 0
+        self._patience: dict[int, float] = {}   # request id -> the policy's patience
+        self._late: dict[int, float] = {}       # given up at their patience -> deadline rule
         if isinstance(policy, HindsightOracle):
             policy.attach(self.hindsight)
         for i, t in enumerate(self.arrival_times):
@@ -200,7 +205,8 @@ class Simulator:
             self._push(0.0, "ping", None)
 
     def _give_up_time(self, arrival: float, send: float) -> float:
-        """When the edge stops waiting for the cloud and answers locally."""
+        """When the edge stops waiting for the cloud and answers locally (the deadline's rule;
+        a policy's patience may end the wait sooner, see :meth:`_on_send`)."""
         reserve = self.cfg.fallback_reserve_seconds
         reserve = self.local.pre_seconds if reserve is None else reserve
         return arrival + self.cfg.deadline_seconds - reserve
@@ -222,6 +228,7 @@ class Simulator:
         ctx = DecisionContext(now=t, deadline_seconds=self.cfg.deadline_seconds,
                               cloud_available=True, cloud_queue_seconds=self.cfg.cloud_queue_seconds)
         action = self._policy.decide(ctx)
+        patience = patience_of(self._policy, action)
         cost = self.model.cost(action)
         rec = RequestOutcome(i, t, action.key,
                              up_bps=self.uplink.rate_bps_at(self.cfg.trace_offset_seconds + t, 1.0))
@@ -236,18 +243,27 @@ class Simulator:
                               edge_seconds=cost.pre_seconds, edge_wait_seconds=wait)
             self._push(done, "observe", obs)
         else:
+            if patience is not None:
+                self._patience[i] = patience
             work = overhead + cost.pre_seconds + cost.encode_seconds
             self._push(self._cpu.serve(t, work), "send", (rec, cost))
 
     def _on_send(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
         rec.send_time = t
+        patience = self._patience.pop(rec.request_id, None)
         give_up = self._give_up_time(rec.arrival, t)
         if give_up <= t:      # no time left to offload: nothing is sent
             rec.send_time = math.nan
             self._on_timeout(t, data)
             return
         self._push(self._reply_time(t, cost), "cloud_done", data)
+        if patience is not None and t + patience < give_up:
+            # overdue before the deadline: answered locally then, but the policy still
+            # learns at the reply or at the deadline, as if the edge had waited
+            self._late[rec.request_id] = give_up
+            self._push(give_up, "late_timeout", data)
+            give_up = t + patience
         self._push(give_up, "timeout", data)
 
     def _on_cloud_done(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
@@ -255,15 +271,13 @@ class Simulator:
 
     def _on_reply(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
-        if rec.done:
-            return   # answered by the fallback already; the bytes still used the links
+        awaited = self._late.pop(rec.request_id, None) is not None
+        if rec.done:   # answered by the fallback already; the bytes still used the links
+            if awaited:   # given up at its patience: the policy learns as if it had waited
+                self._observe(t, rec, cost, t - rec.arrival, ok=True)
+            return
         self._finish(rec, t, "cloud", cost.remote_accuracy, cost)
-        compute = self.cfg.cloud_queue_seconds + cost.cloud_seconds
-        self._policy.observe(Observation(
-            now=t, action=Action.parse(rec.action), bytes_sent=int(cost.up_bytes),
-            bytes_received=int(cost.down_bytes), network_seconds=t - rec.send_time - compute,
-            cloud_queue_seconds=self.cfg.cloud_queue_seconds, total_seconds=rec.latency,
-            edge_seconds=cost.pre_seconds + cost.encode_seconds, cloud_seconds=cost.cloud_seconds))
+        self._observe(t, rec, cost, rec.latency, ok=True)
 
     def _on_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
@@ -271,10 +285,30 @@ class Simulator:
             return
         done = self._cpu.serve(t, self.local.pre_seconds)
         self._finish(rec, done, "fallback", self.local.accuracy, cost)
-        sent = not math.isnan(rec.send_time)
+        if rec.request_id not in self._late:   # overdue: observed at its reply or deadline
+            self._observe(t, rec, cost, rec.latency, ok=False)
+
+    def _on_late_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
+        rec, cost = data
+        if self._late.pop(rec.request_id, None) is not None:
+            self._observe(t, rec, cost, t - rec.arrival + self.local.pre_seconds, ok=False)
+
+    def _observe(self, t: float, rec: RequestOutcome, cost: ActionCost, total: float,
+                 ok: bool) -> None:
+        """The policy's observation of an offload: its reply (``ok``) or its failure at ``t``."""
+        action = Action.parse(rec.action)
+        if not ok:
+            sent = not math.isnan(rec.send_time)
+            self._policy.observe(Observation(
+                now=t, action=action, bytes_sent=int(cost.up_bytes) if sent else 0,
+                network_seconds=t - rec.send_time if sent else 0.0, total_seconds=total, ok=False))
+            return
+        compute = self.cfg.cloud_queue_seconds + cost.cloud_seconds
         self._policy.observe(Observation(
-            now=t, action=Action.parse(rec.action), bytes_sent=int(cost.up_bytes) if sent else 0,
-            network_seconds=t - rec.send_time if sent else 0.0, total_seconds=rec.latency, ok=False))
+            now=t, action=action, bytes_sent=int(cost.up_bytes),
+            bytes_received=int(cost.down_bytes), network_seconds=t - rec.send_time - compute,
+            cloud_queue_seconds=self.cfg.cloud_queue_seconds, total_seconds=total,
+            edge_seconds=cost.pre_seconds + cost.encode_seconds, cloud_seconds=cost.cloud_seconds))
 
     def _on_observe(self, t: float, obs: Observation) -> None:
         self._policy.observe(obs)
