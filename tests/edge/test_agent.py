@@ -247,6 +247,31 @@ def test_patience_gives_up_an_overdue_offload(served, compute, expected, mode, p
         assert not observed[0].ok and 1.5 < observed[0].network_seconds < 2.1
 
 
+def test_an_overdue_offload_gives_up_those_sent_after_it(served, compute):
+    """FIFO uplink: a request sent behind an overdue one is given up with it, not at its own
+    patience (a stalled link must not cost each queued request its full patience)."""
+    async def scenario():
+        cloud = InProcessCloud([served])
+        await cloud.start()
+        link = InProcessLink(ScriptedPeer(cloud, "slow"), compute.bundle_info(), "edge-t")
+        sink = ListSink()
+        policy = PatientPolicy(Action.parse(f"split:{SPLITS[0]}:fp16"), 0.4)
+        agent = EdgeAgent(compute, policy, replace(CONFIG, deadline_seconds=3.0), link, [sink])
+        await agent.start()
+        try:
+            first = asyncio.ensure_future(agent.infer(IMAGES[0]))
+            await asyncio.sleep(0.2)
+            second = await agent.infer(IMAGES[1])
+            return await first, second
+        finally:
+            await agent.close()
+            await cloud.close()
+    first, second = run(scenario())
+    assert [r.record.fallback_reason for r in (first, second)] == ["overdue", "overdue"]
+    assert first.record.total_seconds > 0.4
+    assert second.record.total_seconds < 0.4 - 0.05     # with the first (~0.2 s in), not 0.4
+
+
 def test_policy_asking_for_an_unknown_codec_still_gets_an_answer(served, compute, expected):
     async def scenario():
         agent, cloud, sink, _ = await _agent_with_cloud(

@@ -148,3 +148,18 @@ def test_simulator_policy_learns_as_if_it_had_waited(table):
     # answered at send (png: 2 ms) + patience + the local model, not at the deadline
     assert [b for _, b in stuck] == pytest.approx([0.002 + 0.3 + 0.1] * 3)
     assert [a for a, _ in stuck][:2] == pytest.approx([1.0, 1.0])
+
+
+def test_simulator_gives_up_what_was_sent_behind_an_overdue_offload(table):
+    """As on the edge: the FIFO uplink holds a later send behind the overdue one."""
+    model = build_cost_model(PolicyConfig(), table)
+    cfg = SimConfig(n_requests=4, ping_interval_seconds=None)
+    sim = Simulator(model, OUTAGE, cfg)
+    sim.arrival_times = np.array([0.0, 1.0, 5.0, 5.25])
+    reqs = sim.run(_Patient(PNG, 0.3)).requests
+    first, second = reqs[2], reqs[3]
+    assert (first.outcome, second.outcome) == ("fallback", "fallback")
+    assert first.latency == pytest.approx(0.002 + 0.3 + 0.1)
+    # given up with the first at 5.302 (its own patience would end at 5.552), then its local
+    # answer behind the first one's on the edge CPU
+    assert second.arrival + second.latency == pytest.approx(5.0 + 0.002 + 0.3 + 0.1 + 0.1)

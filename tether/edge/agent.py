@@ -107,6 +107,8 @@ class EdgeAgent:
                          if config.fallback_reserve_seconds is not None
                          else 1.5 * compute.local_seconds() + 0.002)
         self._last_queue_seconds = 0.0
+        # offloads awaiting their reply within a policy's patience: (sent at, give up now)
+        self._waiting: dict[object, tuple[float, asyncio.Event]] = {}
         if link is not None:
             link.set_rtt_callback(self._observe_rtt)
         if metrics is not None:       # read at scrape time: no per-request cost
@@ -284,17 +286,33 @@ class EdgeAgent:
 
     async def _await_reply(self, request: CloudRequest, timing: _Timing) -> CloudReply:
         """The link's reply; when the policy's patience ends first, raise ``_Fallback(
-        "overdue")`` with the request left pending in ``timing.late`` (for the policy)."""
+        "overdue")`` with the request left pending in ``timing.late`` (for the policy).
+
+        The link is FIFO: what this edge sent after an overdue request waits behind its
+        bytes, so it is overdue too and is given up at the same moment (one stalled uplink
+        must not cost each queued request its own patience)."""
         if timing.patience is None or timing.patience >= request.budget_seconds:
             return await self.link.infer(request)
         pending = asyncio.ensure_future(self.link.infer(request))
+        behind = asyncio.Event()      # set when an earlier send goes overdue
+        key = object()
+        self._waiting[key] = (timing.sent_at, behind)
+        stop = asyncio.ensure_future(behind.wait())
         try:
-            done, _ = await asyncio.wait({pending}, timeout=timing.patience)
+            done, _ = await asyncio.wait({pending, stop}, timeout=timing.patience,
+                                         return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             pending.cancel()
             raise
-        if not done:
+        finally:
+            del self._waiting[key]
+            stop.cancel()
+        if pending not in done:
             timing.late = pending
+            if not behind.is_set():
+                for sent_at, event in self._waiting.values():
+                    if sent_at >= timing.sent_at:
+                        event.set()
             raise _Fallback("overdue")
         return pending.result()
 

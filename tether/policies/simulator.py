@@ -197,6 +197,7 @@ class Simulator:
         self._current = 0
         self._patience: dict[int, float] = {}   # request id -> the policy's patience
         self._late: dict[int, float] = {}       # given up at their patience -> deadline rule
+        self._waiting: dict[int, tuple] = {}    # sent, awaited within their patience
         if isinstance(policy, HindsightOracle):
             policy.attach(self.hindsight)
         for i, t in enumerate(self.arrival_times):
@@ -262,6 +263,7 @@ class Simulator:
             # overdue before the deadline: answered locally then, but the policy still
             # learns at the reply or at the deadline, as if the edge had waited
             self._late[rec.request_id] = give_up
+            self._waiting[rec.request_id] = data
             self._push(give_up, "late_timeout", data)
             give_up = t + patience
         self._push(give_up, "timeout", data)
@@ -271,6 +273,7 @@ class Simulator:
 
     def _on_reply(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
+        self._waiting.pop(rec.request_id, None)
         awaited = self._late.pop(rec.request_id, None) is not None
         if rec.done:   # answered by the fallback already; the bytes still used the links
             if awaited:   # given up at its patience: the policy learns as if it had waited
@@ -281,12 +284,16 @@ class Simulator:
 
     def _on_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
+        overdue = self._waiting.pop(rec.request_id, None) is not None
         if rec.done:
             return
         done = self._cpu.serve(t, self.local.pre_seconds)
         self._finish(rec, done, "fallback", self.local.accuracy, cost)
         if rec.request_id not in self._late:   # overdue: observed at its reply or deadline
             self._observe(t, rec, cost, rec.latency, ok=False)
+        if overdue:   # FIFO uplink: what was sent after it is overdue too (as on the edge)
+            for other in [d for d in self._waiting.values() if d[0].send_time >= rec.send_time]:
+                self._on_timeout(t, other)
 
     def _on_late_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
