@@ -27,7 +27,7 @@ def _served(policy, now: float, bps: float = 10e6) -> None:
 
 
 def _warm(table, **kw):
-    policy = build_policy(PolicyConfig(name="adaptive", calibrate=False, **kw), table)
+    policy = build_policy(PolicyConfig(**{"name": "adaptive", "calibrate": False, **kw}), table)
     for i in range(5):
         _served(policy, i * 0.2)
     return policy
@@ -69,6 +69,9 @@ def test_adaptive_patience_none_for_local_and_when_disabled(table):
     off = _warm(table, patience_factor=0.0)
     action = off.decide(DecisionContext(1.0))
     assert action == PNG and off.patience(action) is None
+    causal = _warm(table, name="causal")     # no in-flight bound: it would re-offload
+    action = causal.decide(DecisionContext(1.0))
+    assert action == PNG and causal.patience(action) is None
 
 
 def test_adaptive_patience_of_an_exit_prices_its_offload_path(table):
