@@ -127,7 +127,8 @@ def test_adaptive_switches_within_bounded_requests_on_step_changes(table):
     first_local = next(i for i, r in enumerate(down) if r.action == "local")
     assert first_local <= 3                                   # switches within 3 requests
     low = [r for r in down[first_local + 1:] if r.arrival < 40]
-    assert sum(r.action != "local" for r in low) <= 4          # a few bounded probes in 19 s
+    # a few bounded probes in 19 s: after 2 s of silence, the gap doubling up to 10 s
+    assert sum(r.action != "local" for r in low) <= 5
     up = [r for r in reqs if r.arrival >= 40]
     back = next(i for i, r in enumerate(up) if r.action.startswith("offload"))
     assert back <= 40                                         # probes back within ~8 s
@@ -189,3 +190,16 @@ def test_own_queueing_is_not_mistaken_for_a_slow_link(table):
     assert policy.bw.last == pytest.approx(8e6)
     policy.observe(Observation(now=0.06, network_seconds=0.06, **first))
     assert policy.bw.last == pytest.approx(8e6)   # naive 10 kB / 20 ms would say 4 Mbit/s
+
+
+def test_probes_back_off_over_a_dead_link_and_resume_quickly_after_a_fade(table):
+    # a dead zone: probes after 2 s of silence, the gap doubling up to probe_interval (10 s)
+    dead = _run(table, T.steps([(10, 10.0), (60, 0.02)]), "adaptive", n=350)
+    probes = [r.arrival for r in dead if r.arrival > 12 and r.action != "local"]
+    gaps = np.diff(probes)
+    assert 3 <= len(probes) <= 9 and gaps.max() <= 10 + 2.5     # capped (+ the probe's reply)
+    assert gaps[-1] > 2 * gaps[0]                                # backed off
+    # a 4 s fade: the link is re-measured within seconds of its return, not after 10 s
+    fade = _run(table, T.steps([(10, 10.0), (4, 0.02), (20, 10.0)]), "adaptive", n=170)
+    back = next(r.arrival for r in fade if r.arrival > 14 and r.action.startswith("offload"))
+    assert back < 14 + 4.5

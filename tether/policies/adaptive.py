@@ -216,6 +216,8 @@ class TetherAdaptive(EstimatingPolicy):
             probe = self.probe(ctx, float(score[best]), extra)
             if probe is not None:
                 return probe
+        else:
+            self.chose_remote()
         return best
 
     def _masked(self, fixed: np.ndarray) -> np.ndarray:

@@ -87,6 +87,7 @@ class EstimatingPolicy:
         self.mask = model.allowed(self.floor)
         self._inflight: deque[tuple[str, float, float]] = deque(maxlen=256)
         self._last_probe = -np.inf
+        self._probe_gap = cfg.stale_after_seconds   # backs off to probe_interval_seconds
         self._last_reply = -np.inf
         self.calibration = (Calibrator(model, cfg.calibration_alpha,
                                        cfg.calibration_halflife_seconds) if cfg.calibrate else None)
@@ -200,7 +201,10 @@ class EstimatingPolicy:
 
         Answering locally yields no throughput samples, so without probes a policy that
         once saw a bad link (or starts with a pessimistic prior) would never offload again.
-        At most one probe per ``probe_interval_seconds`` of silence, and only when the
+        One probe per ``stale_after_seconds`` of silence (the estimate says little after that),
+        the gap doubling with every probe up to ``probe_interval_seconds`` and reset when
+        the link wins on its estimate again (a fading uplink recovers within seconds, an
+        outage or a dead zone costs geometrically fewer probes); and only when the
         remote action would win at the best bandwidth seen in ``peak_memory_seconds``
         (any bandwidth, before the first sample). The probe itself is the remote action
         cheapest at the *current* estimate (bounded cost), never one whose predicted latency
@@ -209,7 +213,7 @@ class EstimatingPolicy:
         """
         interval = self.cfg.probe_interval_seconds
         last = max(self.bw.last_time if self.bw.last_time is not None else -np.inf, self._last_probe)
-        if interval <= 0 or ctx.now - last < interval:
+        if interval <= 0 or ctx.now - last < min(self._probe_gap, interval):
             return None
         peak = self.bw.peak.value_at(ctx.now)
         optimistic = peak if peak is not None else np.inf
@@ -226,7 +230,12 @@ class EstimatingPolicy:
         if not np.isfinite(now_lat[choice]):
             return None
         self._last_probe = ctx.now
+        self._probe_gap = min(2.0 * self._probe_gap, interval)
         return choice
+
+    def chose_remote(self) -> None:
+        """The link won on its estimate (not a probe): the next silence is probed soon again."""
+        self._probe_gap = self.cfg.stale_after_seconds
 
     def argmin(self, ctx: DecisionContext, up_bps: float) -> tuple[int, np.ndarray]:
         lat = np.where(self.mask, self.predict(ctx, up_bps), np.inf)
@@ -253,6 +262,8 @@ class Neurosurgeon(EstimatingPolicy):
         if self.model.is_local[best]:
             probe = self.probe(ctx, lat[best])
             best = best if probe is None else probe
+        else:
+            self.chose_remote()
         return self.model.actions[best]
 
 

@@ -32,7 +32,7 @@ class PolicyConfig:
     prior_rtt_seconds: float = 0.05
     stale_after_seconds: float = 2.0
     stale_halflife_seconds: float = 2.0
-    probe_interval_seconds: float = 10.0   # adaptive: re-measure a link it stopped using (0: never)
+    probe_interval_seconds: float = 10.0   # longest gap between probes of a link it stopped using (0: never)
     peak_memory_seconds: float = 60.0      # how long the best sample seen argues for a probe
     edge_load_weight: float = 1.0          # adaptive: weight of what its edge work costs later requests
     hysteresis: float = 0.05                # switch only for a predicted gain above this fraction
