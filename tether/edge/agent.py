@@ -32,6 +32,7 @@ from tether.core.errors import (BusyError, DeadlineExceededError, InputShapeErro
 from tether.core.policy import DecisionContext, Observation, Policy, patience_of
 from tether.core.metrics import EdgeMetrics
 from tether.core.types import LOCAL, Action, ActionKind, RequestRecord
+from tether.core.wire import wire_size
 from tether.edge.compute import INPUT, EdgeCompute, ExitAnswer
 from tether.edge.config import EdgeConfig
 from tether.edge.link import CloudLink, CloudReply, CloudRequest
@@ -263,7 +264,7 @@ class EdgeAgent:
             reply = await self._await_reply(request, timing)
         except _Fallback:       # overdue: the bytes went, the reply is still awaited
             timing.network = time.perf_counter() - t
-            timing.sent = _payload_bytes(request.payload)
+            timing.sent = wire_size(request.payload)
             raise
         except (DeadlineExceededError, asyncio.TimeoutError) as exc:
             reason, cause = "timeout", exc
@@ -411,14 +412,6 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     t = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - t
-
-
-def _payload_bytes(payload: list[Any]) -> int:
-    """Bytes of the payload frames handed to the link (what an overdue request sent)."""
-    try:
-        return sum(memoryview(p).nbytes for p in payload)
-    except TypeError:
-        return 0
 
 
 def _calibration(record: RequestRecord) -> dict[str, float | None]:
