@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -19,7 +20,7 @@ from tether.core.errors import InputShapeError
 from tether.core.policy import FixedPolicy
 from tether.core.types import LOCAL, Action
 from tether.edge.agent import EdgeAgent
-from tether.edge.compute import INPUT, EdgeCompute
+from tether.edge.compute import INPUT, EdgeCompute, StoppedError
 from tether.edge.config import EdgeConfig
 from tether.edge.inproc import InProcessLink
 from tether.edge.records import ListSink
@@ -119,7 +120,6 @@ def test_local_action_runs_the_whole_model_on_the_edge(bundle, compute, expected
 def test_busy_compute_thread_is_wait_not_compute(served, compute, action):
     """Issue 10: waiting for the (single) compute thread is not head/encode/local time."""
     import threading
-    import time
 
     async def scenario():
         config = replace(CONFIG, compute_threads=1)
@@ -245,6 +245,53 @@ def test_patience_gives_up_an_overdue_offload(served, compute, expected, mode, p
         assert observed[0].network_seconds > 0.3 and observed[0].cloud_seconds > 0
     else:                        # nothing by the deadline: the failure, at the deadline
         assert not observed[0].ok and 1.5 < observed[0].network_seconds < 2.1
+
+
+class SlowLocalCompute(EdgeCompute):
+    """The real compute whose whole model takes ``seconds`` (a weak edge), stoppable."""
+
+    seconds = 1.0
+
+    def __init__(self, bundle):
+        super().__init__(bundle)
+        self.stops = []
+
+    def full(self, x, stop=None):
+        self.stops.append(stop)
+        for _ in range(int(self.seconds / 0.01)):
+            if stop is not None and stop.requested:
+                raise StoppedError("stopped")
+            time.sleep(0.01)
+        return super().full(x)
+
+
+def test_a_reply_that_beats_the_local_answer_is_the_answer(bundle, served, expected):
+    """Overdue at 50 ms, the local answer takes 1 s and the reply comes at ~0.4 s: the
+    cloud's answer is the request's and the local run is stopped; the policy observes a
+    normal reply."""
+    slow = SlowLocalCompute(bundle)
+    result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.3))
+    record = result.record
+    # the fp16 split's answer (the cloud's), not the edge's fp32 whole model
+    np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-2, atol=1e-2)
+    assert not np.allclose(result.logits[0], expected[0], rtol=1e-6, atol=1e-6)
+    assert (record.outcome, record.fallback_reason) == ("cloud", "")
+    assert 0.35 < record.total_seconds < 0.9 and record.bytes_received > 40
+    assert record.local_seconds == 0.0 and record.network_seconds > 0.3
+    assert len(slow.stops) == 1 and slow.stops[0].requested    # the local run was stopped
+    assert len(at_answer) == 1 and at_answer[0].ok and at_answer[0].network_seconds > 0.3
+    assert observed == at_answer                                # observed once, not again
+
+
+def test_a_local_answer_that_beats_the_reply_is_the_answer(bundle, served, expected):
+    slow = SlowLocalCompute(bundle)
+    slow.seconds = 0.1
+    result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.6))
+    assert (result.record.outcome, result.record.fallback_reason) == ("fallback", "overdue")
+    assert result.record.total_seconds < 0.35
+    np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-4, atol=1e-4)
+    assert not slow.stops[0].requested
+    assert at_answer == [] and len(observed) == 1 and observed[0].ok   # the late reply
 
 
 def test_an_overdue_offload_gives_up_those_sent_after_it(served, compute):

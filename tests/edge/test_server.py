@@ -27,9 +27,9 @@ IMAGES = sample_images(4)
 class SlowCompute(EdgeCompute):
     """The real compute, 50 ms slower per whole-model run (to fill queues on purpose)."""
 
-    def full(self, x):
+    def full(self, x, stop=None):
         time.sleep(0.05)
-        return super().full(x)
+        return super().full(x, stop)
 
 
 def _infer_frames(rid, image):

@@ -45,7 +45,8 @@ class _Patient(StaticPolicy):
 def test_patience_of_ignores_absent_and_meaningless_values():
     assert patience_of(StaticPolicy(PNG), PNG) is None
     assert patience_of(_Patient(PNG, 0.25), PNG) == 0.25
-    for bad in (None, 0.0, -1.0, math.inf, math.nan):
+    assert patience_of(_Patient(PNG, 0.0), PNG) == 0.0     # race from the send
+    for bad in (None, -1.0, math.inf, math.nan):
         assert patience_of(_Patient(PNG, bad), PNG) is None
 
 
@@ -166,3 +167,33 @@ def test_simulator_gives_up_what_was_sent_behind_an_overdue_offload(table):
     # given up with the first at 5.302 (its own patience would end at 5.552), then its local
     # answer behind the first one's on the edge CPU
     assert second.arrival + second.latency == pytest.approx(5.0 + 0.002 + 0.3 + 0.1 + 0.1)
+
+
+class _Script(_Patient):
+    """Decides the given actions in order, with one patience for every offload."""
+
+    def __init__(self, actions, value):
+        super().__init__(actions[0], value)
+        self.todo = list(actions)
+
+    def decide(self, ctx):
+        return self.todo.pop(0)
+
+
+def test_simulator_races_an_overdue_offload_against_its_local_answer(table):
+    """As on the edge: given up at its patience, the local answer starts, but a reply that
+    comes first answers, and the local run stops (a request after it finds the CPU free)."""
+    model = build_cost_model(PolicyConfig(), table)
+    link = T.steps([(10.0, 0.5)])      # a png reply in ~0.1 s, the local model 0.1 s
+    cfg = SimConfig(n_requests=1, ping_interval_seconds=None)
+    waited = Simulator(model, link, cfg).run(_Patient(PNG, None)).requests[0]
+    reply = waited.latency
+    assert 0.002 + 0.03 + 0.1 > reply > 0.05
+    sim = Simulator(model, link, cfg)
+    sim.arrival_times = np.array([0.0, reply + 0.001])
+    first, second = sim.run(_Script([PNG, LOCAL], 0.03)).requests
+    assert (first.outcome, first.latency) == ("cloud", pytest.approx(reply))
+    assert second.latency == pytest.approx(0.1)     # the stopped run does not hold the CPU
+    # a 0.1 Mbit/s link: the reply (~0.3 s) loses to the local answer
+    lost = Simulator(model, T.steps([(10.0, 0.1)]), cfg).run(_Patient(PNG, 0.03)).requests[0]
+    assert (lost.outcome, lost.latency) == ("fallback", pytest.approx(0.002 + 0.03 + 0.1))

@@ -203,3 +203,13 @@ def test_probes_back_off_over_a_dead_link_and_resume_quickly_after_a_fade(table)
     fade = _run(table, T.steps([(10, 10.0), (4, 0.02), (20, 10.0)]), "adaptive", n=170)
     back = next(r.arrival for r in fade if r.arrival > 14 and r.action.startswith("offload"))
     assert back < 14 + 4.5
+
+
+def test_adaptive_probes_are_hedged_so_a_dead_link_costs_them_no_wait(table):
+    """A probe's local answer starts at its send: over a dead link it answers as fast as a
+    local decision would (plus its encode), not at a patience or the deadline."""
+    dead = _run(table, T.steps([(10, 10.0), (60, 0.02)]), "adaptive", n=350)
+    probes = [r for r in dead if r.arrival > 12 and r.action != "local"]
+    local = [r.latency for r in dead if r.arrival > 12 and r.action == "local"]
+    assert len(probes) >= 3 and all(r.outcome == "fallback" for r in probes)
+    assert max(r.latency for r in probes) < min(local) + 0.01

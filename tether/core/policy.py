@@ -7,8 +7,10 @@ measured afterwards (and with each PING/PONG RTT sample).
 Optional: a policy that predicts its actions' latency may also define
 ``patience(self, action: Action) -> float | None``: for ``action`` (the one its last
 :meth:`Policy.decide` returned), the seconds after its request is sent to the cloud after
-which the edge stops waiting for the reply and answers locally (fallback reason
-``"overdue"``); None waits until the deadline. Counted from the send, not the decision:
+which the edge starts its local answer and races the reply with it: the first answers (a
+local one with fallback reason ``"overdue"``; a reply that wins stops the local run). 0
+races from the send (a hedged request: the local answer's latency, the link measured for
+free); None waits until the deadline. Counted from the send, not the decision:
 a request delayed by the edge's own queue is not the cloud's fault, and giving it up
 would only add local work to that queue. The edge still awaits the reply until the
 deadline for the policy: its :class:`Observation` comes with the reply (or the failure),
@@ -88,7 +90,7 @@ class FixedPolicy:
 
 def patience_of(policy: Any, action: Action) -> float | None:
     """The policy's patience for ``action`` (see the module docstring), or None when it has
-    none: no ``patience`` method, or a value that is None, not positive or not finite.
+    none: no ``patience`` method, or a value that is None, negative or not finite.
     A policy's exception propagates (the caller decides how to survive it)."""
     fn = getattr(policy, "patience", None)
     if fn is None:
@@ -97,4 +99,4 @@ def patience_of(policy: Any, action: Action) -> float | None:
     if value is None:
         return None
     value = float(value)
-    return value if math.isfinite(value) and value > 0 else None
+    return value if math.isfinite(value) and value >= 0 else None

@@ -8,8 +8,10 @@ worker thread (service time); the wait for a free compute thread is recorded apa
 On timeout, BUSY, ERROR or a disconnected cloud the request is answered locally (whole
 model, or an early exit) and marked ``outcome="fallback"`` with the reason; a policy with a
 ``patience`` (see :mod:`tether.core.policy`) stops waiting that long after the send, before
-the deadline (reason ``"overdue"``); the reply is still awaited in the background, and the
-policy observes it (or its failure) as if the edge had waited. Every request
+the deadline and answers locally (reason ``"overdue"``), racing the reply: a reply that
+comes before the local answer is the answer after all (``"cloud"``) and the local run is
+stopped; otherwise the reply is still awaited in the background, and the policy observes
+it (or its failure) as if the edge had waited. Every request
 yields one :class:`~tether.core.types.RequestRecord` for the sinks, the metrics and the policy.
 """
 
@@ -33,7 +35,7 @@ from tether.core.policy import DecisionContext, Observation, Policy, patience_of
 from tether.core.metrics import EdgeMetrics
 from tether.core.types import LOCAL, Action, ActionKind, RequestRecord
 from tether.core.wire import wire_size
-from tether.edge.compute import INPUT, EdgeCompute, ExitAnswer
+from tether.edge.compute import INPUT, EdgeCompute, ExitAnswer, Stop
 from tether.edge.config import EdgeConfig
 from tether.edge.link import CloudLink, CloudReply, CloudRequest
 from tether.edge.records import RecordSink
@@ -215,7 +217,30 @@ class EdgeAgent:
             return logits, outcome, ""
         except _Fallback as fb:
             log.debug("request %d falls back locally: %s (%s)", rid, fb.reason, fb.cause)
+            if fb.reason == "overdue" and timing.late is not None:
+                return await self._race(x, timing)
             return await self._local_answer(x, timing), "fallback", fb.reason
+
+    async def _race(self, x: np.ndarray, timing: _Timing) -> tuple[np.ndarray, str, str]:
+        """Overdue: the local answer, unless the reply it gave up on arrives first; then the
+        cloud's answer is the request's and the local run is stopped (its CPU freed for the
+        requests behind it)."""
+        stop = Stop()
+        local = asyncio.ensure_future(self._local_answer(x, timing, stop))
+        late = timing.late
+        done, _ = await asyncio.wait({local, late}, return_when=asyncio.FIRST_COMPLETED)
+        if local not in done and not late.cancelled() and late.exception() is None:
+            stop()
+            local.cancel()
+            reply = late.result()
+            timing.late = None              # observed now, as any reply
+            timing.network = reply.network_seconds
+            timing.queue, timing.decode, timing.tail = (reply.queue_seconds,
+                                                        reply.decode_seconds, reply.tail_seconds)
+            timing.sent, timing.received = reply.bytes_sent, reply.bytes_received
+            self._last_queue_seconds = reply.queue_seconds
+            return reply.logits, "cloud", ""
+        return await local, "fallback", "overdue"
 
     def _gauge(self, delta: int) -> None:
         self.inflight += delta
@@ -317,8 +342,11 @@ class EdgeAgent:
             raise _Fallback("overdue")
         return pending.result()
 
-    async def _full(self, x: np.ndarray, timing: _Timing) -> np.ndarray:
-        logits, service = await self._run(timing, self.compute.full, x)
+    async def _full(self, x: np.ndarray, timing: _Timing, stop: Stop | None = None) -> np.ndarray:
+        if stop is None:
+            logits, service = await self._run(timing, self.compute.full, x)
+        else:
+            logits, service = await self._run(timing, self.compute.full, x, stop)
         timing.local += service
         return logits
 
@@ -336,8 +364,10 @@ class EdgeAgent:
         timing.exit_answer = answer
         return answer
 
-    async def _local_answer(self, x: np.ndarray, timing: _Timing) -> np.ndarray:
-        """Fallback: the early exit when configured and available, else the whole model."""
+    async def _local_answer(self, x: np.ndarray, timing: _Timing,
+                            stop: Stop | None = None) -> np.ndarray:
+        """Fallback: the early exit when configured and available, else the whole model
+        (``stop``: see :meth:`_race`)."""
         if self.config.fallback == "exit" and self.compute.exit_splits:
             if timing.exit_answer is not None:
                 return timing.exit_answer.logits
@@ -349,7 +379,7 @@ class EdgeAgent:
                 return (await self._exit(split, features, timing)).logits
             except TetherError as exc:
                 log.warning("early-exit fallback failed (%s); using the whole model", exc)
-        return await self._full(x, timing)
+        return await self._full(x, timing, stop)
 
     # ---- feedback ----------------------------------------------------------------------
 

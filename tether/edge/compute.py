@@ -35,6 +35,25 @@ class ExitAnswer:
     confident: bool
 
 
+class Stop:
+    """Asks one whole-model run to stop early (ONNX Runtime's terminate flag): the agent
+    races a local answer against a late reply and stops the loser's compute."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+        self.run_options = ort.RunOptions()
+        self.requested = False
+
+    def __call__(self) -> None:
+        self.requested = True
+        self.run_options.terminate = True
+
+
+class StoppedError(Exception):
+    """Internal to the edge: a run stopped by its :class:`Stop` (its answer is no longer
+    wanted); never reaches a caller of the agent."""
+
+
 class EdgeCompute:
     """Runs one bundle's edge side. Thread-safe: ONNX sessions and codecs are shared."""
 
@@ -157,9 +176,19 @@ class EdgeCompute:
 
     # ---- models ------------------------------------------------------------------------
 
-    def full(self, x: np.ndarray) -> np.ndarray:
-        """The whole model on the edge: logits."""
-        return self.full_model(x)
+    def full(self, x: np.ndarray, stop: Stop | None = None) -> np.ndarray:
+        """The whole model on the edge: logits. ``stop`` may end the run early
+        (:class:`StoppedError`), before it starts or while it runs."""
+        if stop is None:
+            return self.full_model(x)
+        if stop.requested:
+            raise StoppedError("stopped before it started")
+        try:
+            return self.full_model(x, stop.run_options)
+        except TetherError as exc:
+            if stop.requested:
+                raise StoppedError("stopped while running") from exc
+            raise
 
     def head(self, split: str, x: np.ndarray) -> np.ndarray:
         """The head up to ``split``: the crossing tensor."""

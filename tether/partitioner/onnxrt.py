@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,13 +73,15 @@ class OnnxModule:
         self.output_shape = tuple(d if isinstance(d, int) else None for d in out.shape)
         self.threads = int(threads)
 
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    def __call__(self, x: np.ndarray | torch.Tensor, run_options: Any = None) -> np.ndarray:
+        """The output for ``x``; ``run_options``: an ``onnxruntime.RunOptions`` (its
+        ``terminate`` flag, set from another thread, stops the run with a ModelError)."""
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         self._check(x)
         try:
-            return self.session.run([self.output_name], {self.input_name: x})[0]
+            return self.session.run([self.output_name], {self.input_name: x}, run_options)[0]
         except Exception as exc:
             raise ModelError(f"ONNX Runtime failed on {self.path.name}: {exc}") from exc
 

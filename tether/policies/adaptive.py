@@ -13,14 +13,15 @@ edge time measured online (edge total - compute - wait, on local answers). A hys
 keeps noise from flapping between near-equal actions.
 
 Patience (ski rental): an offload whose reply is overdue, ``max(patience_factor x its
-predicted send-to-reply time, the local answer's cost)`` seconds after the send, is given up and
-answered locally (:meth:`TetherAdaptive.patience`), instead of waiting for the deadline.
-The edge still awaits the reply (until the deadline) for the policy, which learns as if it
-had waited: the offload stays in flight (the bound) until its reply or its failure.
+predicted send-to-reply time, the local answer's cost)`` seconds after the send, starts its
+local answer (:meth:`TetherAdaptive.patience`) instead of waiting for the deadline; the
+first of the two answers. The edge still awaits the reply (until the deadline) for the
+policy, which learns as if it had waited: the offload stays in flight (the bound) until
+its reply or its failure.
 
-When it answers locally it gets no throughput samples, so it probes: one remote request
-per ``probe_interval_seconds`` of silence when that could win at the best bandwidth seen
-recently (see :meth:`EstimatingPolicy.probe`).
+When it answers locally it gets no throughput samples, so it probes (see
+:meth:`EstimatingPolicy.probe`), hedged: the probe's local answer starts at the send
+(patience 0), so a probe costs its encode and bytes, not a wait on a link it fears.
 
 Objective ``accuracy``: maximise expected accuracy subject to the deadline being met with
 probability ``deadline_quantile``, pricing actions at the matching low quantile of recent
@@ -82,6 +83,7 @@ class TetherAdaptive(EstimatingPolicy):
         self._lat: np.ndarray = model.pre   # last decision's predictions (+ link waits)
         self._local_cost = 0.0              # ... and what answering locally costs (+ backlog)
         self._predicted: tuple[int, float, float, float] | None = None
+        self._hedged = False                # the last decision is a probe, raced from the send
 
     def decide(self, ctx: DecisionContext) -> Action:
         now = ctx.now
@@ -91,6 +93,7 @@ class TetherAdaptive(EstimatingPolicy):
         bw = self.bandwidth(now)
         work = self.work(now, ctx.cloud_queue_seconds)
         self._predicted = None
+        self._hedged = False
         if not ctx.cloud_available:
             choice = self._local
         elif self.cfg.objective == "accuracy":
@@ -103,6 +106,8 @@ class TetherAdaptive(EstimatingPolicy):
         self._current = choice
         action = self.model.actions[choice]
         send = self._book(now, choice, work, bw)
+        if self._hedged:    # its local answer starts at the send: the edge's work too
+            self._edge_free = max(self._edge_free, send) + float(work[self._local])
         self.remember(now, action, send)
         if choice == self._local:
             self._local_decisions.append(now)
@@ -132,6 +137,8 @@ class TetherAdaptive(EstimatingPolicy):
         pred, factor = self._predicted, self.cfg.patience_factor
         if pred is None or factor <= 0 or self.model.actions[pred[0]] != action:
             return None
+        if self._hedged:     # a probe: answered as a local decision would be, the link
+            return 0.0       # measured for free (a reply that comes first answers)
         choice, when, lat, local = pred
         frac = float(self.model.remote_frac[choice])
         if self.model.is_local[choice] or frac <= 0:
@@ -215,6 +222,7 @@ class TetherAdaptive(EstimatingPolicy):
         if self.model.is_local[best]:
             probe = self.probe(ctx, float(score[best]), extra)
             if probe is not None:
+                self._hedged = True
                 return probe
         else:
             self.chose_remote()

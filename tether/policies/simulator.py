@@ -6,10 +6,12 @@ the testbed measures: edge compute (head / whole model / exit head) + encode, pa
 header bytes through the uplink, half the propagation RTT, the cloud's queue, decode and
 tail, result bytes through the downlink, the other half RTT. As in the edge agent, an
 offload gets ``deadline - elapsed - reserve`` seconds (reserve: the local answer's time);
-without a reply by then the whole model answers on the edge ("fallback"), as it does once
-the policy's patience for the request (:func:`~tether.core.policy.patience_of`, counted
-from the send) runs out; the policy then observes the reply, or the failure at the
-deadline, as if the edge had waited. Periodic PINGs share the links and feed RTT samples.
+without a reply by then the whole model answers on the edge ("fallback"). Once the
+policy's patience for the request (:func:`~tether.core.policy.patience_of`, counted from
+the send) runs out, the whole model starts on the edge and races the reply: the first
+answers (a reply that wins frees the edge CPU its local run had booked, when nothing was
+queued behind it); the policy observes a losing reply, or the failure at the deadline, as
+if the edge had waited. Periodic PINGs share the links and feed RTT samples.
 
 Policies see only :class:`DecisionContext` and :class:`Observation`, as on a real edge;
 the :class:`HindsightOracle` alone is given the true latency of each action.
@@ -198,6 +200,7 @@ class Simulator:
         self._patience: dict[int, float] = {}   # request id -> the policy's patience
         self._late: dict[int, float] = {}       # given up at their patience -> deadline rule
         self._waiting: dict[int, tuple] = {}    # sent, awaited within their patience
+        self._racing: dict[int, tuple] = {}     # overdue: local run (start, done) vs reply
         if isinstance(policy, HindsightOracle):
             policy.attach(self.hindsight)
         for i, t in enumerate(self.arrival_times):
@@ -275,6 +278,11 @@ class Simulator:
         rec, cost = data
         self._waiting.pop(rec.request_id, None)
         awaited = self._late.pop(rec.request_id, None) is not None
+        racing = self._racing.pop(rec.request_id, None)
+        if racing is not None:   # overdue, but the reply beats the local answer: it is the
+            start, done = racing  # answer, and the local run stops (its CPU is freed when
+            if self._cpu.free_at == done:   # nothing was queued behind it; else kept booked)
+                self._cpu.free_at = max(t, start)
         if rec.done:   # answered by the fallback already; the bytes still used the links
             if awaited:   # given up at its patience: the policy learns as if it had waited
                 self._observe(t, rec, cost, t - rec.arrival, ok=True)
@@ -285,15 +293,25 @@ class Simulator:
     def _on_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
         overdue = self._waiting.pop(rec.request_id, None) is not None
-        if rec.done:
+        if rec.done or rec.request_id in self._racing:
             return
+        start = max(t, self._cpu.free_at)
         done = self._cpu.serve(t, self.local.pre_seconds)
-        self._finish(rec, done, "fallback", self.local.accuracy, cost)
+        if overdue:   # raced against the reply, as on the edge (see _on_reply)
+            self._racing[rec.request_id] = (start, done)
+            self._push(done, "race_local", data)
+        else:
+            self._finish(rec, done, "fallback", self.local.accuracy, cost)
         if rec.request_id not in self._late:   # overdue: observed at its reply or deadline
             self._observe(t, rec, cost, rec.latency, ok=False)
         if overdue:   # FIFO uplink: what was sent after it is overdue too (as on the edge)
             for other in [d for d in self._waiting.values() if d[0].send_time >= rec.send_time]:
                 self._on_timeout(t, other)
+
+    def _on_race_local(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
+        rec, cost = data
+        if self._racing.pop(rec.request_id, None) is not None:   # the local answer won
+            self._finish(rec, t, "fallback", self.local.accuracy, cost)
 
     def _on_late_timeout(self, t: float, data: tuple[RequestOutcome, ActionCost]) -> None:
         rec, cost = data
