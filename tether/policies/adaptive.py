@@ -220,7 +220,8 @@ class TetherAdaptive(EstimatingPolicy):
         if cur is not None and score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
             best = cur
         if self.model.is_local[best]:
-            probe = self.probe(ctx, float(score[best]), extra)
+            probe = self.probe(ctx, float(score[best]), extra,
+                               backlog=max(0.0, self._edge_free - now))
             if probe is not None:
                 self._hedged = True
                 return probe
@@ -277,7 +278,7 @@ class CausalReference(TetherAdaptive):
                    / min(self.window, max(t, 1e-3)), 1.0)
 
     def probe(self, ctx: DecisionContext, local_latency: float,
-              extra: np.ndarray | float = 0.0) -> int | None:
+              extra: np.ndarray | float = 0.0, backlog: float = 0.0) -> int | None:
         return None    # it knows the link without probing
 
     def patience(self, action: Action) -> float | None:

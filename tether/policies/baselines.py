@@ -67,6 +67,11 @@ def static_at_prior(model: CostModel, cfg: PolicyConfig) -> StaticPolicy:
     return StaticPolicy(model.actions[int(np.argmin(lat))], "static")
 
 
+#: Silence after which a policy with work queued on the edge probes (see
+#: :meth:`EstimatingPolicy.probe`): its hedged probe's answer is the local one at worst.
+BACKLOG_PROBE_GAP_SECONDS = 0.5
+
+
 class EstimatingPolicy:
     """Base: keeps RTT and bandwidth estimators fed from observations.
 
@@ -196,7 +201,7 @@ class EstimatingPolicy:
         return est
 
     def probe(self, ctx: DecisionContext, local_latency: float,
-              extra: np.ndarray | float = 0.0) -> int | None:
+              extra: np.ndarray | float = 0.0, backlog: float = 0.0) -> int | None:
         """A remote action worth one request to re-measure the link, or None.
 
         Answering locally yields no throughput samples, so without probes a policy that
@@ -209,11 +214,18 @@ class EstimatingPolicy:
         (any bandwidth, before the first sample). The probe itself is the remote action
         cheapest at the *current* estimate (bounded cost), never one whose predicted latency
         there breaks the request's deadline. ``extra``: what the caller added to
-        ``local_latency``'s side (queue waits), added here alike.
+        ``local_latency``'s side (queue waits), added here alike. ``backlog``: seconds of work
+        already queued on the edge (a caller whose probes are hedged, their local answer
+        started at the send): answering locally is slow then, so with no offload in flight a
+        probe is due after :data:`BACKLOG_PROBE_GAP_SECONDS` of silence, without backing off.
         """
         interval = self.cfg.probe_interval_seconds
         last = max(self.bw.last_time if self.bw.last_time is not None else -np.inf, self._last_probe)
-        if interval <= 0 or ctx.now - last < min(self._probe_gap, interval):
+        gap = min(self._probe_gap, interval)
+        backed_up = backlog > 0 and not self._inflight
+        if backed_up:
+            gap = min(gap, BACKLOG_PROBE_GAP_SECONDS)
+        if interval <= 0 or ctx.now - last < gap:
             return None
         peak = self.bw.peak.value_at(ctx.now)
         optimistic = peak if peak is not None else np.inf
@@ -230,7 +242,8 @@ class EstimatingPolicy:
         if not np.isfinite(now_lat[choice]):
             return None
         self._last_probe = ctx.now
-        self._probe_gap = min(2.0 * self._probe_gap, interval)
+        if not backed_up:
+            self._probe_gap = min(2.0 * self._probe_gap, interval)
         return choice
 
     def chose_remote(self) -> None:

@@ -9,9 +9,8 @@ offload gets ``deadline - elapsed - reserve`` seconds (reserve: the local answer
 without a reply by then the whole model answers on the edge ("fallback"). Once the
 policy's patience for the request (:func:`~tether.core.policy.patience_of`, counted from
 the send) runs out, the whole model starts on the edge and races the reply: the first
-answers (a reply that wins frees the edge CPU its local run had booked, when nothing was
-queued behind it); the policy observes a losing reply, or the failure at the deadline, as
-if the edge had waited. Periodic PINGs share the links and feed RTT samples.
+answers (a reply that wins frees what its local run had left of the edge CPU); the
+policy observes a losing reply, or the failure at the deadline, as if the edge had waited. Periodic PINGs share the links and feed RTT samples.
 
 Policies see only :class:`DecisionContext` and :class:`Observation`, as on a real edge;
 the :class:`HindsightOracle` alone is given the true latency of each action.
@@ -280,9 +279,10 @@ class Simulator:
         awaited = self._late.pop(rec.request_id, None) is not None
         racing = self._racing.pop(rec.request_id, None)
         if racing is not None:   # overdue, but the reply beats the local answer: it is the
-            start, done = racing  # answer, and the local run stops (its CPU is freed when
-            if self._cpu.free_at == done:   # nothing was queued behind it; else kept booked)
-                self._cpu.free_at = max(t, start)
+            start, done = racing  # answer, and the local run stops: what it had left is freed
+            # (work booked later starts that much sooner; work already booked behind it keeps
+            # its completion time, a slight pessimism for those requests)
+            self._cpu.free_at -= done - max(t, start)
         if rec.done:   # answered by the fallback already; the bytes still used the links
             if awaited:   # given up at its patience: the policy learns as if it had waited
                 self._observe(t, rec, cost, t - rec.arrival, ok=True)
