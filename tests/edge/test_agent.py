@@ -483,3 +483,40 @@ def test_start_encodes_once_with_every_codec_the_edge_can_run(bundle, tmp_path, 
                         lambda self, s, c, f: calls.append((s, c)) or encode(self, s, c, f))
     EdgeCompute(copy)
     assert calls == [(c.split, c.codec) for c in measured[:3]]   # no head: not runnable
+
+
+class SlowHeadCompute(SlowLocalCompute):
+    """Head 0.1 s, whole model 0.3 s: a local answer can slip between head and encode."""
+
+    seconds = 0.3
+
+    def head(self, split, x):
+        time.sleep(0.1)
+        return super().head(split, x)
+
+
+def test_head_and_encode_run_as_one_job(bundle, served):
+    """A local answer decided while a split's head runs waits for that split's encode too,
+    instead of delaying its send by the whole model (one compute thread, FIFO)."""
+    async def scenario():
+        cloud = InProcessCloud([served])
+        await cloud.start()
+        compute = SlowHeadCompute(bundle)
+        link = InProcessLink(cloud, compute.bundle_info(), "edge-t")
+        actions = [Action.parse(f"split:{SPLITS[0]}:fp16"), LOCAL]
+        policy = RecordingPolicy(actions[0])
+        policy.decide = lambda ctx: actions.pop(0)
+        agent = EdgeAgent(compute, policy, CONFIG, link, [])
+        await agent.start()
+        try:
+            first = asyncio.ensure_future(agent.infer(IMAGES[0]))
+            await asyncio.sleep(0.03)                 # its head is running
+            second = await agent.infer(IMAGES[1])
+            return await first, second
+        finally:
+            await agent.close()
+            await cloud.close()
+    split, local = run(scenario())
+    assert split.record.outcome == "cloud" and local.record.outcome == "local"
+    assert split.record.edge_wait_seconds < 0.05 and split.record.total_seconds < 0.25
+    assert split.record.head_seconds >= 0.1 and local.record.edge_wait_seconds > 0.05

@@ -253,19 +253,19 @@ class EdgeAgent:
         if action.kind is not ActionKind.EXIT and not self.cloud_available:
             raise _Fallback("disconnected")          # known down: no head work wasted
         try:
-            if action.kind is not ActionKind.EXIT and \
-                    self.compute.replaces_head(split, str(action.codec)):
-                features = x                         # student codec: its encoder is the head
-            else:
-                features = await self._head(split, x, timing)
             if action.kind is ActionKind.EXIT:
+                features = await self._head(split, x, timing)
                 answer = await self._exit(split, features, timing)
                 if answer.confident:
                     return answer.logits, "exit"
+                if not self.cloud_available:
+                    raise _Fallback("disconnected")
+                encoded, timing.encode = await self._run(timing, self.compute.encode, split,
+                                                         action.codec, features)
+            else:
+                encoded = await self._head_and_encode(split, str(action.codec), x, timing)
             if not self.cloud_available:
                 raise _Fallback("disconnected")
-            encoded, timing.encode = await self._run(timing, self.compute.encode, split,
-                                                     action.codec, features)
         except TetherError as exc:   # the policy asked for a split/codec/exit this bundle lacks
             raise _Fallback("error", exc) from exc
         reply = await self._offload(rid, split, action.codec, encoded, deadline, timing)
@@ -357,6 +357,28 @@ class EdgeAgent:
         timing.head += service
         timing.features[split] = features
         return features
+
+    async def _head_and_encode(self, split: str, codec: str, x: np.ndarray,
+                               timing: _Timing) -> Any:
+        """Head and encode as one compute job: no later request's compute runs between them
+        (two jobs let a local answer that arrived meanwhile delay this send by its whole run)."""
+        (encoded, features, head), service = await self._run(
+            timing, self._head_then_encode, split, codec, x)
+        timing.head += head
+        timing.encode = service - head
+        if features is not x:
+            timing.features[split] = features
+        return encoded
+
+    def _head_then_encode(self, split: str, codec: str,
+                          x: np.ndarray) -> tuple[Any, np.ndarray, float]:
+        t = time.perf_counter()
+        if split == INPUT or self.compute.replaces_head(split, codec):
+            features = x                       # student codec: its encoder is the head
+        else:
+            features = self.compute.head(split, x)
+        head = time.perf_counter() - t
+        return self.compute.encode(split, codec, features), features, head
 
     async def _exit(self, split: str, features: np.ndarray, timing: _Timing) -> ExitAnswer:
         answer, service = await self._run(timing, self.compute.early_exit, split, features)
