@@ -97,3 +97,20 @@ def test_rtt_windowed_min_keeps_last_minimum():
     assert rtt.propagation(10.0) == 0.2
     rtt.update(10.0, float("nan"))
     assert rtt.propagation(10.0) == 0.2
+
+
+def test_a_fast_sample_after_a_pause_ends_a_fade_window():
+    """Slow samples of a fade no longer hold the harmonic mean down once a transfer, after
+    a pause, goes many times faster; back-to-back scatter does not reset it."""
+    bw = BandwidthEstimator(PolicyConfig(estimator="harmonic", window=5))
+    bw.add_sample(0.0, 10e3)                 # a fade
+    bw.add_sample(1.2, 500e3)                # the link came back, 1.2 s later
+    assert bw.estimate(1.2) == 500e3
+    noisy = BandwidthEstimator(PolicyConfig(estimator="harmonic", window=5))
+    noisy.add_sample(0.0, 10e3)
+    noisy.add_sample(0.1, 500e3)             # 0.1 s later: scatter, kept in the mean
+    assert noisy.estimate(0.1) == pytest.approx(2 / (1 / 10e3 + 1 / 500e3))
+    slow = BandwidthEstimator(PolicyConfig(estimator="harmonic", window=5))
+    slow.add_sample(0.0, 400e3)
+    slow.add_sample(1.2, 500e3)              # not a jump: averaged
+    assert slow.estimate(1.2) == pytest.approx(2 / (1 / 400e3 + 1 / 500e3))

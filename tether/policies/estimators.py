@@ -24,6 +24,14 @@ MIN_TRANSFER_SECONDS = 0.001
 MAX_RELATIVE_ERROR = 1.0
 
 
+#: A sample this many times the harmonic mean starts a new window (the link recovered from
+#: a fade, whose slow samples would otherwise hold the mean down for ``window`` more)...
+RECOVERY_JUMP = 4.0
+#: ... when it comes at least this long after the previous sample (back-to-back samples
+#: scatter by 10x on small payloads: noise, not a new regime).
+RECOVERY_GAP_SECONDS = 0.5
+
+
 class Ewma:
     """Exponentially weighted moving average; ``value`` is None before the first sample."""
 
@@ -135,8 +143,13 @@ class BandwidthEstimator:
     def add_sample(self, now: float, bps: float) -> None:
         if not (bps > 0 and math.isfinite(bps)):
             return
-        if self.last_time is not None and now - self.last_time > self.stale_after:
-            self.harmonic.clear()     # samples older than the staleness horizon say little
+        mean = self.harmonic.mean
+        gap = math.inf if self.last_time is None else now - self.last_time
+        if gap > self.stale_after or \
+                mean is not None and bps > RECOVERY_JUMP * mean and gap >= RECOVERY_GAP_SECONDS:
+            # samples older than the staleness horizon say little; nor do those of a fade
+            # once a transfer, after a pause, went many times faster (the link came back)
+            self.harmonic.clear()
             self.samples.clear()
             self.ewma.value = None
         self.last, self.last_time = bps, now
