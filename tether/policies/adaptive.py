@@ -12,9 +12,8 @@ move); its work per request is the calibrated compute plus the daemon's own per-
 edge time measured online (edge total - compute - wait, on local answers). A hysteresis
 keeps noise from flapping between near-equal actions.
 
-Patience (ski rental): an offload whose reply is overdue, ``max(patience_factor x its
-predicted send-to-reply time, the local answer's cost)`` seconds after the send, starts its
-local answer (:meth:`TetherAdaptive.patience`) instead of waiting for the deadline; the
+Patience: an offload whose reply is overdue, ``patience_factor x`` its predicted
+send-to-reply time after the send, starts its local answer (:meth:`TetherAdaptive.patience`) instead of waiting for the deadline; the
 first of the two answers. The edge still awaits the reply (until the deadline) for the
 policy, which learns as if it had waited: the offload stays in flight (the bound) until
 its reply or its failure.
@@ -128,10 +127,12 @@ class TetherAdaptive(EstimatingPolicy):
             self._overhead_value = float(self._overhead.update(obs.now, max(rest, 0.0)))
 
     def patience(self, action: Action) -> float | None:
-        """Seconds after the send to wait for the reply to the last decided ``action``:
-        ``max(patience_factor x its predicted send-to-reply time, the local answer's cost)``
-        (ski rental; the cost of giving up: the local answer behind the edge queue at the
-        decision plus, for the latency objective, what its work costs later requests).
+        """Seconds after the send to wait for the reply to the last decided ``action``
+        before starting its local answer: ``patience_factor x`` its predicted send-to-reply
+        time. The local answer races the reply (a reply that comes first still answers and
+        stops it), so giving up costs only the edge CPU the local run uses until then: no
+        floor at the local answer's cost (that floor, from when a given-up reply was lost,
+        measured 5-9 ms worse on the demo's process; see docs/benchmarks.md). A probe: 0.
         None for a local or exit-only action, another action than the last decided, or
         ``patience_factor = 0`` (wait until the deadline)."""
         pred, factor = self._predicted, self.cfg.patience_factor
@@ -139,7 +140,7 @@ class TetherAdaptive(EstimatingPolicy):
             return None
         if self._hedged:     # a probe: answered as a local decision would be, the link
             return 0.0       # measured for free (a reply that comes first answers)
-        choice, when, lat, local = pred
+        choice, when, lat, _ = pred
         frac = float(self.model.remote_frac[choice])
         if self.model.is_local[choice] or frac <= 0:
             return None
@@ -147,7 +148,7 @@ class TetherAdaptive(EstimatingPolicy):
         pre, encode = self.model.pre[choice] * edge, self.model.encode[choice] * edge
         # expected = pre + frac * (encode + remote): an exit's remote part if not confident
         remote = (lat - pre) / frac - encode
-        value = max(factor * remote, local)
+        value = factor * remote
         return value if math.isfinite(value) else None
 
     # ---- the edge's and the link's own queues --------------------------------------------

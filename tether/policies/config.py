@@ -36,8 +36,8 @@ class PolicyConfig:
     peak_memory_seconds: float = 60.0      # how long the best sample seen argues for a probe
     edge_load_weight: float = 1.0          # adaptive: weight of what its edge work costs later requests
     hysteresis: float = 0.05                # switch only for a predicted gain above this fraction
-    patience_factor: float = 2.0            # adaptive: answer locally after max(this x the predicted
-                                            # send-to-reply time, local's cost) from the send (0: never)
+    patience_factor: float = 1.0            # adaptive: start the local answer (racing the reply) this x
+                                            # the predicted send-to-reply time after the send (0: never)
     overhead_bytes: int = 256               # protocol header bytes per message
     result_bytes: int = 64                  # reply payload (logits) bytes
     static_action: str | None = None        # "static" policy: this action key, or best at prior
