@@ -372,12 +372,12 @@ class EdgeAgent:
 
     def _head_then_encode(self, split: str, codec: str,
                           x: np.ndarray) -> tuple[Any, np.ndarray, float]:
-        t = time.perf_counter()
         if split == INPUT or self.compute.replaces_head(split, codec):
-            features = x                       # student codec: its encoder is the head
+            features, head = x, 0.0            # student codec: its encoder is the head
         else:
+            t = time.perf_counter()
             features = self.compute.head(split, x)
-        head = time.perf_counter() - t
+            head = time.perf_counter() - t
         return self.compute.encode(split, codec, features), features, head
 
     async def _exit(self, split: str, features: np.ndarray, timing: _Timing) -> ExitAnswer:
