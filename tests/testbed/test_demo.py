@@ -102,8 +102,12 @@ def test_comparison_says_whether_adaptive_won_from_the_numbers():
     # the oracle is the simulator's: shown beside the simulator's replay of adaptive's actions
     assert "hindsight oracle on adaptive's arrivals 50.0 ms; adaptive's own actions replayed " \
            "70.0 ms (measured 80.0 ms)" in won
-    lost = comparison_text(_summary(0.095))
-    assert ": NO" in lost
+    assert "beats every fixed choice (3) in measured mean latency: yes" in won
+    lost = comparison_text(_summary(0.095))   # below every fixed choice, above Neurosurgeon
+    assert "beats every fixed choice (3) in measured mean latency: yes" in lost
+    assert "lowest measured mean latency of all 5 policies: NO" in lost
+    assert "beats every fixed choice (3) in measured mean latency: NO" in \
+        comparison_text(_summary(0.11))
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,10 @@ def comparison_text(summary: list[dict[str, Any]], subject: str = "adaptive") ->
                      f"({_ms(best['mean_s'])} ms); {subject} {_versus(me['mean_s'], best['mean_s'])}")
     lines += _model_lines(me, subject)
     others = [s for s in summary if s is not me]
+    beats_fixed = bool(fixed) and all(_finite(me["mean_s"]) < _finite(s["mean_s"]) for s in fixed)
     wins = all(_finite(me["mean_s"]) < _finite(s["mean_s"]) for s in others)
+    lines.append(f"{subject} beats every fixed choice ({len(fixed)}) in measured mean latency: "
+                 f"{'yes' if beats_fixed else 'NO'}")
     lines.append(f"{subject} has the lowest measured mean latency of all "
                  f"{len(summary)} policies: {'yes' if wins else 'NO'}")
     return "\n".join(lines)
