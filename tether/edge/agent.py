@@ -343,10 +343,7 @@ class EdgeAgent:
         return pending.result()
 
     async def _full(self, x: np.ndarray, timing: _Timing, stop: Stop | None = None) -> np.ndarray:
-        if stop is None:
-            logits, service = await self._run(timing, self.compute.full, x)
-        else:
-            logits, service = await self._run(timing, self.compute.full, x, stop)
+        logits, service = await self._run(timing, self.compute.full, x, stop)
         timing.local += service
         return logits
 

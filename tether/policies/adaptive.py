@@ -80,8 +80,7 @@ class TetherAdaptive(EstimatingPolicy):
         self._masked_for: np.ndarray | None = None
         self._masked_fixed = model.pre
         self._lat: np.ndarray = model.pre   # last decision's predictions (+ link waits)
-        self._local_cost = 0.0              # ... and what answering locally costs (+ backlog)
-        self._predicted: tuple[int, float, float, float] | None = None
+        self._predicted: tuple[int, float, float] | None = None
         self._hedged = False                # the last decision is a probe, raced from the send
 
     def decide(self, ctx: DecisionContext) -> Action:
@@ -100,8 +99,7 @@ class TetherAdaptive(EstimatingPolicy):
         else:
             choice = self._min_latency(ctx, bw, work)
         if choice != self._local:
-            self._predicted = (choice, now, float(self._lat[choice]),
-                               max(0.0, self._edge_free - now) + self._local_cost)
+            self._predicted = (choice, now, float(self._lat[choice]))
         self._current = choice
         action = self.model.actions[choice]
         send = self._book(now, choice, work, bw)
@@ -140,7 +138,7 @@ class TetherAdaptive(EstimatingPolicy):
             return None
         if self._hedged:     # a probe: answered as a local decision would be, the link
             return 0.0       # measured for free (a reply that comes first answers)
-        choice, when, lat, _ = pred
+        choice, when, lat = pred
         frac = float(self.model.remote_frac[choice])
         if self.model.is_local[choice] or frac <= 0:
             return None
@@ -215,7 +213,6 @@ class TetherAdaptive(EstimatingPolicy):
         self._lat = lat + waits
         extra = waits + self.backlog_cost(now, lat, work)
         score = lat + extra
-        self._local_cost = float(score[self._local])
         best = int(np.argmin(score))
         cur = self._current
         if cur is not None and score[cur] <= score[best] + self.cfg.hysteresis * lat[best]:
@@ -241,7 +238,6 @@ class TetherAdaptive(EstimatingPolicy):
                      self.bandwidth(ctx.now))
         _, lat = self.argmin(ctx, bw_low)
         self._lat = lat + self.link_waits(ctx.now, work)
-        self._local_cost = float(self._lat[self._local])
         lat = self._lat + max(0.0, self._edge_free - ctx.now)
         deadlines = [d for d in (self.cfg.deadline_seconds, ctx.deadline_seconds) if d is not None]
         meets = lat <= min(deadlines, default=np.inf)   # the request's own deadline if tighter

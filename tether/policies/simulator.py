@@ -10,7 +10,8 @@ without a reply by then the whole model answers on the edge ("fallback"). Once t
 policy's patience for the request (:func:`~tether.core.policy.patience_of`, counted from
 the send) runs out, the whole model starts on the edge and races the reply: the first
 answers (a reply that wins frees what its local run had left of the edge CPU); the
-policy observes a losing reply, or the failure at the deadline, as if the edge had waited. Periodic PINGs share the links and feed RTT samples.
+policy observes a losing reply, or the failure at the deadline, as if the edge had waited.
+Periodic PINGs share the links and feed RTT samples.
 
 Policies see only :class:`DecisionContext` and :class:`Observation`, as on a real edge;
 the :class:`HindsightOracle` alone is given the true latency of each action.
