@@ -106,8 +106,8 @@ def test_sampling_settings_reach_the_llm_or_are_refused(serve):
         assert llm.sampling == SamplingParams(0.7, 40, 0.9, 7)
         assert client.generate("x", 2).text() == "t0 t1 "
         assert llm.sampling == SamplingParams()                       # greedy by default
-    with pytest.raises(ProtocolError, match="top_p"):
-        EdgeClient("tcp://127.0.0.1:9").generate("x", top_p=0)
+    with EdgeClient("tcp://127.0.0.1:9") as nowhere, pytest.raises(ProtocolError, match="top_p"):
+        nowhere.generate("x", top_p=0)
 
 
 def test_sampling_of_a_generate_request():

@@ -56,3 +56,36 @@ def test_many_clients_in_a_row_leak_no_sockets():
     terminated.start()
     terminated.join(30)
     assert not terminated.is_alive(), "the context did not terminate: a socket was left open"
+
+
+def test_a_dropped_client_closes_in_order_and_the_context_still_serves():
+    """A client dropped without close() (a raised error holding it in a traceback, a
+    reference cycle) is closed monitor first by its finalizer: pyzmq's own __del__ could
+    close the monitor's socket before the DEALER, and libzmq's I/O thread then blocked for
+    good on the next event (CI: every later client of the suite found no connection)."""
+    import gc
+    import warnings
+
+    import zmq
+
+    from tether.core.sockets import open_socket
+    from tether.edge.client import EdgeClient
+    ctx = zmq.Context()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            client = EdgeClient("tcp://127.0.0.1:9", timeout=0.1, context=ctx)
+            client.cycle = client
+            del client
+            gc.collect()
+        unclosed = [w for w in caught if "Unclosed socket" in str(w.message)]
+        assert not unclosed, "pyzmq closed the client's sockets in whatever order GC found them"
+        time.sleep(0.3)                               # retries of port 9 would be monitor events
+        server = open_socket(ctx, zmq.ROUTER, bind="tcp://127.0.0.1:*")
+        probe = open_socket(ctx, zmq.DEALER, connect=server.getsockopt_string(zmq.LAST_ENDPOINT))
+        probe.send(b"still served")
+        assert server.poll(5000), "the context's I/O thread is stuck"
+        probe.close()
+        server.close()
+    finally:
+        ctx.destroy(linger=0)

@@ -44,13 +44,21 @@ def open_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None,
 def monitor_socket(sock: S, events: int) -> S:
     """A PAIR socket receiving ``sock``'s connection ``events`` (``zmq.utils.monitor``).
 
-    Its inproc address is unique for the life of the process: pyzmq's default names it
-    after the socket's file descriptor, which the kernel reuses as soon as a socket closes,
-    so a new monitor could attach to the address of one libzmq is still tearing down (and
-    the context then never terminates).
+    Its queue is unbounded (RCVHWM 0): libzmq's I/O thread sends monitor events blocking,
+    so a full queue nobody reads (an idle client whose peer is gone retries its connect,
+    one event each time) would stop that thread and with it every connection of the
+    context. Its inproc address is unique for the life of the process: pyzmq's default
+    names it after the socket's file descriptor, which the kernel reuses as soon as a
+    socket closes, so a new monitor could attach to the address of one libzmq is still
+    tearing down (and the context then never terminates).
     """
     address = f"inproc://tether-monitor-{os.getpid()}-{next(_MONITORS)}"
-    return sock.get_monitor_socket(events, addr=address)
+    sock.monitor(address, events)
+    try:
+        return open_socket(sock.context, zmq.PAIR, connect=address, RCVHWM=0)
+    except zmq.ZMQError:
+        sock.disable_monitor()
+        raise
 
 
 def close_monitor(sock: zmq.Socket, monitor: zmq.Socket) -> None:

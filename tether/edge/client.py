@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -122,9 +123,15 @@ class EdgeClient:
         self.endpoint = endpoint
         self.timeout = timeout          # seconds per answer (per chunk of a token stream)
         self._ctx = context or zmq.Context.instance()
-        self._sock = open_socket(self._ctx, zmq.DEALER)
+        # a gone edge is retried at 0.1 s, backing off to 1 s: an idle client does not
+        # spin (nor queue a monitor event) ten times a second until it is closed
+        self._sock = open_socket(self._ctx, zmq.DEALER, RECONNECT_IVL_MAX=1000)
         self._watch = PeerWatch(self._sock)
         self._sock.connect(endpoint)
+        # closes in order (monitor, then socket) even when the client is only dropped: were
+        # the monitor's socket collected first, libzmq's I/O thread would block for good
+        # sending its next event (no peer) and take every connection of the context along
+        self._closer = weakref.finalize(self, _close_client, self._sock, self._watch)
         self._ids = itertools.count(1)
 
     def infer(self, image: np.ndarray, deadline_seconds: float | None = None) -> EdgeAnswer:
@@ -201,14 +208,18 @@ class EdgeClient:
         return reply
 
     def close(self) -> None:
-        self._watch.close()
-        self._sock.close(linger=0)
+        self._closer()
 
     def __enter__(self) -> "EdgeClient":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _close_client(sock: zmq.Socket, watch: PeerWatch) -> None:
+    watch.close()
+    sock.close(linger=0)
 
 
 class TokenStream:
