@@ -5,10 +5,13 @@ A bundle is profiled once, often on a faster machine than the edge that runs it 
 compute per request (head/exit + encode, or the whole model) and the cloud reports its
 decode + tail; :class:`Calibrator` turns those into multiplicative factors on the profile:
 
-- per action, an EWMA of ``log(measured / profiled)`` (log: a ratio, symmetric in speed-up
-  and slow-down), robust to outliers (each innovation clipped to ``+-clip`` once the action
-  has a few samples; a GC pause or a preempted quantum moves it by at most ``e**clip``);
-- one shared factor per side (edge, cloud), the same EWMA over all actions, used for
+- per action, the mean ``measured / profiled`` of its last samples (``2 / alpha - 1`` of
+  them, an EWMA's span), the largest counted as the second largest once there are three:
+  the mean, not a geometric mean, because under a CPU quota a small job's wall time is
+  bimodal (its CPU fits what is left of the period or waits for the next one; the demo's
+  edge encodes in 2 or 50 ms in turn) and latency is the mean of both; one outlier (a GC
+  pause, a preempted quantum) moves it no further than the next largest sample;
+- one shared factor per side (edge, cloud), the same mean over all actions, used for
   actions not measured yet: one measured action prices every unseen action of that side,
   so a slow edge is known after the first request;
 - decay: an action's own factor relaxes toward the shared one with half-life
@@ -25,42 +28,49 @@ import numpy as np
 from tether.core.policy import Observation
 from tether.policies.costmodel import CostModel
 
-#: A single sample moves a settled estimate by at most e**CLIP (about 2x).
-CLIP = 0.7
-#: Samples before an action's innovations are clipped (the first ones set the level).
-WARMUP = 2
+#: Samples from which the largest of a window counts as the second largest.
+TRIM_FROM = 3
 
 
-class _LogEwma:
-    """EWMAs of log-ratios: one per action plus a shared one, with counts and times."""
+class _RatioWindows:
+    """The last ``span`` measured/profiled ratios per action and over all actions, with
+    counts and times."""
 
     def __init__(self, n: int, alpha: float) -> None:
-        self.alpha = alpha
-        self.value = np.zeros(n)
-        self.count = np.zeros(n, dtype=np.int64)
+        self.span = max(1, int(round(2.0 / alpha - 1.0)))
+        self.samples = np.full((n + 1, self.span), np.nan)    # row n: the shared window
+        self.count = np.zeros(n + 1, dtype=np.int64)
         self.when = np.full(n, -np.inf)
-        self.shared = 0.0
-        self.shared_count = 0
 
-    def update(self, i: int, log_ratio: float, now: float) -> None:
-        self.value[i] = self._step(float(self.value[i]), int(self.count[i]), log_ratio)
-        self.count[i] += 1
+    def update(self, i: int, ratio: float, now: float) -> None:
+        for row in (i, len(self.when)):
+            self.samples[row, self.count[row] % self.span] = ratio
+            self.count[row] += 1
         self.when[i] = now
-        self.shared = self._step(self.shared, self.shared_count, log_ratio)
-        self.shared_count += 1
 
-    def _step(self, value: float, count: int, x: float) -> float:
-        if count == 0:
-            return x
-        if count >= WARMUP:
-            x = value + min(max(x - value, -CLIP), CLIP)
-        alpha = max(self.alpha, 1.0 / (count + 1))   # the first samples average plainly
-        return value + alpha * (x - value)
+    @property
+    def shared_count(self) -> int:
+        return int(self.count[-1])
+
+    def means(self) -> np.ndarray:
+        """Per row, the mean of its window with the largest sample counted as the second
+        largest (once there are ``TRIM_FROM``); 1.0 for a row without samples."""
+        filled = np.minimum(self.count, self.span)
+        total = np.nansum(self.samples, axis=1)
+        second, top = np.sort(np.nan_to_num(self.samples, nan=-np.inf), axis=1)[:, -2:].T
+        with np.errstate(all="ignore"):          # rows without two samples: inf - inf
+            excess = np.where(filled >= TRIM_FROM, top - second, 0.0)
+            mean = (total - excess) / filled
+        return np.where(filled > 0, mean, 1.0)
 
     def factors(self, now: float, halflife: float) -> np.ndarray:
-        seen = self.count > 0
+        """Per action, its own mean blended (geometrically) into the shared one as its
+        last sample ages."""
+        means = self.means()
+        own, shared = means[:-1], means[-1]
+        seen = self.count[:-1] > 0
         weight = np.where(seen, 0.5 ** (np.maximum(now - self.when, 0.0) / halflife), 0.0)
-        return np.exp(weight * self.value + (1.0 - weight) * self.shared)
+        return np.exp(weight * np.log(own) + (1.0 - weight) * math.log(shared))
 
 
 class Calibrator:
@@ -72,8 +82,8 @@ class Calibrator:
         self.halflife = halflife_seconds
         self.min_seconds = min_seconds
         n = len(model.actions)
-        self._edge = _LogEwma(n, alpha)
-        self._cloud = _LogEwma(n, alpha)
+        self._edge = _RatioWindows(n, alpha)
+        self._cloud = _RatioWindows(n, alpha)
         self.version = 0      # bumped by every sample: cached prices depending on it expire
 
     def observe(self, obs: Observation) -> None:
@@ -88,10 +98,11 @@ class Calibrator:
         if obs.cloud_seconds is not None:
             self._add(self._cloud, i, obs.cloud_seconds, self.model.cloud[i], obs.now)
 
-    def _add(self, ewma: _LogEwma, i: int, measured: float, profiled: float, now: float) -> None:
+    def _add(self, windows: _RatioWindows, i: int, measured: float, profiled: float,
+             now: float) -> None:
         if profiled < self.min_seconds or not measured > 0 or not math.isfinite(measured):
             return   # too small to measure against timer noise (e.g. offload without encode)
-        ewma.update(i, math.log(measured / profiled), now)
+        windows.update(i, measured / profiled, now)
         self.version += 1
 
     def edge_factors(self, now: float) -> np.ndarray:
@@ -103,7 +114,7 @@ class Calibrator:
     @property
     def edge_speed(self) -> float:
         """The shared edge factor: measured / profiled compute (1.0 before any sample)."""
-        return math.exp(self._edge.shared)
+        return float(self._edge.means()[-1])
 
     @property
     def samples(self) -> int:
