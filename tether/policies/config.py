@@ -43,7 +43,7 @@ class PolicyConfig:
     static_action: str | None = None        # "static" policy: this action key, or best at prior
     actions: tuple[str, ...] = ()           # allowed action keys ("" = all in the cost table)
     calibrate: bool = True                  # correct profiled compute online from measurements
-    calibration_alpha: float = 0.2          # EWMA weight of each log(measured/profiled) sample
+    calibration_alpha: float = 0.2          # as an EWMA's: a window of 2/alpha - 1 (9) samples
     calibration_halflife_seconds: float = 120.0  # an action's own factor decays to the shared one
     bandit_alpha: float = 0.1
     bandit_ridge: float = 1.0
