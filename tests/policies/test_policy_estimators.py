@@ -99,6 +99,17 @@ def test_rtt_windowed_min_keeps_last_minimum():
     assert rtt.propagation(10.0) == 0.2
 
 
+def test_typical_rtt_is_the_median_of_the_last_pings():
+    rtt = RttEstimator(PolicyConfig(prior_rtt_seconds=0.1, window_seconds=10.0))
+    rtt.update(0.0, 0.03)
+    rtt.update(0.5, 0.08)
+    assert rtt.typical(0.6) == 0.03                 # under three pings: the propagation
+    for i, x in enumerate((0.07, 0.09, 1.5)):        # one ping behind an upload: not typical
+        rtt.update(1.0 + i / 2, x)
+    assert rtt.typical(3.0) == pytest.approx(0.08)
+    assert rtt.propagation(3.0) == 0.03
+
+
 def test_a_fast_sample_after_a_pause_ends_a_fade_window():
     """Slow samples of a fade no longer hold the harmonic mean down once a transfer, after
     a pause, goes many times faster; back-to-back scatter does not reset it."""

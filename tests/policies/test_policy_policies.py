@@ -81,6 +81,20 @@ def test_neurosurgeon_follows_last_sample(table):
     assert ns.decide(DecisionContext(0.5)).kind is ActionKind.OFFLOAD
 
 
+def test_a_busy_edges_own_delay_is_not_read_as_a_slow_link(table):
+    """A throttled edge that is computing delays every message it sends or receives (its
+    pings show it: 30 ms propagation, 80 ms typical): a 1 KB offload over a 1 Mbit/s link
+    is a 1 Mbit/s sample, not 1000 B / (88 - 30) ms = 0.14 Mbit/s, which priced bigger
+    payloads as slower than they are and held the demo's adaptive on its smallest one."""
+    for name in ("neurosurgeon", "adaptive"):
+        policy = build_policy(PolicyConfig(name=name, window_seconds=10.0), table)
+        for i, rtt in enumerate((0.03, 0.08, 0.08, 0.08, 0.08)):
+            policy.observe(Observation(now=i * 0.5, rtt_seconds=rtt))
+        policy.observe(Observation(now=3.0, action=PNG, bytes_sent=1000,
+                                   network_seconds=0.080 + 0.008, total_seconds=0.1))
+        assert policy.bandwidth(3.0) == pytest.approx(1e6, rel=0.35), name
+
+
 def test_adaptive_reacts_to_an_offload_stuck_in_flight(table):
     policy = build_policy(PolicyConfig(name="adaptive"), table)
     for i in range(5):

@@ -128,7 +128,7 @@ class EstimatingPolicy:
         when the RTT or the cloud queue changed, after new calibration samples (at once for
         the first ones, then at most every 0.25 s) or once a second (the factors decay
         slowly), so a decision costs a few vector operations."""
-        rtt = self.rtt.propagation(now)
+        rtt = self.rtt.typical(now)
         key = (rtt, round(queue, 4), self._calibration_epoch(now))
         if key != self._terms_key:
             m = self.model
@@ -151,7 +151,7 @@ class EstimatingPolicy:
         if obs.bytes_sent <= 0:
             return
         if obs.ok:
-            rtt = self.rtt.propagation(obs.now)
+            rtt = self.rtt.typical(obs.now)
             # Sent while an earlier offload was still in flight: its bytes went first, until
             # about one RTT before that earlier reply came back.
             sent = obs.now - obs.network_seconds
