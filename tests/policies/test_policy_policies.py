@@ -95,6 +95,25 @@ def test_a_busy_edges_own_delay_is_not_read_as_a_slow_link(table):
         assert policy.bandwidth(3.0) == pytest.approx(1e6, rel=0.35), name
 
 
+def test_pings_that_crossed_an_upload_do_not_set_the_typical_round_trip(table):
+    """In a fade a ping queues behind the edge's own upload: that delay is the link's (its
+    bytes price it); counted in the typical round trip too, the upload's own sample would
+    shrink to nothing and read as a fast link."""
+    policy = build_policy(PolicyConfig(name="adaptive", window_seconds=10.0), table)
+    for i in range(5):
+        policy.observe(Observation(now=i * 0.5, rtt_seconds=0.03))
+    policy.remember(2.5, PNG, send=2.5)                  # an upload in flight
+    for i in range(5):
+        policy.observe(Observation(now=2.6 + i * 0.1, rtt_seconds=0.9))
+    assert policy.rtt.typical(3.0) == pytest.approx(0.03)
+    policy.observe(Observation(now=3.2, action=PNG, bytes_sent=2856, network_seconds=0.7,
+                               total_seconds=0.75))
+    assert policy.bandwidth(3.2) < 0.1e6                 # 2856 B in ~0.67 s: a slow link
+    for i in range(5):                                   # nothing of ours on the link
+        policy.observe(Observation(now=4.0 + i * 0.5, rtt_seconds=0.08))
+    assert policy.rtt.typical(6.0) == pytest.approx(0.08)
+
+
 def test_adaptive_reacts_to_an_offload_stuck_in_flight(table):
     policy = build_policy(PolicyConfig(name="adaptive"), table)
     for i in range(5):

@@ -142,7 +142,10 @@ class EstimatingPolicy:
 
     def observe(self, obs: Observation) -> None:
         if obs.rtt_seconds is not None:
-            self.rtt.update(obs.now, obs.rtt_seconds)
+            # a ping that crossed an upload of ours may have queued behind it (a fade):
+            # only those that did not tell the edge's own delay
+            alone = not self._inflight and self._last_reply < obs.now - obs.rtt_seconds
+            self.rtt.update(obs.now, obs.rtt_seconds, typical=alone)
         if obs.action is None:
             return
         if self.calibration is not None:

@@ -117,11 +117,14 @@ class RttEstimator:
         self.recent: deque[float] = deque(maxlen=TYPICAL_RTT_SAMPLES)
         self._last_min = cfg.prior_rtt_seconds
 
-    def update(self, now: float, rtt: float) -> None:
+    def update(self, now: float, rtt: float, typical: bool = True) -> None:
+        """``typical``: False for a ping that may have queued behind the edge's own upload
+        (its delay is the link's, priced by the bytes; it would count twice)."""
         if rtt > 0 and math.isfinite(rtt):
             self._last_min = self.min.update(now, rtt)
             self.smoothed.update(rtt)
-            self.recent.append(rtt)
+            if typical:
+                self.recent.append(rtt)
 
     def typical(self, now: float) -> float:
         """The median of the last pings' round trips (at least the propagation): what every
