@@ -22,6 +22,7 @@ decode + tail; :class:`Calibrator` turns those into multiplicative factors on th
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 
@@ -34,43 +35,43 @@ TRIM_FROM = 3
 
 class _RatioWindows:
     """The last ``span`` measured/profiled ratios per action and over all actions, with
-    counts and times."""
+    counts, times and each window's mean (updated per sample: two rows change)."""
 
     def __init__(self, n: int, alpha: float) -> None:
         self.span = max(1, int(round(2.0 / alpha - 1.0)))
-        self.samples = np.full((n + 1, self.span), np.nan)    # row n: the shared window
+        self.samples = [deque(maxlen=self.span) for _ in range(n + 1)]   # row n: shared
         self.count = np.zeros(n + 1, dtype=np.int64)
         self.when = np.full(n, -np.inf)
+        self.mean = np.ones(n + 1)                          # 1.0 for a row without samples
 
     def update(self, i: int, ratio: float, now: float) -> None:
         for row in (i, len(self.when)):
-            self.samples[row, self.count[row] % self.span] = ratio
+            window = self.samples[row]
+            window.append(ratio)
             self.count[row] += 1
+            self.mean[row] = _window_mean(window)
         self.when[i] = now
 
     @property
     def shared_count(self) -> int:
         return int(self.count[-1])
 
-    def means(self) -> np.ndarray:
-        """Per row, the mean of its window with the largest sample counted as the second
-        largest (once there are ``TRIM_FROM``); 1.0 for a row without samples."""
-        filled = np.minimum(self.count, self.span)
-        total = np.nansum(self.samples, axis=1)
-        second, top = np.sort(np.nan_to_num(self.samples, nan=-np.inf), axis=1)[:, -2:].T
-        with np.errstate(all="ignore"):          # rows without two samples: inf - inf
-            excess = np.where(filled >= TRIM_FROM, top - second, 0.0)
-            mean = (total - excess) / filled
-        return np.where(filled > 0, mean, 1.0)
-
     def factors(self, now: float, halflife: float) -> np.ndarray:
         """Per action, its own mean blended (geometrically) into the shared one as its
         last sample ages."""
-        means = self.means()
-        own, shared = means[:-1], means[-1]
+        own, shared = self.mean[:-1], self.mean[-1]
         seen = self.count[:-1] > 0
         weight = np.where(seen, 0.5 ** (np.maximum(now - self.when, 0.0) / halflife), 0.0)
         return np.exp(weight * np.log(own) + (1.0 - weight) * math.log(shared))
+
+
+def _window_mean(window: deque[float]) -> float:
+    """The mean of ``window`` with its largest sample counted as the second largest (once
+    it holds ``TRIM_FROM``)."""
+    if len(window) < TRIM_FROM:
+        return sum(window) / len(window)
+    second, top = sorted(window)[-2:]
+    return (sum(window) - top + second) / len(window)
 
 
 class Calibrator:
@@ -114,7 +115,7 @@ class Calibrator:
     @property
     def edge_speed(self) -> float:
         """The shared edge factor: measured / profiled compute (1.0 before any sample)."""
-        return float(self._edge.means()[-1])
+        return float(self._edge.mean[-1])
 
     @property
     def samples(self) -> int:

@@ -115,6 +115,7 @@ class RttEstimator:
         self.min = WindowedExtreme(cfg.window_seconds, use_max=False)
         self.smoothed = Ewma(0.125)
         self.recent: deque[float] = deque(maxlen=TYPICAL_RTT_SAMPLES)
+        self._median: float | None = None        # of ``recent``, once it holds three
         self._last_min = cfg.prior_rtt_seconds
 
     def update(self, now: float, rtt: float, typical: bool = True) -> None:
@@ -125,6 +126,8 @@ class RttEstimator:
             self.smoothed.update(rtt)
             if typical:
                 self.recent.append(rtt)
+                if len(self.recent) >= 3:
+                    self._median = sorted(self.recent)[len(self.recent) // 2]
 
     def typical(self, now: float) -> float:
         """The median of the last pings' round trips (at least the propagation): what every
@@ -134,10 +137,7 @@ class RttEstimator:
         for any payload, so it belongs here and not in a throughput sample, where it would
         price bytes as slower than the link is (one size's payloads then look cheapest)."""
         base = self.propagation(now)
-        if len(self.recent) < 3:
-            return base
-        ordered = sorted(self.recent)
-        return max(base, ordered[len(ordered) // 2])
+        return base if self._median is None else max(base, self._median)
 
     def propagation(self, now: float) -> float:
         """Windowed-min RTT; after the window empties, the last minimum seen (or the prior)."""
