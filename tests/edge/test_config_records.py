@@ -145,6 +145,15 @@ def test_file_sinks_round_trip(tmp_path, suffix, cls):
     assert read_records(path) == records + [_record(3)]
 
 
+def test_a_record_dict_is_every_field_in_order_and_a_copy():
+    from dataclasses import asdict
+    record = _record(4)
+    row = record.to_dict()
+    assert row == asdict(record) and list(row) == list(asdict(record))
+    row["action"] = "local"                 # the caller's dict, not the record's state
+    assert record.action == "split:layer1:fp32"
+
+
 def test_list_sink_and_bad_suffix(tmp_path):
     sink = ListSink()
     sink.write(_record(1))

@@ -15,6 +15,19 @@ def test_arrival_matrix_rows_are_distributions():
     assert m[0, 0] == 1.0
 
 
+def test_warm_resolves_reuse_the_arrival_matrix_and_converge_to_the_cold_solution():
+    lat, work = np.array([0.27, 0.12, 0.15]), np.array([0.27, 0.01, 0.04])
+    warm = BacklogValue()
+    warm.solve(2.0, lat * 1.3, work)                 # solved first for other prices
+    for k in range(80):                             # rates within one quantisation step
+        warm.solve(2.0 * (1 + 0.0001 * (k % 10)), lat, work)
+    assert len(warm._matrices) == 1 and warm.solves == 81
+    cold = BacklogValue()
+    cold.solve(2.0, lat, work)
+    np.testing.assert_allclose(warm.values, cold.values, atol=2e-3)
+    assert cold.values[-1] > 0.1                     # a real backlog value, not zeros
+
+
 def test_frontier_drops_actions_slower_and_heavier_than_another():
     lat, work = _frontier(np.array([0.025, 0.060, 0.070, 0.030]),
                           np.array([0.025, 0.0, 0.010, 0.030]))

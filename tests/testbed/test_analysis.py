@@ -39,17 +39,23 @@ def test_flatten_marks_misses_and_correctness():
     assert wrong["correct"] is False and wrong["deadline_miss"] is False
 
 
-def test_edge_overhead_is_what_local_answers_spend_beyond_compute_and_wait():
+def test_edge_overhead_is_what_local_answers_that_found_the_edge_idle_spend_beyond_compute():
     rows = []
-    for i, (total, local, wait) in enumerate([(0.030, 0.020, 0.004), (0.050, 0.020, 0.024),
-                                              (0.031, 0.021, 0.000)]):
+    # (arrival, total, local): the second arrives while the first is still being answered,
+    # so its 30 ms beyond compute are queueing, not the daemon's own time
+    for i, (at, total, local) in enumerate([(0.0, 0.030, 0.020), (0.01, 0.050, 0.020),
+                                            (0.2, 0.034, 0.020), (0.4, 0.030, 0.020)]):
         raw = _raw(i, total, outcome="local")
-        raw["record"].update(local_seconds=local, edge_wait_seconds=wait)
+        raw["trace_time"] = at
+        raw["record"].update(local_seconds=local, edge_wait_seconds=0.0)
         rows.append(flatten(raw, deadline_s=1.0))
-    rows.append(flatten(_raw(9, 0.5), deadline_s=1.0))     # offloads do not count
-    assert rows[0]["wait_s"] == 0.004
-    assert edge_overhead(rows) == pytest.approx(0.006)      # low quantile of 6, 6, 10 ms
-    assert edge_overhead(rows[3:]) == 0.0
+    offload = _raw(9, 0.5)
+    offload["trace_time"] = 0.6
+    rows.append(flatten(offload, deadline_s=1.0))                  # offloads do not count
+    assert edge_overhead(rows) == pytest.approx(0.0113, abs=1e-4)  # mean of 10, 14, 10 ms
+    other = dict(rows[1], policy="q")        # another policy's edge is idle at that time
+    assert edge_overhead([other]) == pytest.approx(0.030)
+    assert edge_overhead(rows[4:]) == 0.0
 
 
 def test_summary_is_computed_from_the_rows(tmp_path):

@@ -3,8 +3,11 @@
 :meth:`EdgeAgent.infer` is the whole life of one request. The policy picks an action; the
 head, exit and codec run in worker threads (the event loop stays free for IO); the cloud
 link carries the tail request with the request's deadline. Compute is timed inside the
-worker thread (service time); the wait for a free compute thread is recorded apart as
-``edge_wait_seconds``, so a saturated edge does not look like a slow one to the calibration.
+worker thread (service time); the wait behind other requests' compute (every compute thread
+busy when it was submitted) is recorded apart as ``edge_wait_seconds``, so a saturated edge
+does not look like a slow one to the calibration. The rest of ``total_seconds`` is the
+daemon's own time (parsing, the decision, the hand-off to an idle thread and back, the
+record): on a CPU-quota'd edge its CPU at the quota's pace, which the policy measures.
 On timeout, BUSY, ERROR or a disconnected cloud the request is answered locally (whole
 model, or an early exit) and marked ``outcome="fallback"`` with the reason; a policy with a
 ``patience`` (see :mod:`tether.core.policy`) stops waiting that long after the send, before
@@ -72,7 +75,7 @@ class _Timing:
     decode: float = 0.0
     tail: float = 0.0
     local: float = 0.0
-    wait: float = 0.0        # waiting for a compute thread (and for the loop to resume)
+    wait: float = 0.0        # queued behind other requests' compute (and the loop's resume)
     sent: int = 0
     received: int = 0
     exit_answer: ExitAnswer | None = None
@@ -101,6 +104,7 @@ class EdgeAgent:
         self.on_record = on_record
         self.metrics = metrics
         self.inflight = 0
+        self._computing = 0      # compute jobs submitted and not finished (all requests)
         self.edge_id = config.edge_id or default_edge_id()
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(config.compute_threads,
@@ -138,14 +142,22 @@ class EdgeAgent:
         """Compute in a worker thread (or inline on the loop when ``compute_threads = 0``).
 
         Returns the result and its service seconds, timed inside the thread; the rest of the
-        elapsed time (queued behind other requests' compute) is added to ``timing.wait``.
+        elapsed time is added to ``timing.wait`` when every thread was busy at the submission
+        (queued behind other requests' compute). Handed to an idle thread, it is the daemon's
+        own hand-off (a throttled process waits for its quota there), left out of the wait.
         """
         if self._executor is None:
             return _timed(fn, *args)
+        queued = self._computing >= self.config.compute_threads
+        self._computing += 1
         submitted = time.perf_counter()
-        result, service = await asyncio.get_running_loop().run_in_executor(
-            self._executor, _timed, fn, *args)
-        timing.wait += max(0.0, time.perf_counter() - submitted - service)
+        try:
+            result, service = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _timed, fn, *args)
+        finally:
+            self._computing -= 1
+        if queued:
+            timing.wait += max(0.0, time.perf_counter() - submitted - service)
         return result, service
 
     # ---- one request -------------------------------------------------------------------

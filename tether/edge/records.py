@@ -63,15 +63,13 @@ class CsvSink:
         self.path = Path(path)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._fh = _open_append(self.path)
-        self._writer = csv.DictWriter(self._fh, fieldnames=RECORD_FIELDS)
+        self._writer = csv.writer(self._fh)
         self._lock = threading.Lock()
         if new:
-            self._writer.writeheader()
+            self._writer.writerow(RECORD_FIELDS)
 
     def write(self, record: RequestRecord) -> None:
-        row = record.to_dict()
-        if row["prediction"] is None:
-            row["prediction"] = ""
+        row = ["" if value is None else value for value in record.to_dict().values()]
         with self._lock:
             self._writer.writerow(row)
 
