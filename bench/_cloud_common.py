@@ -74,10 +74,12 @@ def bare_server(reply_frames: list[bytes], queue: Any) -> None:
     ctx.term()
 
 
-def cpu_seconds(pid: int | str = "self") -> float:
-    """CPU time of every thread of a process (ns resolution, from /proc/PID/task/*/schedstat)."""
+def cpu_seconds(pid: int | str = "self", main_only: bool = False) -> float:
+    """CPU time of every thread of a process (ns resolution, from /proc/PID/task/*/schedstat);
+    ``main_only``: of its main thread alone (task id = pid)."""
     total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+    pattern = f"{pid}/schedstat" if main_only and pid != "self" else "*/schedstat"
+    for stat in Path(f"/proc/{pid}/task").glob(pattern):
         try:
             total += int(stat.read_text().split()[0])
         except (OSError, ValueError, IndexError):

@@ -19,7 +19,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,78 +28,51 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _cloud_common import cpu_seconds   # noqa: E402
 
-from tether.testbed.procs import free_port   # noqa: E402
 from tether.edge.client import EdgeClient   # noqa: E402
+from tether.testbed.procs import ProcessGroup, free_port, port_open, tether_command  # noqa: E402
 
 POLICIES = ("local", "cloud", "neurosurgeon", "adaptive")
 PAUSE_S = 0.02
-def thread_cpu(pid: int) -> tuple[float, float]:
-    """(all threads, the main thread) CPU seconds of ``pid``, from /proc/PID/task/*/schedstat.
-    The main thread (task id = pid) runs the event loop: parsing, the policy, the records,
-    the replies; the others are the compute thread and ZeroMQ's I/O threads."""
-    total = main = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            ns = int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue                                   # a thread that just ended
-        total += ns
-        main += ns if task.name == str(pid) else 0
-    return total / 1e9, main / 1e9
 
 
-def _start(args: list[str], log: Path, ready: str, timeout: float = 120.0) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tether", *args], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if ready in log.read_text():
-            return proc
-        if proc.poll() is not None:
-            raise SystemExit(f"{args[0]} exited: see {log}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"{args[0]} not ready after {timeout:.0f} s: see {log}")
+def _serve(group: ProcessGroup, name: str, config: Path, port: int) -> int:
+    """Start ``tether <name> --config``; return its pid once its port accepts."""
+    proc = group.start(name, tether_command(name.split("-")[0], "--config", str(config)))
+    group.wait_until(name, lambda: port_open("127.0.0.1", port), 120.0, "listening")
+    return proc.pid
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def _edge_config(tmp: Path, bundle: Path, cloud: str, policy: str) -> tuple[Path, str]:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+def _edge_config(tmp: Path, bundle: Path, cloud: str, policy: str) -> tuple[Path, int]:
+    port = free_port()
     budget = "\nmax_accuracy_drop = 0.02" if policy != "local" else ""
     path = tmp / f"edge-{policy}.toml"
-    path.write_text(f'[edge]\nbundle = "{bundle}"\nlisten = "{endpoint}"\nedge_id = "{policy}"\n'
-                    f'records = "{tmp / (policy + ".csv")}"\n\n[link]\nconnect = "{cloud}"\n\n'
-                    f'[policy]\nname = "{policy}"{budget}\n')
-    return path, endpoint
+    path.write_text(f'[edge]\nbundle = "{bundle}"\nlisten = "tcp://127.0.0.1:{port}"\n'
+                    f'edge_id = "{policy}"\nrecords = "{tmp / (policy + ".csv")}"\n\n'
+                    f'[link]\nconnect = "{cloud}"\n\n[policy]\nname = "{policy}"{budget}\n')
+    return path, port
 
 
-def measure(tmp: Path, bundle: Path, cloud: str, policy: str, requests: int,
-            images: np.ndarray) -> tuple[float, float, dict[str, int]]:
+def measure(group: ProcessGroup, tmp: Path, bundle: Path, cloud: str, policy: str,
+            requests: int, images: np.ndarray) -> tuple[float, float, dict[str, int]]:
     """(edge CPU ms per request, its event loop's CPU ms per request, actions taken)."""
-    config, endpoint = _edge_config(tmp, bundle, cloud, policy)
-    edge = _start(["edge", "--config", str(config)], tmp / f"edge-{policy}.log", "serving")
+    config, port = _edge_config(tmp, bundle, cloud, policy)
+    name = f"edge-{policy}"
+    pid = _serve(group, name, config, port)
     try:
-        with EdgeClient(endpoint, timeout=30.0) as client:
+        with EdgeClient(f"tcp://127.0.0.1:{port}", timeout=30.0) as client:
             for i in range(20):                        # warm: sessions, caches, the link
                 client.infer(images[i % len(images)])
             actions: dict[str, int] = {}
-            cpu0, loop0 = thread_cpu(edge.pid)
+            cpu0, loop0 = cpu_seconds(pid), cpu_seconds(pid, main_only=True)
             for i in range(requests):
                 answer = client.infer(images[i % len(images)])
                 actions[answer.action] = actions.get(answer.action, 0) + 1
                 time.sleep(PAUSE_S)
-            cpu1, loop1 = thread_cpu(edge.pid)
-            cpu, loop = cpu1 - cpu0, loop1 - loop0
+            cpu, loop = cpu_seconds(pid) - cpu0, cpu_seconds(pid, main_only=True) - loop0
     finally:
-        _stop(edge)
+        group.stop(name)
     # the client's pauses leave the daemon idle: its heartbeats' CPU counts too (a real edge
     # pays them), a few microseconds per request
     return cpu / requests * 1e3, loop / requests * 1e3, actions
@@ -119,23 +91,20 @@ def main() -> None:
     images = np.random.default_rng(0).integers(0, 256, (16, shape[2], shape[3], shape[1]),
                                                dtype=np.uint8)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in policies}
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, ProcessGroup(Path(d) / "logs") as group:
         tmp = Path(d)
         port = free_port()
+        cloud = f"tcp://127.0.0.1:{port}"
         (tmp / "cloud.toml").write_text(f'[cloud]\nbundles = ["{args.bundle.resolve()}"]\n'
-                                        f'bind = "tcp://127.0.0.1:{port}"\ntorch_threads = 1\n')
-        cloud = _start(["cloud", "--config", str(tmp / "cloud.toml")], tmp / "cloud.log", "ready")
-        try:
-            for _ in range(args.rounds):
-                for name in policies:
-                    cpu, loop, actions = measure(tmp, args.bundle.resolve(),
-                                                 f"tcp://127.0.0.1:{port}", name,
-                                                 args.requests, images)
-                    results[name].append((cpu, loop))
-                    print(f"  {name:13s} {cpu:6.2f} ms CPU/request, event loop {loop:5.2f} ms, "
-                          f"other threads {cpu - loop:6.2f} ms  {actions}", flush=True)
-        finally:
-            _stop(cloud)
+                                        f'bind = "{cloud}"\ntorch_threads = 1\n')
+        _serve(group, "cloud", tmp / "cloud.toml", port)
+        for _ in range(args.rounds):
+            for name in policies:
+                cpu, loop, actions = measure(group, tmp, args.bundle.resolve(), cloud, name,
+                                             args.requests, images)
+                results[name].append((cpu, loop))
+                print(f"  {name:13s} {cpu:6.2f} ms CPU/request, event loop {loop:5.2f} ms, "
+                      f"other threads {cpu - loop:6.2f} ms  {actions}", flush=True)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.2f}; {args.requests} requests x {args.rounds} rounds")
     print(f"{'policy':13s} {'edge CPU ms':>11s} {'event loop ms':>13s} {'other ms':>8s}  "

@@ -15,8 +15,8 @@ work[a])``: the request's own latency plus what its work costs the future, in th
 unit. Solving warm-starts from the last ``U`` (a few iterations: repeated re-solves keep
 converging), with the arrival matrices of recent (quantised) rates cached, so a re-solve
 after the estimates moved costs four matrix-vector products on a 64-point grid over the few
-actions that are not slower *and* heavier than another: about 0.1 ms of CPU, which a
-0.09-core edge pays 11 times over in wall time.
+actions that are not slower *and* heavier than another: about 0.3 ms of CPU (numpy's
+per-call overhead on small arrays), which a 0.09-core edge pays 11 times over in wall time.
 """
 
 from __future__ import annotations
