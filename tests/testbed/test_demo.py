@@ -61,11 +61,11 @@ def test_userspace_quota_holds_a_busy_process_to_its_share():
 
 
 def test_demo_uplink_crosses_the_break_even_range():
-    trace = demo_uplink(20.0)            # the default demo's 20 s per policy
-    rates = [trace.bytes_between(k, k + 1) * 8 for k in range(20)]
+    trace = demo_uplink(30.0)            # the default demo's 30 s per policy
+    rates = [trace.bytes_between(k, k + 1) * 8 for k in range(30)]
     assert max(rates) > 1e6 and min(rates) < 1e5   # from Mbit/s to an outage or near it
-    assert sum(r >= 3e5 for r in rates) >= 10 and sum(r < 1e5 for r in rates) >= 4
-    assert demo_uplink(20.0).slots.tolist() == trace.slots.tolist()
+    assert sum(r >= 3e5 for r in rates) >= 15 and sum(r < 1e5 for r in rates) >= 6
+    assert demo_uplink(30.0).slots.tolist() == trace.slots.tolist()
 
 
 def _rows() -> list[dict]:

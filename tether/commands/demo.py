@@ -31,8 +31,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                     "print adaptive's timeline and the comparison; CSV and plots go to --out.")
     p.add_argument("--out", type=Path, default=Path("tether-demo"), metavar="DIR",
                    help="output directory (default ./tether-demo; the bundle is cached there)")
-    p.add_argument("--duration", type=float, default=120.0, metavar="S",
-                   help="seconds of requests in total, split across the policies (default 120)")
+    p.add_argument("--duration", type=float, default=180.0, metavar="S",
+                   help="seconds of requests in total, split across the policies (default 180: "
+                        "30 s, about 60 requests, per policy)")
     p.add_argument("--rate", type=float, default=2.0, metavar="HZ",
                    help="requests per second (default 2)")
     p.add_argument("--cpu-quota", type=float, default=DEFAULT_QUOTA, metavar="CORES",
