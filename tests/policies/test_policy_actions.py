@@ -13,7 +13,7 @@ from tether.core.errors import BundleError
 from tether.core.policy import DecisionContext, Observation
 from tether.core.types import LOCAL, Action, CodecCost, TensorSpec
 from tether.policies import PolicyConfig, action_space, build_cost_model, build_policy, scale_edge
-from tether.policies.calibration import Calibrator
+from tether.policies.calibration import CLAMP, Calibrator
 from tether.policies.evaluate import run_policies
 from tether.policies.oracle import lower_bound, plan_sequence
 from tether.policies.simulator import SimConfig, Simulator
@@ -96,15 +96,36 @@ def test_calibration_learns_a_slow_edge_within_a_few_requests(table):
         cal.observe(Observation(now=i, action=LOCAL, edge_seconds=17 * table.edge_full_seconds))
     assert cal.edge_speed == pytest.approx(17, rel=0.01)
     assert np.allclose(cal.edge_factors(3.0), 17, rtol=0.01)   # unseen actions: shared factor
-    # one outlier (a preempted quantum) counts as the next largest sample; a second counts
+    # one outlier (a preempted quantum) counts as the next largest sample; a second counts,
+    # at most CLAMP x the shared factor each; an edge that stays that slow is learned in a
+    # few more requests (the clamp grows with the shared factor)
     cal.observe(Observation(now=4, action=LOCAL, edge_seconds=1000 * table.edge_full_seconds))
     assert cal.edge_factors(4.0)[model.index(LOCAL)] == pytest.approx(17, rel=0.01)
     cal.observe(Observation(now=5, action=LOCAL, edge_seconds=1000 * table.edge_full_seconds))
-    assert cal.edge_factors(5.0)[model.index(LOCAL)] > 200
+    assert 30 < cal.edge_factors(5.0)[model.index(LOCAL)] < 17 * CLAMP
+    for k in range(6, 20):
+        cal.observe(Observation(now=k, action=LOCAL, edge_seconds=1000 * table.edge_full_seconds))
+    assert cal.edge_factors(20.0)[model.index(LOCAL)] > 500
     split = Action.parse("split:layer3:int8")
-    cal.observe(Observation(now=6, action=split, edge_seconds=2 * (0.095 + 0.0005),
+    cal.observe(Observation(now=21, action=split, edge_seconds=2 * (0.095 + 0.0005),
                             cloud_seconds=3 * (0.0001 + 0.0001)))
-    assert cal.cloud_factors(6.0)[model.index(split)] == pytest.approx(3, rel=0.01)
+    assert cal.cloud_factors(21.0)[model.index(split)] == pytest.approx(3, rel=0.01)
+
+
+def test_calibration_shared_factor_weighs_jobs_by_their_profiled_time(table):
+    """Under a CPU quota a job far shorter than the quota's period is measured with the stall
+    it met (a 0.3 ms encode taking 20-470 ms): the shared factor (the price of unseen
+    actions) is total measured over total profiled, so the whole model's runs set it; and
+    one stalled tiny job counts at most CLAMP x the shared factor for its own action."""
+    model = build_cost_model(PolicyConfig(), table)
+    cal = Calibrator(model)
+    jpeg = Action.parse("offload:jpeg75")                  # a 1 ms encode
+    tiny = model.encode[model.index(jpeg)]
+    for i in range(4):
+        cal.observe(Observation(now=i, action=LOCAL, edge_seconds=17 * table.edge_full_seconds))
+    cal.observe(Observation(now=5, action=jpeg, edge_seconds=1500 * tiny))
+    assert cal.edge_speed < 17 * 1.1
+    assert cal.edge_factors(5.0)[model.index(jpeg)] == pytest.approx(CLAMP * 17, rel=0.01)
 
 
 def test_calibration_prices_the_mean_of_a_bimodal_service_time(table):

@@ -11,9 +11,15 @@ decode + tail; :class:`Calibrator` turns those into multiplicative factors on th
   bimodal (its CPU fits what is left of the period or waits for the next one; the demo's
   edge encodes in 2 or 50 ms in turn) and latency is the mean of both; one outlier (a GC
   pause, a preempted quantum) moves it no further than the next largest sample;
-- one shared factor per side (edge, cloud), the same mean over all actions, used for
-  actions not measured yet: one measured action prices every unseen action of that side,
-  so a slow edge is known after the first request;
+- one shared factor per side (edge, cloud), over the last samples of all actions, weighted
+  by their profiled time (total measured over total profiled: the whole model's runs weigh
+  more than a 0.3 ms encode), used for actions not measured yet: one measured action prices
+  every unseen action of that side, so a slow edge is known after the first request;
+- once the shared factor rests on a few samples, a sample counts at most ``CLAMP`` times it:
+  a job much shorter than a CPU quota's period is measured as its CPU plus whatever stall
+  it met (an encode profiled at 0.3 ms took 1 ms, 20 ms or, behind a burst, 470 ms on the
+  demo's 0.055-core edge), and one such stall must not price that codec out for a window
+  (it pushed the demo's adaptive to a raw fp32 tensor of 49 KB instead of a 2.6 KB JPEG);
 - decay: an action's own factor relaxes toward the shared one with half-life
   ``halflife_seconds`` since its last sample (old measurements of a rarely used action
   lose weight to the current device speed).
@@ -31,25 +37,34 @@ from tether.policies.costmodel import CostModel
 
 #: Samples from which the largest of a window counts as the second largest.
 TRIM_FROM = 3
+#: A sample's ratio counts at most this many times the shared factor (once the shared factor
+#: rests on ``TRIM_FROM`` samples).
+CLAMP = 4.0
 
 
 class _RatioWindows:
-    """The last ``span`` measured/profiled ratios per action and over all actions, with
-    counts, times and each window's mean (updated per sample: two rows change)."""
+    """The last ``span`` measured/profiled ratios per action, the last ``span`` (measured,
+    profiled) pairs over all actions, with counts, times and each window's factor (updated
+    per sample: two rows change)."""
 
     def __init__(self, n: int, alpha: float) -> None:
         self.span = max(1, int(round(2.0 / alpha - 1.0)))
-        self.samples = [deque(maxlen=self.span) for _ in range(n + 1)]   # row n: shared
-        self.count = np.zeros(n + 1, dtype=np.int64)
+        self.samples = [deque(maxlen=self.span) for _ in range(n)]
+        self.shared: deque[tuple[float, float]] = deque(maxlen=self.span)
+        self.count = np.zeros(n + 1, dtype=np.int64)        # row n: shared
         self.when = np.full(n, -np.inf)
         self.mean = np.ones(n + 1)                          # 1.0 for a row without samples
 
-    def update(self, i: int, ratio: float, now: float) -> None:
-        for row in (i, len(self.when)):
-            window = self.samples[row]
-            window.append(ratio)
-            self.count[row] += 1
-            self.mean[row] = _window_mean(window)
+    def update(self, i: int, measured: float, profiled: float, now: float) -> None:
+        if self.count[-1] >= TRIM_FROM:
+            measured = min(measured, CLAMP * float(self.mean[-1]) * profiled)
+        window = self.samples[i]
+        window.append(measured / profiled)
+        self.mean[i] = _window_mean(window)
+        self.shared.append((measured, profiled))
+        self.mean[-1] = sum(m for m, _ in self.shared) / sum(p for _, p in self.shared)
+        self.count[i] += 1
+        self.count[-1] += 1
         self.when[i] = now
 
     @property
@@ -103,7 +118,7 @@ class Calibrator:
              now: float) -> None:
         if profiled < self.min_seconds or not measured > 0 or not math.isfinite(measured):
             return   # too small to measure against timer noise (e.g. offload without encode)
-        windows.update(i, measured / profiled, now)
+        windows.update(i, measured, profiled, now)
         self.version += 1
 
     def edge_factors(self, now: float) -> np.ndarray:
