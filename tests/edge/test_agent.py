@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -143,6 +144,27 @@ def test_busy_compute_thread_is_wait_not_compute(served, compute, action):
     assert record.edge_wait_seconds >= 0.25
     assert record.total_seconds >= service + record.edge_wait_seconds
     assert obs.edge_seconds == pytest.approx(service)     # the calibration never sees the wait
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priority here")
+def test_compute_threads_run_nicer_than_the_event_loop(compute):
+    """On a weak core the loop's receives, sends and replies go before a whole-model run."""
+    import threading
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario(nice):
+        from tether.edge.agent import _Timing
+        agent = EdgeAgent(compute, RecordingPolicy(LOCAL), replace(CONFIG, compute_threads=1,
+                                                                     compute_nice=nice))
+        try:
+            return (await agent._run(_Timing(), niceness))[0]
+        finally:
+            await agent.close()
+    base = niceness()
+    assert run(scenario(7)) == min(19, base + 7)
+    assert run(scenario(0)) == base
 
 
 class ScriptedPeer:

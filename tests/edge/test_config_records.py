@@ -81,6 +81,7 @@ def test_an_llm_only_edge_needs_no_bundle_but_some_model(tmp_path):
 
 @pytest.mark.parametrize("text, key", [
     ("deadline_seconds = -1", "deadline_seconds"),
+    ("compute_nice = 20", "compute_nice"),
     ("[link]\nconnect = \"10.0.0.2:5555\"", "link.connect"),
     ("[link]\nheartbeat_timeout_seconds = 0", "link.heartbeat_timeout_seconds"),
     ("action = \"teleport:x\"", "action"),

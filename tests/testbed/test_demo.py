@@ -60,6 +60,18 @@ def test_userspace_quota_holds_a_busy_process_to_its_share():
     assert quota.stats()["nr_throttled"] > 0
 
 
+def test_demo_edge_is_one_core():
+    """The quota'd edge is pinned to one core (a weak device), so its event loop and its
+    compute share one core by priority instead of spending the quota twice as fast."""
+    import argparse
+    import os
+    from tether.commands.demo import demo_scenario
+    scenario = demo_scenario(argparse.Namespace(duration=180.0, rate=2.0, cpu_quota=None,
+                                                delay_ms=15.0))
+    assert scenario.cpu_pin == ((os.cpu_count() or 1) - 1,)
+    assert scenario.duration_s == 30.0
+
+
 def test_demo_uplink_crosses_the_break_even_range():
     trace = demo_uplink(30.0)            # the default demo's 30 s per policy
     rates = [trace.bytes_between(k, k + 1) * 8 for k in range(30)]

@@ -34,6 +34,26 @@ def test_throttle_without_quota_does_nothing():
         CpuThrottle("bad", 0.0, info=INFO)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_pinning_covers_every_thread_of_the_process():
+    """A weak edge is one core: every thread already started (the compute pool, ZeroMQ's I/O
+    threads) is pinned, not just the main one."""
+    code = ("import threading, time, sys\n"
+            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+            "print('ready', flush=True); time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        cpu = max(os.sched_getaffinity(0))
+        CpuThrottle("pin", None, pin=(cpu,), info=INFO).add(proc.pid)
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(tids) >= 2
+        assert all(os.sched_getaffinity(tid) == {cpu} for tid in tids)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 @pytest.mark.root
 @needs_cgroup
 def test_cgroup_quota_throttles_a_busy_process():

@@ -12,6 +12,7 @@ requests, and prints adaptive's timeline and the comparison (see
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 #: A weak edge: by default the quota is set so that the whole model takes about
@@ -55,7 +56,8 @@ def demo_scenario(args: argparse.Namespace, policies: int = 6):
     return Scenario(
         name="demo", model=MODEL, duration_s=max(3.0, args.duration / policies),
         warmup_s=1.0, edges=1, arrival="poisson", rate_hz=args.rate, deadline_s=1.0,
-        cpu_quota=args.cpu_quota, seed=7, images="random",
+        cpu_quota=args.cpu_quota, cpu_pin=(max(0, (os.cpu_count() or 1) - 1),), seed=7,
+        images="random",
         link=LinkSpec(up="lte-like", down="constant:30", delay_ms=args.delay_ms))
 
 

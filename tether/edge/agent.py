@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,7 +109,9 @@ class EdgeAgent:
         self.edge_id = config.edge_id or default_edge_id()
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(config.compute_threads,
-                                            thread_name_prefix="tether-edge-compute") \
+                                            thread_name_prefix="tether-edge-compute",
+                                            initializer=lower_thread_priority,
+                                            initargs=(config.compute_nice,)) \
             if config.compute_threads > 0 else None
         self._reserve = (config.fallback_reserve_seconds
                          if config.fallback_reserve_seconds is not None
@@ -465,6 +468,19 @@ class EdgeAgent:
         if self.metrics is not None:
             self.metrics.observe_rtt(rtt)
         self.policy.observe(Observation(now=time.monotonic(), rtt_seconds=rtt))
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Make the calling thread ``nice`` steps nicer (Linux: per thread; raising niceness needs
+    no privilege). A compute thread below the event loop lets the loop's receives, sends and
+    replies go first on a weak core instead of sharing it with a whole-model run."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:   # not Linux semantics, or a sandbox: same priority then
+        log.warning("cannot lower the compute thread's priority: %s", exc)
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:

@@ -149,6 +149,9 @@ class EdgeConfig:
     compute_threads: int = 1             # worker threads running ONNX heads and codecs; 0 =
     #                                      inline on the event loop (lowest latency for tiny
     #                                      models, but IO waits while a head runs)
+    compute_nice: int = 10               # compute threads run this much nicer than the event
+    #                                      loop (0-19; 0 = same priority): on a weak core the
+    #                                      loop's receives, sends and replies go before compute
     onnx_threads: int = 1                # intra-op threads per ONNX Runtime session
     max_inflight: int = 32               # requests processed concurrently
     queue_size: int = 256                # requests waiting; beyond it applications get BUSY
@@ -167,6 +170,8 @@ class EdgeConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.compute_threads < 0:
             raise ConfigError(f"compute_threads must be >= 0, got {self.compute_threads}")
+        if not 0 <= self.compute_nice <= 19:
+            raise ConfigError(f"compute_nice must be 0-19, got {self.compute_nice}")
         for name in ("onnx_threads", "max_inflight", "queue_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

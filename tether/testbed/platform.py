@@ -137,6 +137,14 @@ def quota_period(cores: float) -> tuple[int, int]:
     return quota, period
 
 
+def _threads(pid: int) -> list[int]:
+    """The thread ids of process ``pid`` (just ``pid`` where /proc cannot tell)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")] or [pid]
+    except OSError:
+        return [pid]
+
+
 class CpuThrottle:
     """A CPU quota (in cores, e.g. 0.5) and optional pinning for a group of processes."""
 
@@ -188,8 +196,9 @@ class CpuThrottle:
     def add(self, pid: int) -> None:
         """Put process ``pid`` under the quota and pinning."""
         if self.pin:
-            try:
-                os.sched_setaffinity(pid, set(self.pin))
+            try:   # every thread it has started (later ones inherit from their creator)
+                for tid in _threads(pid):
+                    os.sched_setaffinity(tid, set(self.pin))
             except (OSError, AttributeError) as exc:
                 raise PlatformError(f"cannot pin pid {pid} to CPUs {self.pin}: {exc}") from exc
         if self.path is not None:
