@@ -11,6 +11,7 @@ serves the LLM alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import signal
@@ -308,7 +309,19 @@ def run_daemon(config: EdgeConfig) -> int:
 
     async def main() -> None:
         daemon = EdgeDaemon(config)
+        freeze_startup_heap()
         await daemon.run(announce=True)
 
     runner(main())
     return 0
+
+
+def freeze_startup_heap() -> int:
+    """Move every object alive after start-up (the imported frameworks, the bundle) out of
+    the garbage collector's reach; returns how many. The edge process holds ~470 k of them: a
+    full collection costs 66-87 ms of CPU, 1.2-1.6 s of wall time under a 0.055-core quota,
+    for objects that live as long as the daemon. Called by the entry point only (a process
+    that owns its heap)."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
