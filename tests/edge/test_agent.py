@@ -227,12 +227,13 @@ class PatientPolicy(RecordingPolicy):
         return self.value
 
 
-async def _patient_request(served, compute, mode, patience, deadline, linger):
+async def _patient_request(served, compute, mode, patience, deadline, linger, metrics=None):
     cloud = InProcessCloud([served])
     await cloud.start()
     link = InProcessLink(ScriptedPeer(cloud, mode), compute.bundle_info(), "edge-t")
     sink, policy = ListSink(), PatientPolicy(Action.parse(f"split:{SPLITS[0]}:fp16"), patience)
-    agent = EdgeAgent(compute, policy, replace(CONFIG, deadline_seconds=deadline), link, [sink])
+    agent = EdgeAgent(compute, policy, replace(CONFIG, deadline_seconds=deadline), link, [sink],
+                      metrics=metrics)
     await agent.start()
     try:
         result = await agent.infer(IMAGES[0])
@@ -287,13 +288,23 @@ class SlowLocalCompute(EdgeCompute):
         return super().full(x)
 
 
+def _races(metrics):
+    return {s.labels["winner"]: s.value for m in metrics.registry.collect()
+            if m.name == "tether_edge_races" for s in m.samples if s.name.endswith("_total")}
+
+
 def test_a_reply_that_beats_the_local_answer_is_the_answer(bundle, served, expected):
     """Overdue at 50 ms, the local answer takes 1 s and the reply comes at ~0.4 s: the
     cloud's answer is the request's and the local run is stopped; the policy observes a
     normal reply."""
-    slow = SlowLocalCompute(bundle)
-    result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.3))
+    from prometheus_client import CollectorRegistry
+
+    from tether.core.metrics import EdgeMetrics
+    slow, metrics = SlowLocalCompute(bundle), EdgeMetrics(CollectorRegistry())
+    result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.3,
+                                                       metrics))
     record = result.record
+    assert _races(metrics) == {"cloud": 1.0}     # counted: the stopped run cost edge CPU
     # the fp16 split's answer (the cloud's), not the edge's fp32 whole model
     np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-2, atol=1e-2)
     assert not np.allclose(result.logits[0], expected[0], rtol=1e-6, atol=1e-6)
@@ -306,9 +317,14 @@ def test_a_reply_that_beats_the_local_answer_is_the_answer(bundle, served, expec
 
 
 def test_a_local_answer_that_beats_the_reply_is_the_answer(bundle, served, expected):
-    slow = SlowLocalCompute(bundle)
+    from prometheus_client import CollectorRegistry
+
+    from tether.core.metrics import EdgeMetrics
+    slow, metrics = SlowLocalCompute(bundle), EdgeMetrics(CollectorRegistry())
     slow.seconds = 0.1
-    result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.6))
+    result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.6,
+                                                       metrics))
+    assert _races(metrics) == {"local": 1.0}
     assert (result.record.outcome, result.record.fallback_reason) == ("fallback", "overdue")
     assert result.record.total_seconds < 0.35
     np.testing.assert_allclose(result.logits[0], expected[0], rtol=1e-4, atol=1e-4)

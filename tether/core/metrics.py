@@ -297,6 +297,11 @@ class EdgeMetrics(_Deferred):
                                   "Round-trip estimate: the policy's (policy=NAME) and the last "
                                   "heartbeat RTT (policy=\"heartbeat\")", ("policy",),
                                   registry=registry)
+        self.races = Counter("tether_edge_races_total",
+                             "Local answers started against a reply still awaited (an overdue "
+                             "offload or a hedged probe), by the answer that came first (cloud: "
+                             "the local run was stopped; local: the reply came later or never)",
+                             ("winner",), registry=registry)
         self.link_messages = Counter("tether_edge_link_messages_total",
                                      "Requests on the cloud link by message kind (infer, prefill, "
                                      "decode, close, ping) and outcome (ok or error code)",
@@ -323,6 +328,13 @@ class EdgeMetrics(_Deferred):
     def observe(self, r: RequestRecord) -> None:
         """Record one finished request."""
         self._queue(self._apply, r)
+
+    def observe_race(self, winner: str) -> None:
+        """A local answer raced a late reply; ``winner``: ``cloud`` or ``local``."""
+        self._queue(self._apply_race, winner)
+
+    def _apply_race(self, winner: str) -> None:
+        self.races.labels(winner).inc()
 
     def _apply(self, r: RequestRecord) -> None:
         kind, split, codec = _action_labels(r.action)

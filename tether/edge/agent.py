@@ -244,7 +244,10 @@ class EdgeAgent:
         local = asyncio.ensure_future(self._local_answer(x, timing, stop))
         late = timing.late
         done, _ = await asyncio.wait({local, late}, return_when=asyncio.FIRST_COMPLETED)
-        if local not in done and not late.cancelled() and late.exception() is None:
+        won = local not in done and not late.cancelled() and late.exception() is None
+        if self.metrics is not None:
+            self.metrics.observe_race("cloud" if won else "local")
+        if won:
             stop()
             local.cancel()
             reply = late.result()
