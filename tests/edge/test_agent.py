@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from tether.cloud.bundles import ServedBundle
 from tether.cloud.config import CloudConfig
@@ -18,6 +19,7 @@ from tether.cloud.twin import InProcessCloud
 from tether.core import protocol as P
 from tether.core.bundle import ExitEntry, Manifest
 from tether.core.errors import InputShapeError
+from tether.core.metrics import EdgeMetrics
 from tether.core.policy import FixedPolicy
 from tether.core.types import LOCAL, Action
 from tether.edge.agent import EdgeAgent
@@ -297,9 +299,6 @@ def test_a_reply_that_beats_the_local_answer_is_the_answer(bundle, served, expec
     """Overdue at 50 ms, the local answer takes 1 s and the reply comes at ~0.4 s: the
     cloud's answer is the request's and the local run is stopped; the policy observes a
     normal reply."""
-    from prometheus_client import CollectorRegistry
-
-    from tether.core.metrics import EdgeMetrics
     slow, metrics = SlowLocalCompute(bundle), EdgeMetrics(CollectorRegistry())
     result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.3,
                                                        metrics))
@@ -317,9 +316,6 @@ def test_a_reply_that_beats_the_local_answer_is_the_answer(bundle, served, expec
 
 
 def test_a_local_answer_that_beats_the_reply_is_the_answer(bundle, served, expected):
-    from prometheus_client import CollectorRegistry
-
-    from tether.core.metrics import EdgeMetrics
     slow, metrics = SlowLocalCompute(bundle), EdgeMetrics(CollectorRegistry())
     slow.seconds = 0.1
     result, at_answer, observed = run(_patient_request(served, slow, "late", 0.05, 3.0, 0.6,
@@ -484,8 +480,6 @@ def test_no_time_left_for_the_cloud_means_no_send(served, compute):
 
 
 def test_records_feed_prometheus_metrics(compute):
-    from prometheus_client import CollectorRegistry
-    from tether.core.metrics import EdgeMetrics
     registry = CollectorRegistry()
 
     async def scenario():

@@ -105,7 +105,6 @@ def test_reconnects_exclude_the_first_connect_and_policy_estimates_are_exported(
     assert get("tether_edge_policy_rtt_seconds", {"policy": name}) > 0
 
 
-
 def test_the_entry_point_freezes_the_start_up_heap():
     """A full collection over the frameworks' objects would stall a throttled edge for seconds:
     the entry point moves them out of the collector's reach (in a child: not this process)."""
